@@ -1,0 +1,3 @@
+from dllama.commands import main
+
+raise SystemExit(main())

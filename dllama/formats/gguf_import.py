@@ -1,0 +1,186 @@
+"""GGUF (llama.cpp) to distributed-llama files: ``.m`` weights, ``.t`` tokenizer and its sidecar.
+
+Tensors are read through the ``gguf`` package, dequantized one at a time and re-encoded in the
+chosen weight type, so memory stays near the size of the largest tensor. llama.cpp stores Llama
+q/k rows already permuted for interleaved rope, the layout ``.m`` uses, so they are copied as
+they are (the perplexity test guards this); Qwen3 uses NeoX rope and no permutation either.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dllama.errors import DllamaError, FormatError
+from dllama.formats.mfile import ArchType, HiddenAct, ModelHeader, ModelWriter, RopeType, tensor_plan
+from dllama.kernels.quants import FloatType
+
+ARCHS = {"llama": ArchType.LLAMA, "qwen3": ArchType.QWEN3, "qwen3moe": ArchType.QWEN3_MOE}
+# Llama 3.1 rope scaling as Meta ships it; llama.cpp keeps only the resulting per-pair factors.
+LLAMA31_LOW_FREQ_FACTOR = 1.0
+LLAMA31_HIGH_FREQ_FACTOR = 4.0
+LLAMA31_ORIG_CONTEXT = 8192
+
+
+@dataclass
+class ConvertedPaths:
+    model: Path
+    tokenizer: Path
+
+
+def _open(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except Exception as e:  # the gguf package raises bare ValueError/struct errors on bad files
+        raise FormatError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _field(reader, name: str, default=None):
+    f = reader.fields.get(name)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _norm_epsilon(value: float, path: Path) -> float:
+    for eps in (1e-5, 1e-6):
+        if abs(value - eps) <= eps * 1e-3:
+            return eps
+    raise FormatError(f"{path}: norm epsilon {value} is not representable in .m files (1e-5 or 1e-6)")
+
+
+def _llama31_rope(reader, tensors) -> tuple[dict, np.ndarray]:
+    """Recover Llama 3.1 rope scaling from llama.cpp's ``rope_freqs`` tensor (pair divisors)."""
+    from gguf import quants
+
+    t = tensors["rope_freqs.weight"]
+    divisors = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+    factor = float(divisors.max())
+    params = dict(rope_scaling_factor=factor, rope_scaling_low_freq_factor=LLAMA31_LOW_FREQ_FACTOR,
+                  rope_scaling_high_freq_factor=LLAMA31_HIGH_FREQ_FACTOR,
+                  rope_scaling_orig_max_seq_len=int(_field(reader, "llama.rope.scaling.original_context_length",
+                                                            LLAMA31_ORIG_CONTEXT)))
+    return params, divisors
+
+
+def header_from_gguf(reader, path: Path, weight_type: FloatType) -> tuple[ModelHeader, dict]:
+    arch_name = _field(reader, "general.architecture")
+    if arch_name not in ARCHS:
+        raise FormatError(f"{path}: unsupported architecture {arch_name!r} (supported: {', '.join(ARCHS)})")
+    a = arch_name
+    tensors = {t.name: t for t in reader.tensors}
+
+    def need(key: str):
+        v = _field(reader, f"{a}.{key}")
+        if v is None:
+            raise FormatError(f"{path}: GGUF has no {a}.{key}")
+        return v
+
+    dim = int(need("embedding_length"))
+    n_heads = int(need("attention.head_count"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = int(_field(reader, f"{a}.vocab_size", len(tokens) if tokens is not None else 0))
+    if "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[1])
+    kwargs = dict(
+        arch=ARCHS[a], dim=dim, n_layers=int(need("block_count")), n_heads=n_heads,
+        n_kv_heads=int(_field(reader, f"{a}.attention.head_count_kv", n_heads)),
+        vocab_size=vocab, seq_len=int(need("context_length")), weight_type=weight_type,
+        hidden_act=HiddenAct.SILU, rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        head_dim=int(_field(reader, f"{a}.attention.key_length", dim // n_heads)),
+        norm_epsilon=_norm_epsilon(float(need("attention.layer_norm_rms_epsilon")), path),
+        rope_type=RopeType.FALCON if a.startswith("qwen3") else RopeType.LLAMA,
+        hidden_dim=int(_field(reader, f"{a}.feed_forward_length", 0)),
+    )
+    if ARCHS[a] == ArchType.QWEN3_MOE:
+        kwargs.update(n_experts=int(need("expert_count")), n_active_experts=int(need("expert_used_count")),
+                      moe_hidden_dim=int(need("expert_feed_forward_length")))
+    extra = {}
+    if "rope_freqs.weight" in tensors:
+        params, divisors = _llama31_rope(reader, tensors)
+        kwargs.update(params, rope_type=RopeType.LLAMA3_1)
+        extra["rope_divisors"] = divisors
+    header = ModelHeader(**kwargs)
+    if "rope_divisors" in extra:
+        from dllama.model.rope import rope_frequencies
+
+        base = header.rope_theta ** (-2.0 * np.arange(header.head_dim // 2) / header.head_dim)
+        if not np.allclose(base / rope_frequencies(header), extra["rope_divisors"], rtol=1e-3):
+            raise FormatError(f"{path}: rope_freqs do not match Llama 3.1 scaling; cannot convert")
+    return header, tensors
+
+
+def _source_name(name: str) -> tuple[str, int | None]:
+    """GGUF tensor (and expert index, for stacked MoE tensors) behind a ``.m`` tensor name."""
+    if name == "embedding":
+        return "token_embd.weight", None
+    if name == "final_norm":
+        return "output_norm.weight", None
+    if name == "output":
+        return "output.weight", None
+    parts = name.split(".")
+    layer = parts[1]
+    simple = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "w1": "ffn_gate",
+              "w2": "ffn_down", "w3": "ffn_up", "attn_norm": "attn_norm", "ffn_norm": "ffn_norm",
+              "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "router": "ffn_gate_inp"}
+    if parts[2] == "experts":
+        stacked = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}[parts[4]]
+        return f"blk.{layer}.{stacked}.weight", int(parts[3])
+    return f"blk.{layer}.{simple[parts[2]]}.weight", None
+
+
+def _tensor_values(t, expert: int | None) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    data = t.data if expert is None else t.data[expert]
+    if t.tensor_type == GGMLQuantizationType.F32:
+        return np.asarray(data, dtype=np.float32)
+    return np.asarray(quants.dequantize(data, t.tensor_type), dtype=np.float32)
+
+
+def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatType,
+                 name: str | None = None, progress: bool = True) -> ConvertedPaths:
+    """Write ``<name>_<type>.m``, ``<name>.t`` and ``<name>.t.json`` into ``output_dir``."""
+    from tqdm import tqdm
+
+    from dllama.formats.gguf_tokenizer import tokenizer_from_gguf
+    from dllama.formats.tfile import write_tokenizer
+
+    path = Path(path)
+    reader = _open(path)
+    header, tensors = header_from_gguf(reader, path, weight_type)
+    tok = tokenizer_from_gguf(reader)
+    if len(tok.vocab) != header.vocab_size:
+        raise FormatError(f"{path}: the tokenizer has {len(tok.vocab)} tokens, the embedding {header.vocab_size}")
+    name = name or path.stem
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / f"{name}_{weight_type.name.lower()}.m"
+    tokenizer_path = out_dir / f"{name}.t"
+
+    plan = tensor_plan(header)
+    try:
+        with ModelWriter(model_path, header) as writer:
+            bar = tqdm(plan, desc=f"converting to {weight_type.name}", unit="tensor", file=sys.stderr,
+                       disable=not progress, leave=False)
+            for spec in bar:
+                src, expert = _source_name(spec.name)
+                if src == "output.weight" and src not in tensors:
+                    src = "token_embd.weight"  # tied output head
+                if src not in tensors:
+                    raise FormatError(f"{path}: GGUF has no tensor {src}")
+                values = _tensor_values(tensors[src], expert)
+                if values.size != spec.n_values:
+                    raise FormatError(f"{path}: tensor {src} has {values.size} values, expected "
+                                      f"{spec.n_values} for shape {spec.shape}")
+                writer.write(spec.name, values.reshape(spec.shape))
+    except (ValueError, OSError) as e:
+        raise DllamaError(f"{path}: conversion failed: {e}") from None
+    write_tokenizer(tokenizer_path, tok)
+    return ConvertedPaths(model_path, tokenizer_path)

@@ -1,0 +1,93 @@
+"""The NumPy reference for every operation of the forward pass.
+
+These are the definitions the JIT kernels are checked against: plain, readable, float32 in and
+out (float64 inside reductions where that is what the arithmetic needs). Activations are
+``[tokens, features]``; heads are ``[tokens, heads, head_dim]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dllama.kernels.quants import dequantize_q80, quantize_q80
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis."""
+    x = np.asarray(x, dtype=np.float32)
+    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
+    return (x * (1.0 / np.sqrt(ms + np.float32(eps)))) * np.asarray(weight, dtype=np.float32)
+
+
+def round_trip_q80(x: np.ndarray) -> np.ndarray:
+    """What a matmul against quantized weights sees with ``--buffer-float-type q80``."""
+    return dequantize_q80(quantize_q80(x))
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y = x @ w.T for float32 activations ``[tokens, in]`` and dense weights ``[out, in]``."""
+    return np.asarray(x, dtype=np.float32) @ np.asarray(w, dtype=np.float32).T
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """The tanh approximation of GELU (as distributed-llama and most checkpoints use)."""
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x ** 3)))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def rope_llama(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Interleaved rope: pairs (2i, 2i+1) of each head rotate by angle i.
+
+    ``x`` is ``[tokens, heads, head_dim]``; ``cos``/``sin`` are ``[tokens, head_dim/2]``.
+    """
+    x0 = x[..., 0::2]
+    x1 = x[..., 1::2]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out
+
+
+def rope_falcon(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """NeoX/Falcon rope: pairs (i, i + head_dim/2) of each head rotate by angle i."""
+    half = x.shape[-1] // 2
+    x0 = x[..., :half]
+    x1 = x[..., half:]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> np.ndarray:
+    """Causal grouped-query attention of a batch of tokens at positions pos, pos+1, ...
+
+    ``q`` is ``[tokens, heads, head_dim]``; the caches are ``[seq_len, kv_heads, head_dim]`` and
+    already hold the batch's keys and values. Token ``t`` attends positions ``0 .. pos + t``.
+    Returns ``[tokens, heads * head_dim]``.
+    """
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    group = n_heads // n_kv
+    end = pos + n_tokens
+    k = k_cache[:end]  # [S, KV, D]
+    v = v_cache[:end]
+    qg = q.reshape(n_tokens, n_kv, group, head_dim)
+    scores = np.einsum("tkgd,skd->kgts", qg, k, optimize=True) / np.float32(np.sqrt(head_dim))
+    causal = np.arange(end)[None, :] > (pos + np.arange(n_tokens))[:, None]  # [T, S]
+    scores = np.where(causal, np.float32(-np.inf), scores)
+    probs = softmax(scores, axis=-1).astype(np.float32)
+    out = np.einsum("kgts,skd->tkgd", probs, v, optimize=True)
+    return out.reshape(n_tokens, n_heads * head_dim)
+
+
+def argmax(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))

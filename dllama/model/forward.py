@@ -1,0 +1,181 @@
+"""The transformer forward pass, in blocks: start, then (attention, feed-forward) per layer, end.
+
+Each block returns its *partial* output; the injected ``sync`` turns partial outputs into the
+block's full output before the residual add. On one node that is the identity; in a cluster it
+is the all-gather-and-sum between nodes, at exactly these boundaries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from dllama.errors import DllamaError
+from dllama.formats.mfile import ArchType, HiddenAct, ModelFile, ModelHeader, RopeType
+from dllama.kernels import reference as ref
+from dllama.kernels.quants import FloatType
+from dllama.model.rope import rope_tables
+from dllama.model.weights import DenseBudget, Linear
+
+# Prompt tokens evaluated per forward: weights are read once per batch.
+MAX_BATCH = 32
+
+
+class Sync(Protocol):
+    def all_reduce(self, partial: np.ndarray, layer: int, block: str) -> np.ndarray:
+        """Sum the block's partial outputs of all nodes."""
+
+
+class LocalSync:
+    """One node holds the whole model: its partial output is the full output."""
+
+    def all_reduce(self, partial: np.ndarray, layer: int, block: str) -> np.ndarray:
+        return partial
+
+
+@dataclass
+class FeedForward:
+    w1: Linear  # gate
+    w2: Linear  # down
+    w3: Linear  # up
+
+
+@dataclass
+class Layer:
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    ffn: FeedForward | None = None
+    router: np.ndarray | None = None
+    experts: list[FeedForward] | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+
+
+class KVCache:
+    """Keys and values of every past position: ``[layers, seq_len, kv_heads, head_dim]``."""
+
+    def __init__(self, n_layers: int, seq_len: int, n_kv_heads: int, head_dim: int):
+        shape = (n_layers, seq_len, n_kv_heads, head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Transformer:
+    """A model ready to run: weights from a ``.m`` file, a KV cache of ``seq_len`` positions."""
+
+    def __init__(self, model: ModelFile, seq_len: int | None = None,
+                 buffer_type: FloatType = FloatType.F32, sync: Sync | None = None,
+                 budget: DenseBudget | None = None):
+        h = model.header
+        self.header: ModelHeader = h if seq_len is None else h.with_seq_len(seq_len)
+        self.q80_buffers = buffer_type == FloatType.Q80
+        self.sync = sync or LocalSync()
+        budget = budget or DenseBudget()
+        t, wt = model.tensors, h.weight_type
+
+        def lin(name: str) -> Linear:
+            return Linear(t[name], wt, budget)
+
+        def ffn(prefix: str) -> FeedForward:
+            return FeedForward(lin(prefix + "w1"), lin(prefix + "w2"), lin(prefix + "w3"))
+
+        self.embedding = t["embedding"]
+        self.layers: list[Layer] = []
+        for i in range(h.n_layers):
+            p = f"layers.{i}."
+            layer = Layer(q=lin(p + "q"), k=lin(p + "k"), v=lin(p + "v"), o=lin(p + "o"),
+                          attn_norm=np.asarray(t[p + "attn_norm"]), ffn_norm=np.asarray(t[p + "ffn_norm"]))
+            if h.is_moe:
+                layer.router = np.asarray(t[p + "router"])
+                layer.experts = [ffn(f"{p}experts.{e}.") for e in range(h.n_experts)]
+            else:
+                layer.ffn = ffn(p)
+            if h.arch in (ArchType.QWEN3, ArchType.QWEN3_MOE):
+                layer.q_norm = np.asarray(t[p + "q_norm"])
+                layer.k_norm = np.asarray(t[p + "k_norm"])
+            self.layers.append(layer)
+        self.final_norm = np.asarray(t["final_norm"])
+        self.output = lin("output")
+        self.kv_cache = KVCache(h.n_layers, self.header.seq_len, h.n_kv_heads, h.head_dim)
+        self.rope_cos, self.rope_sin = rope_tables(h, self.header.seq_len)
+        self._rope = ref.rope_falcon if h.effective_rope_type == RopeType.FALCON else ref.rope_llama
+        self._act = ref.silu if h.hidden_act == HiddenAct.SILU else ref.gelu
+
+    @property
+    def seq_len(self) -> int:
+        return self.header.seq_len
+
+    # -- blocks ---------------------------------------------------------------------------
+    def start(self, tokens: np.ndarray) -> np.ndarray:
+        return np.array(self.embedding[tokens], dtype=np.float32)
+
+    def attention_block(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:
+        h, layer = self.header, self.layers[i]
+        n = x.shape[0]
+        y = ref.rms_norm(x, layer.attn_norm, h.norm_epsilon)
+        q = layer.q(y, self.q80_buffers).reshape(n, h.n_heads, h.head_dim)
+        k = layer.k(y, self.q80_buffers).reshape(n, h.n_kv_heads, h.head_dim)
+        v = layer.v(y, self.q80_buffers).reshape(n, h.n_kv_heads, h.head_dim)
+        if layer.q_norm is not None:
+            q = ref.rms_norm(q, layer.q_norm, h.norm_epsilon)
+            k = ref.rms_norm(k, layer.k_norm, h.norm_epsilon)
+        cos, sin = self.rope_cos[pos:pos + n], self.rope_sin[pos:pos + n]
+        q = self._rope(q, cos, sin)
+        self.kv_cache.k[i, pos:pos + n] = self._rope(k, cos, sin)
+        self.kv_cache.v[i, pos:pos + n] = v
+        z = ref.attention(q, self.kv_cache.k[i], self.kv_cache.v[i], pos)
+        return layer.o(z, self.q80_buffers)
+
+    def _feed_forward(self, ffn: FeedForward, y: np.ndarray) -> np.ndarray:
+        d = self._act(ffn.w1(y, self.q80_buffers)) * ffn.w3(y, self.q80_buffers)
+        return ffn.w2(d, self.q80_buffers)
+
+    def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
+        h, layer = self.header, self.layers[i]
+        y = ref.rms_norm(x, layer.ffn_norm, h.norm_epsilon)
+        if layer.experts is None:
+            return self._feed_forward(layer.ffn, y)
+        # Qwen3-MoE: softmax over all experts, keep the top k, renormalize their weights.
+        probs = ref.softmax(ref.matmul(y, layer.router), axis=-1)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :h.n_active_experts]
+        gates = np.take_along_axis(probs, top, axis=-1)
+        gates /= gates.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(y)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            out[rows] += gates[rows, slot][:, None] * self._feed_forward(layer.experts[e], y[rows])
+        return out
+
+    def end(self, x: np.ndarray) -> np.ndarray:
+        y = ref.rms_norm(x, self.final_norm, self.header.norm_epsilon)
+        return self.output(y, self.q80_buffers)
+
+    # -- the whole pass -------------------------------------------------------------------
+    def forward(self, tokens: Sequence[int], pos: int, all_logits: bool = False) -> np.ndarray:
+        """Evaluate ``tokens`` at positions ``pos ..``; logits of the last token (or of all)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = len(tokens)
+        if not 0 < n <= MAX_BATCH:
+            raise ValueError(f"a forward takes 1 to {MAX_BATCH} tokens, got {n}")
+        if pos < 0 or pos + n > self.seq_len:
+            raise DllamaError(f"context is full: positions {pos}..{pos + n - 1} exceed the "
+                              f"sequence length {self.seq_len} (raise --max-seq-len)")
+        if tokens.min() < 0 or tokens.max() >= self.header.vocab_size:
+            raise DllamaError(f"token id out of range 0..{self.header.vocab_size - 1}")
+        x = self.start(tokens)
+        for i in range(self.header.n_layers):
+            x = x + self.sync.all_reduce(self.attention_block(i, x, pos), i, "attention")
+            x = x + self.sync.all_reduce(self.ffn_block(i, x), i, "ffn")
+        if not all_logits:
+            x = x[-1:]
+        logits = self.end(x)
+        return logits if all_logits else logits[0]

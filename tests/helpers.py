@@ -1,0 +1,105 @@
+"""Shared test helpers: tiny random models and an independent float64 forward pass."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dllama.formats.mfile import ArchType, ModelHeader, ModelWriter, RopeType, tensor_plan
+from dllama.kernels.quants import FloatType
+
+
+def tiny_header(weight_type: FloatType = FloatType.F32, arch: ArchType = ArchType.LLAMA, **kw) -> ModelHeader:
+    args = dict(arch=arch, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80,
+                seq_len=64, weight_type=weight_type, rope_theta=10000.0,
+                rope_type=RopeType.FALCON if arch != ArchType.LLAMA else RopeType.LLAMA)
+    if arch == ArchType.QWEN3_MOE:
+        args.update(n_experts=4, n_active_experts=2, moe_hidden_dim=32, hidden_dim=0)
+    args.update(kw)
+    return ModelHeader(**args)
+
+
+def write_random_model(path: Path, header: ModelHeader, seed: int = 0, scale: float = 0.15) -> dict:
+    """Write a model with random weights; returns the float32 values written, by tensor name."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    with ModelWriter(path, header) as w:
+        for spec in tensor_plan(header):
+            if spec.name.endswith("norm"):
+                v = (1.0 + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
+            else:
+                v = (scale * rng.standard_normal(spec.shape)).astype(np.float32)
+            w.write(spec.name, v)
+            values[spec.name] = v
+    return values
+
+
+def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
+    """Logits of every position for a whole sequence, in float64, from the model's definition.
+
+    Written independently of dllama's forward (no KV cache, no batching): rms norm, q/k/v,
+    rope (interleaved for Llama layout, half-split for NeoX), causal GQA softmax attention,
+    SwiGLU feed-forward (or top-k MoE), residuals, final norm, output head.
+    """
+    W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    eps = h.norm_epsilon
+    T, D = len(tokens), h.head_dim
+
+    def norm(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    inv = h.rope_theta ** (-np.arange(0, D, 2, dtype=np.float64) / D)
+    if h.rope_type == RopeType.LLAMA3_1:
+        from dllama.model.rope import rope_frequencies
+        inv = rope_frequencies(h)
+    ang = np.arange(T)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+
+    def rope(x):  # [T, H, D]
+        if h.effective_rope_type == RopeType.FALCON:
+            a, b = x[..., : D // 2], x[..., D // 2:]
+            return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+        return out
+
+    def silu(x):
+        return x / (1 + np.exp(-x))
+
+    def mlp(prefix, y):
+        return (silu(y @ W[prefix + "w1"].T) * (y @ W[prefix + "w3"].T)) @ W[prefix + "w2"].T
+
+    x = W["embedding"][tokens]
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    g = h.n_heads // h.n_kv_heads
+    for i in range(h.n_layers):
+        p = f"layers.{i}."
+        y = norm(x, W[p + "attn_norm"])
+        q = (y @ W[p + "q"].T).reshape(T, h.n_heads, D)
+        k = (y @ W[p + "k"].T).reshape(T, h.n_kv_heads, D)
+        v = (y @ W[p + "v"].T).reshape(T, h.n_kv_heads, D)
+        if p + "q_norm" in W:
+            q, k = norm(q, W[p + "q_norm"]), norm(k, W[p + "k_norm"])
+        q, k = rope(q), rope(k)
+        heads = []
+        for hh in range(h.n_heads):
+            s = q[:, hh] @ k[:, hh // g].T / np.sqrt(D) + mask
+            s = np.exp(s - s.max(-1, keepdims=True))
+            heads.append((s / s.sum(-1, keepdims=True)) @ v[:, hh // g])
+        x = x + np.concatenate(heads, -1) @ W[p + "o"].T
+        y = norm(x, W[p + "ffn_norm"])
+        if p + "router" in W:
+            logits = y @ W[p + "router"].T
+            pr = np.exp(logits - logits.max(-1, keepdims=True))
+            pr /= pr.sum(-1, keepdims=True)
+            out = np.zeros_like(y)
+            for t in range(T):
+                top = np.argsort(-pr[t])[: h.n_active_experts]
+                gates = pr[t, top] / pr[t, top].sum()
+                for e, gate in zip(top, gates):
+                    out[t] += gate * mlp(f"{p}experts.{e}.", y[t:t + 1])[0]
+            x = x + out
+        else:
+            x = x + mlp(p, y)
+    return norm(x, W["final_norm"]) @ W["output"].T
