@@ -49,9 +49,21 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
     inv = h.rope_theta ** (-np.arange(0, D, 2, dtype=np.float64) / D)
-    if h.rope_type == RopeType.LLAMA3_1:
-        from dllama.model.rope import rope_frequencies
-        inv = rope_frequencies(h)
+    if h.rope_type == RopeType.LLAMA3_1:  # Meta's apply_scaling, pair by pair
+        scaled = []
+        for f in inv:
+            wavelen = 2 * np.pi / f
+            lo_wl = h.rope_scaling_orig_max_seq_len / h.rope_scaling_low_freq_factor
+            hi_wl = h.rope_scaling_orig_max_seq_len / h.rope_scaling_high_freq_factor
+            if wavelen < hi_wl:
+                scaled.append(f)
+            elif wavelen > lo_wl:
+                scaled.append(f / h.rope_scaling_factor)
+            else:
+                smooth = (h.rope_scaling_orig_max_seq_len / wavelen - h.rope_scaling_low_freq_factor) / (
+                    h.rope_scaling_high_freq_factor - h.rope_scaling_low_freq_factor)
+                scaled.append((1 - smooth) * f / h.rope_scaling_factor + smooth * f)
+        inv = np.array(scaled)
     ang = np.arange(T)[:, None] * inv[None, :]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
 

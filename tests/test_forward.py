@@ -1,0 +1,97 @@
+"""The NumPy forward pass against an independent float64 implementation, on tiny random models."""
+import numpy as np
+import pytest
+
+from dllama.errors import DllamaError
+from dllama.formats.mfile import ArchType, ModelFile, RopeType
+from dllama.kernels.quants import FloatType, to_float32
+from dllama.model.forward import Transformer
+from tests.helpers import forward64, tiny_header, write_random_model
+
+TOKENS = [3, 17, 42, 5, 5, 79, 0, 23, 61, 8, 11, 2, 33, 47, 70, 1, 9]
+
+
+def run_in_pieces(tr: Transformer, tokens, pieces):
+    """Logits of every position, feeding the sequence in the given batch sizes."""
+    out, pos = [], 0
+    for n in pieces:
+        out.append(tr.forward(tokens[pos:pos + n], pos, all_logits=True))
+        pos += n
+    return np.concatenate(out)
+
+
+def stored_values(m: ModelFile) -> dict:
+    return {name: to_float32(m.tensors[name], spec.float_type) for name, spec in m.specs.items()}
+
+
+CASES = {
+    "llama": dict(),
+    "llama-mha": dict(n_kv_heads=4),
+    "llama-gqa4": dict(n_heads=8, n_kv_heads=2, head_dim=8),
+    "llama3.1-rope": dict(rope_type=RopeType.LLAMA3_1, rope_scaling_factor=8.0, rope_scaling_low_freq_factor=1.0,
+                          rope_scaling_high_freq_factor=4.0, rope_scaling_orig_max_seq_len=40, rope_theta=500000.0),  # all three bands
+    "qwen3": dict(arch=ArchType.QWEN3, head_dim=32),
+    "qwen3-moe": dict(arch=ArchType.QWEN3_MOE),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("pieces", [[17], [1] * 17, [5, 1, 11]])
+def test_f32_forward_matches_float64(tmp_path, case, pieces):
+    h = tiny_header(FloatType.F32, **CASES[case])
+    values = write_random_model(tmp_path / "m.m", h)
+    tr = Transformer(ModelFile(tmp_path / "m.m"))
+    got = run_in_pieces(tr, TOKENS, pieces)
+    want = forward64(values, h, TOKENS)
+    # float32 accumulation over a few hundred products per layer: ~1e-6 relative each, a few
+    # layers deep; logits are O(1). 2e-4 absolute leaves a wide margin without hiding bugs
+    # (a wrong rope pair or mask moves logits by 1e-1 or more).
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("wt", [FloatType.Q40, FloatType.Q80, FloatType.F16])
+def test_quantized_weights_match_float64_of_stored_values(tmp_path, wt):
+    h = tiny_header(wt)
+    write_random_model(tmp_path / "m.m", h)
+    m = ModelFile(tmp_path / "m.m")
+    want = forward64(stored_values(m), h, TOKENS)
+    got = run_in_pieces(Transformer(m), TOKENS, [9, 8])
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    # Q80 activations: each matmul input moves by up to half a Q80 step (amax/254 per block);
+    # through two layers that stays far below the logits' spread but above float32 noise.
+    got_q80 = run_in_pieces(Transformer(m, buffer_type=FloatType.Q80), TOKENS, [9, 8])
+    err = np.abs(got_q80 - want).max()
+    if wt.is_quantized:
+        assert 0 < err < 0.05 * np.abs(want).max()
+    else:
+        assert err < 2e-4  # q80 buffers only apply to quantized weights
+
+
+def test_last_token_logits_equal_all_logits_row(tmp_path):
+    h = tiny_header()
+    write_random_model(tmp_path / "m.m", h)
+    m = ModelFile(tmp_path / "m.m")
+    all_rows = Transformer(m).forward(TOKENS[:7], 0, all_logits=True)
+    last = Transformer(m).forward(TOKENS[:7], 0)
+    np.testing.assert_allclose(last, all_rows[-1], atol=1e-5)
+
+
+def test_context_full_and_bad_tokens(tmp_path):
+    h = tiny_header(seq_len=8)
+    write_random_model(tmp_path / "m.m", h)
+    tr = Transformer(ModelFile(tmp_path / "m.m"))
+    with pytest.raises(DllamaError, match="context is full"):
+        tr.forward([1, 2, 3], 6)
+    with pytest.raises(DllamaError, match="out of range"):
+        tr.forward([h.vocab_size], 0)
+
+
+def test_dense_budget_zero_gives_the_same_result(tmp_path):
+    from dllama.model.weights import DenseBudget
+
+    h = tiny_header(FloatType.Q40)
+    write_random_model(tmp_path / "m.m", h)
+    m = ModelFile(tmp_path / "m.m")
+    a = Transformer(m).forward(TOKENS[:5], 0, all_logits=True)
+    b = Transformer(m, budget=DenseBudget(0)).forward(TOKENS[:5], 0, all_logits=True)
+    np.testing.assert_allclose(a, b, atol=1e-5)
