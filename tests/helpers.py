@@ -41,7 +41,14 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
     rope (interleaved for Llama layout, half-split for NeoX), causal GQA softmax attention,
     SwiGLU feed-forward (or top-k MoE), residuals, final norm, output head.
     """
-    W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    class Float64View(dict):  # converts on access: a real model's float64 copy would be large
+        def __getitem__(self, name):
+            return np.asarray(weights[name], dtype=np.float64)
+
+        def __contains__(self, name):
+            return name in weights
+
+    W = Float64View()
     eps = h.norm_epsilon
     T, D = len(tokens), h.head_dim
 
@@ -82,7 +89,7 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
     def mlp(prefix, y):
         return (silu(y @ W[prefix + "w1"].T) * (y @ W[prefix + "w3"].T)) @ W[prefix + "w2"].T
 
-    x = W["embedding"][tokens]
+    x = np.asarray(weights["embedding"][tokens], dtype=np.float64)
     mask = np.triu(np.full((T, T), -np.inf), 1)
     g = h.n_heads // h.n_kv_heads
     for i in range(h.n_layers):

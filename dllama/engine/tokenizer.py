@@ -1,0 +1,479 @@
+"""Text to token ids and back, exactly as the model's own tokenizer does it.
+
+Three kinds (``TokenizerData.kind``):
+
+* ``bpe``: byte-level BPE (GPT-2 family). Text is split by the family's pre-tokenizer regex
+  (llama.cpp's ``tokenizer.ggml.pre``), each piece's UTF-8 bytes are merged by rank. Matches
+  HF ``tokenizers`` / llama.cpp.
+* ``sentencepiece``: Llama 2 style. Characters (unknown ones as ``<0xXX>`` byte tokens) are merged
+  pairwise, highest-scoring result first.
+* ``legacy``: a ``.t`` without sidecar, tokenized as distributed-llama does: shortest byte prefixes
+  found in the vocabulary, then score-driven merges over the whole text.
+
+Special (control) tokens come out of ``encode`` only with ``allow_special=True``; typed by a user
+they are ordinary text.
+"""
+from __future__ import annotations
+
+import codecs
+import heapq
+import os
+import re
+import unicodedata
+from functools import lru_cache
+from typing import Callable, Iterable
+
+from dllama.errors import FormatError
+from dllama.formats.tfile import TokenizerData, read_tokenizer
+
+# --- Unicode classes -------------------------------------------------------------------------
+# Python's ``re`` has no \p{L}/\p{N}, and its \s (str.isspace) wrongly includes U+001C..U+001F,
+# so the classes are spelled out from ``unicodedata``. The reference tokenizers know newer
+# Unicode than Python 3.11 (14.0): HF's regex engine (Oniguruma) has Unicode 16 letters, numbers
+# and punctuation, its Digits pre-tokenizer (Rust's char::is_numeric) Unicode 17 numbers. Those
+# later additions are unassigned for Python, so they are listed here to give the same splits.
+_NEWER_LETTERS = (
+    (0x1C89, 0x1C8A), (0xA7CB, 0xA7CD), (0xA7DA, 0xA7DC), (0x105C0, 0x105F3), (0x10D4A, 0x10D65),
+    (0x10D6F, 0x10D85), (0x10EC2, 0x10EC4), (0x1123F, 0x11240), (0x11380, 0x11389), (0x1138B, 0x1138B),
+    (0x1138E, 0x1138E), (0x11390, 0x113B5), (0x113B7, 0x113B7), (0x113D1, 0x113D1), (0x113D3, 0x113D3),
+    (0x11BC0, 0x11BE0), (0x11F02, 0x11F02), (0x11F04, 0x11F10), (0x11F12, 0x11F33), (0x1342F, 0x1342F),
+    (0x13441, 0x13446), (0x13460, 0x143FA), (0x16100, 0x1611D), (0x16D40, 0x16D6C), (0x18CFF, 0x18CFF),
+    (0x1B132, 0x1B132), (0x1B155, 0x1B155), (0x1DF25, 0x1DF2A), (0x1E030, 0x1E06D), (0x1E4D0, 0x1E4EB),
+    (0x1E5D0, 0x1E5ED), (0x1E5F0, 0x1E5F0), (0x2B739, 0x2B739), (0x2EBF0, 0x2EE5D), (0x31350, 0x323AF),
+)
+_NEWER_NUMBERS = (
+    (0x10D40, 0x10D49), (0x116D0, 0x116E3), (0x11BF0, 0x11BF9), (0x11F50, 0x11F59), (0x16130, 0x16139),
+    (0x16D70, 0x16D79), (0x1CCF0, 0x1CCF9), (0x1D2C0, 0x1D2D3), (0x1E4F0, 0x1E4F9), (0x1E5F1, 0x1E5FA),
+)
+_NEWER_PUNCTUATION = (
+    (0x1B4E, 0x1B4F), (0x1B7F, 0x1B7F), (0x10D6E, 0x10D6E), (0x113D4, 0x113D5), (0x113D7, 0x113D8),
+    (0x11B00, 0x11B09), (0x11BE1, 0x11BE1), (0x11F43, 0x11F4F), (0x16D6D, 0x16D6F), (0x1E5FF, 0x1E5FF),
+)
+_NEWER_DIGITS = _NEWER_NUMBERS + ((0x11DE0, 0x11DE9), (0x16FF4, 0x16FF6))  # Unicode 17
+# Unicode White_Space (what Oniguruma and llama.cpp call \s).
+_WHITE_SPACE = ((0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+                (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000))
+# Planes 4 and up hold no letters, numbers or punctuation: scanning planes 0-3 is enough.
+_SCAN_END = 0x40000
+
+
+@lru_cache(maxsize=1)
+def _category_ranges() -> dict[str, tuple[tuple[int, int], ...]]:
+    """Code point ranges per major general category (L, N, P, ...) in planes 0-3."""
+    majors = [c[0] for c in map(unicodedata.category, map(chr, range(_SCAN_END)))]
+    out: dict[str, list[tuple[int, int]]] = {}
+    start = 0
+    for cp in range(1, _SCAN_END + 1):
+        if cp == _SCAN_END or majors[cp] != majors[start]:
+            out.setdefault(majors[start], []).append((start, cp - 1))
+            start = cp
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _spell(ranges: Iterable[tuple[int, int]]) -> str:
+    return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+
+
+@lru_cache(maxsize=None)
+def _char_classes() -> dict[str, str]:
+    """Bodies (no brackets) of the character classes the patterns use."""
+    cats = _category_ranges()
+    return {
+        "L": _spell(cats["L"] + _NEWER_LETTERS),
+        "N": _spell(cats["N"] + _NEWER_NUMBERS),
+        "D": _spell(cats["N"] + _NEWER_DIGITS),
+        "P": _spell(cats["P"] + _NEWER_PUNCTUATION),
+        "S": _spell(_WHITE_SPACE),
+    }
+
+
+# --- Pre-tokenizers (llama.cpp's tokenizer.ggml.pre) ------------------------------------------
+# {L} letters, {N} numbers, {S} white space, {D} numbers for the digit splitter, {P} punctuation.
+# Each family is a list of regexes applied in turn; text between matches stays a piece too.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}"
+           r"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+_QWEN2 = _LLAMA3.replace("[{N}]{{1,3}}", "[{N}]")
+_FAMILIES: dict[str, tuple[str, ...]] = {
+    "gpt2": (_GPT2,),
+    # llama.cpp's fallback when a GGUF names no known pre-tokenizer.
+    "default": (r"[{P}\$\+<=>\^~\|]+", _GPT2, r"[{N}]+", r"[0-9][0-9][0-9]"),
+    "llama3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    # Every digit on its own, then GPT-2 (HF: Digits(individual_digits=True) + ByteLevel).
+    "smollm": (r"[{D}]", _GPT2),
+}
+_ALIASES = {
+    "gpt-2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2",
+    "llama-bpe": "llama3", "llama-v3": "llama3",
+    "starcoder": "smollm", "refact": "smollm", "command-r": "smollm", "codeshell": "smollm",
+    "exaone": "smollm", "minerva-7b": "smollm",
+    "deepseek-r1-qwen": "qwen2",
+}
+KNOWN_PRE = tuple(sorted(set(_FAMILIES) | set(_ALIASES)))
+
+
+def _family(pre: str | None) -> str:
+    name = pre or "gpt2"
+    name = _ALIASES.get(name, name)
+    if name not in _FAMILIES:
+        raise FormatError(f"pre-tokenizer {pre!r} is not supported; known: {', '.join(KNOWN_PRE)}")
+    return name
+
+
+@lru_cache(maxsize=None)
+def _compiled(family: str) -> tuple[re.Pattern[str], ...]:
+    classes = _char_classes()
+    return tuple(re.compile(p.format(**classes)) for p in _FAMILIES[family])
+
+
+def pre_tokenize(text: str, pre: str | None) -> list[str]:
+    """The pieces the family's pre-tokenizer cuts ``text`` into (each is BPE-merged on its own)."""
+    pieces = [text] if text else []
+    for pattern in _compiled(_family(pre)):
+        out: list[str] = []
+        for piece in pieces:
+            pos = 0
+            for m in pattern.finditer(piece):
+                start, end = m.span()
+                if start > pos:
+                    out.append(piece[pos:start])
+                if end > start:
+                    out.append(piece[start:end])
+                    pos = end
+            if pos < len(piece):
+                out.append(piece[pos:])
+        pieces = out
+    return pieces
+
+
+# --- Merging ----------------------------------------------------------------------------------
+PairRule = Callable[[int, int], "tuple[float, int] | None"]
+
+
+def merge_symbols(symbols: list[int], rule: PairRule) -> list[int]:
+    """Repeatedly merge the adjacent pair with the lowest ``rule`` priority, leftmost on ties.
+
+    ``rule(left, right)`` gives ``(priority, merged_id)`` or None when the pair cannot merge. A
+    heap with stale-entry checks does what rescanning the whole list after each merge would do
+    (HF's BPE, llama2.c and distributed-llama all pick the best pair, then the leftmost).
+    """
+    n = len(symbols)
+    if n < 2:
+        return symbols
+    syms = list(symbols)
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        r = rule(syms[i], syms[i + 1])
+        if r is not None:
+            heap.append((r[0], i, syms[i], syms[i + 1], r[1]))
+    heapq.heapify(heap)
+    while heap:
+        _, i, a, b, merged = heapq.heappop(heap)
+        j = nxt[i]
+        # Symbols only grow, so an unchanged (left, right) pair of ids means the entry is current.
+        if j < 0 or syms[i] != a or syms[j] != b:
+            continue
+        syms[i] = merged
+        syms[j] = -1
+        k = nxt[j]
+        nxt[i] = k
+        if k >= 0:
+            prv[k] = i
+            r = rule(merged, syms[k])
+            if r is not None:
+                heapq.heappush(heap, (r[0], i, merged, syms[k], r[1]))
+        p = prv[i]
+        if p >= 0:
+            r = rule(syms[p], merged)
+            if r is not None:
+                heapq.heappush(heap, (r[0], p, syms[p], merged, r[1]))
+    return [s for s in syms if s >= 0]
+
+
+# --- Tokenizer --------------------------------------------------------------------------------
+_SPM_BYTE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+# <|...|>, its full-width form <｜...｜> (DeepSeek), and SentencePiece's three.
+_LEGACY_SPECIAL = re.compile(rb"<\|[^\n]*\|>|<\xef\xbd\x9c[^\n]*\xef\xbd\x9c>|<s>|</s>|<unk>")
+_WORD_CACHE_LIMIT = 1 << 17
+# distributed-llama starts its best score at -1e10: pairs at or below it never merge.
+_DLLAMA_MIN_SCORE = -1e10
+_OTHER_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+
+
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates that stand for no byte replaced by U+FFFD.
+
+    Python keeps undecodable input bytes (command-line arguments, for one) as U+DC80..U+DCFF;
+    those are encoded back to their bytes ("surrogateescape"); no other surrogate has UTF-8 bytes.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _OTHER_SURROGATE.sub("\ufffd", text)
+
+
+class Tokenizer:
+    """Encode and decode like the model's original tokenizer."""
+
+    def __init__(self, data: TokenizerData):
+        if data.kind not in ("bpe", "sentencepiece", "legacy"):
+            raise FormatError(f"unknown tokenizer kind {data.kind!r}")
+        self.data = data
+        self.kind = data.kind
+        vocab = data.vocab
+        n = len(vocab)
+        self._scores = [float(s) for s in data.scores]
+        if data.kind == "legacy":
+            special = {i for i, t in enumerate(vocab) if _LEGACY_SPECIAL.fullmatch(t)}
+            special.update(data.eos_ids)
+            if data.bos_id >= 0:
+                special.add(data.bos_id)
+        else:
+            special = set(data.special_ids)
+        self._special = frozenset(special)
+        self._eos = frozenset(data.eos_ids)
+
+        # SentencePiece byte tokens are a fallback, never a merge result.
+        byte_tokens: dict[int, int] = {}
+        if data.kind != "bpe":
+            for i, t in enumerate(vocab):
+                m = _SPM_BYTE.fullmatch(t)
+                if m and i not in special:
+                    byte_tokens.setdefault(int(m.group(1), 16), i)
+            if data.kind == "legacy" and len(byte_tokens) < 256:
+                byte_tokens = {}  # not a SentencePiece vocabulary: <0x..> texts are ordinary tokens
+        self._byte_tokens = byte_tokens
+        byte_ids = set(byte_tokens.values())
+
+        regular: dict[bytes, int] = {}
+        for i, t in enumerate(vocab):
+            if i not in special and i not in byte_ids:
+                regular.setdefault(t, i)
+        self._regular = regular
+
+        # What each id contributes to decoded text.
+        self._pieces = list(vocab)
+        for b, i in byte_tokens.items():
+            self._pieces[i] = bytes([b])
+
+        specials_text: dict[str, int] = {}
+        for i in sorted(special):
+            try:
+                text = vocab[i].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if text:
+                specials_text.setdefault(text, i)
+        self._special_by_text = specials_text
+        # Longest first, so that an alternation finds the longest special at each position.
+        alternatives = sorted(specials_text, key=len, reverse=True)
+        self._special_split = (re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+                               if alternatives else None)
+
+        if data.kind == "bpe":
+            self._family = _family(data.pre)
+            self._ignore_merges = self._family == "llama3"  # llama.cpp/HF: a whole-word token wins
+            merge_map: dict[tuple[int, int], tuple[int, int]] = {}
+            for rank, (a, b) in enumerate(data.merges):
+                if not (0 <= a < n and 0 <= b < n):
+                    raise FormatError(f"merge ({a}, {b}) names a token outside the vocabulary of {n}")
+                merged = regular.get(vocab[a] + vocab[b])
+                if merged is not None and (a, b) not in merge_map:
+                    merge_map[(a, b)] = (rank, merged)
+            self._merge_rule: PairRule = lambda a, b: merge_map.get((a, b))
+            self._byte_ids = [regular.get(bytes([b]), -1) for b in range(256)]
+            self._word_cache: dict[str, list[int]] = {}
+        else:
+            self._merge_rule = self._score_rule
+            unk = regular.get(b"<unk>")
+            self._unk = unk if unk is not None else next((i for i in special if vocab[i] == b"<unk>"), -1)
+            self._max_len = max(map(len, vocab), default=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """A tokenizer from a ``.t`` file (and its ``.t.json`` sidecar when there is one)."""
+        data = read_tokenizer(path)
+        try:
+            return cls(data)
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+
+    # --- properties ---
+    @property
+    def vocab_size(self) -> int:
+        return len(self.data.vocab)
+
+    @property
+    def bos_id(self) -> int:
+        return self.data.bos_id
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def add_bos(self) -> bool:
+        return self.data.add_bos
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.data.chat_template
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special
+
+    def is_eos(self, token_id: int) -> bool:
+        return token_id in self._eos
+
+    def special_id(self, text: str) -> int | None:
+        """The id of the special token spelled ``text`` (e.g. ``'<|im_end|>'``), if any."""
+        return self._special_by_text.get(text)
+
+    def piece(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` adds to decoded text (a SentencePiece ``<0xXX>`` is its byte)."""
+        if not 0 <= token_id < len(self._pieces):
+            raise ValueError(f"token id {token_id} is outside the vocabulary of {len(self._pieces)}")
+        return self._pieces[token_id]
+
+    # --- encoding ---
+    def encode(self, text: str, add_bos: bool | None = None, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``. ``allow_special`` lets special-token texts in ``text`` become their ids."""
+        out: list[int] = []
+        text = _encodable(text)
+        if (self.data.add_bos if add_bos is None else add_bos) and self.data.bos_id >= 0:
+            out.append(self.data.bos_id)
+        if allow_special and self._special_split is not None:
+            parts = self._special_split.split(text)
+        else:
+            parts = [text]
+        prev_special = True
+        # re.split with one group alternates text, special, text, ...
+        for k, part in enumerate(parts):
+            if k % 2:
+                out.append(self._special_by_text[part])
+                prev_special = True
+                continue
+            if part:
+                self._encode_text(part, out, prev_special)
+                prev_special = False
+        return out
+
+    def _encode_text(self, text: str, out: list[int], after_special: bool) -> None:
+        if self.kind == "bpe":
+            cache = self._word_cache
+            if len(cache) > _WORD_CACHE_LIMIT:
+                cache.clear()
+            for word in pre_tokenize(text, self._family):
+                ids = cache.get(word)
+                if ids is None:
+                    ids = cache[word] = self._bpe_word(word)
+                out.extend(ids)
+        elif self.kind == "sentencepiece":
+            # llama.cpp: a space goes before the text at the start and after every special token.
+            if self.data.add_space_prefix and after_special:
+                text = " " + text
+            out.extend(merge_symbols(self._spm_symbols(text), self._merge_rule))
+        else:
+            raw = text.encode("utf-8", "surrogateescape")
+            out.extend(merge_symbols(self._legacy_symbols(raw), self._merge_rule))
+
+    def _bpe_word(self, word: str) -> list[int]:
+        raw = word.encode("utf-8", "surrogateescape")
+        if self._ignore_merges:
+            whole = self._regular.get(raw)
+            if whole is not None:
+                return [whole]
+        byte_ids = self._byte_ids
+        # A byte with no token of its own cannot be encoded; HF drops it too (no unk token).
+        return merge_symbols([i for i in (byte_ids[b] for b in raw) if i >= 0], self._merge_rule)
+
+    def _score_rule(self, a: int, b: int) -> tuple[float, int] | None:
+        merged = self._regular.get(self.data.vocab[a] + self.data.vocab[b])
+        if merged is None:
+            return None
+        score = self._scores[merged]
+        if self.kind == "legacy" and not score > _DLLAMA_MIN_SCORE:
+            return None
+        return (-score, merged)
+
+    def _fallback(self, raw: bytes, out: list[int]) -> None:
+        """Byte tokens for a character the vocabulary lacks; one unk if some byte has none."""
+        ids = [self._byte_tokens.get(b, self._regular.get(bytes([b]), -1)) for b in raw]
+        if all(i >= 0 for i in ids):
+            out.extend(ids)
+        elif self._unk >= 0:
+            out.append(self._unk)
+
+    def _spm_symbols(self, text: str) -> list[int]:
+        regular = self._regular
+        out: list[int] = []
+        for ch in text:
+            raw = ch.encode("utf-8", "surrogateescape")
+            i = regular.get(raw)
+            if i is not None:
+                out.append(i)
+            else:
+                self._fallback(raw, out)
+        return out
+
+    def _legacy_symbols(self, raw: bytes) -> list[int]:
+        # distributed-llama: grow a buffer byte by byte, emit it as soon as it is a token.
+        regular, n, limit = self._regular, len(raw), self._max_len
+        out: list[int] = []
+        i = 0
+        while i < n:
+            for j in range(i + 1, min(n, i + limit) + 1):
+                tid = regular.get(raw[i:j])
+                if tid is not None:
+                    out.append(tid)
+                    i = j
+                    break
+            else:
+                # distributed-llama would fail here; fall back on the bytes of one character.
+                j = i + 1
+                while j < n and (raw[j] & 0xC0) == 0x80 and j - i < 4:
+                    j += 1
+                self._fallback(raw[i:j], out)
+                i = j
+        return out
+
+    # --- decoding ---
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids`` (special tokens as their text); invalid UTF-8 becomes U+FFFD."""
+        ids = list(ids)
+        raw = b"".join(self.piece(i) for i in ids)
+        # SentencePiece decoders drop the space that add_space_prefix put before the first word.
+        if (self.kind == "sentencepiece" and self.data.add_space_prefix and ids
+                and ids[0] not in self._special and raw.startswith(b" ")):
+            raw = raw[1:]
+        return raw.decode("utf-8", errors="replace")
+
+    def stream(self) -> "StreamDecoder":
+        """A decoder for generated ids, one at a time (no prefix space is dropped: it continues text)."""
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns ids into text as they come, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Text completed by ``token_id``; a trailing incomplete character waits for the next id."""
+        return self._decoder.decode(self._tokenizer.piece(token_id))
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character becomes U+FFFD); the decoder starts afresh."""
+        out = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return out

@@ -1,0 +1,118 @@
+"""The command line: help, usage errors, bad files, and the commands on the default model."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dllama.default_model import ensure_default_model
+from dllama.kernels.quants import FloatType
+from tests.helpers import tiny_header, write_random_model
+
+
+def dllama(*args, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dllama", *args], capture_output=True, text=True,
+                          input=stdin, timeout=timeout)
+
+
+def assert_one_line_error(out, code):
+    assert out.returncode == code, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines and "error" in lines[-1], out.stderr
+    assert len([line for line in lines if "error" in line]) == 1
+
+
+@pytest.fixture(scope="module")
+def default_files():
+    return ensure_default_model(FloatType.Q40)
+
+
+def test_help_lists_subcommands():
+    out = dllama("--help")
+    assert out.returncode == 0
+    for name in ("inference", "perplexity", "tokenize", "convert"):
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["inference", "--prompt", "hi", "--bogus"],
+    ["inference", "--prompt"],
+    ["inference"],
+    ["inference", "--prompt", "hi", "--steps", "0"],
+    ["inference", "--prompt", "hi", "--steps", "many"],
+    ["inference", "--prompt", "hi", "--topp", "1.5"],
+    ["inference", "--prompt", "hi", "--buffer-float-type", "q40"],
+    ["convert", "safetensors", "x"],
+    ["frobnicate"],
+])
+def test_usage_errors_are_one_line_exit_2(args):
+    out = dllama(*args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_only_model_or_only_tokenizer(tmp_path):
+    assert_one_line_error(dllama("inference", "--prompt", "hi", "--model", "x.m"), 1)
+
+
+def test_missing_files(tmp_path, default_files):
+    out = dllama("inference", "--prompt", "hi", "--model", str(tmp_path / "none.m"), "--tokenizer",
+                 str(default_files[1]))
+    assert_one_line_error(out, 1)
+    assert "none.m" in out.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncate", "pad", "magic"])
+def test_malformed_model_file(tmp_path, default_files, damage):
+    path = tmp_path / "bad.m"
+    write_random_model(path, tiny_header(FloatType.Q40, vocab_size=49152, n_layers=1, dim=32, hidden_dim=32,
+                                         n_heads=1, n_kv_heads=1))
+    data = path.read_bytes()
+    data = {"truncate": data[: len(data) // 2], "pad": data + b"xx", "magic": b"\0\0\0\0" + data[4:]}[damage]
+    path.write_bytes(data)
+    out = dllama("inference", "--prompt", "hi", "--model", str(path), "--tokenizer", str(default_files[1]))
+    assert_one_line_error(out, 1)
+    assert str(path) in out.stderr
+
+
+def test_vocab_mismatch(tmp_path, default_files):
+    path = tmp_path / "small.m"
+    write_random_model(path, tiny_header(vocab_size=100))
+    out = dllama("perplexity", "--prompt", "hi there", "--model", str(path), "--tokenizer", str(default_files[1]))
+    assert_one_line_error(out, 1)
+    assert "vocabulary" in out.stderr
+
+
+def test_prompt_longer_than_context(default_files):
+    out = dllama("inference", "--prompt", "one two three four five six seven eight", "--max-seq-len", "4",
+                 "--model", str(default_files[0]), "--tokenizer", str(default_files[1]))
+    assert_one_line_error(out, 1)
+    assert "context" in out.stderr or "--max-seq-len" in out.stderr
+
+
+def test_same_seed_same_text(default_files):
+    args = ["inference", "--prompt", "Once upon a time", "--steps", "24", "--temperature", "1.0", "--seed", "123"]
+    a, b = dllama(*args), dllama(*args)
+    assert a.returncode == 0, a.stderr
+    text = lambda out: out.stdout.split("\n\nEvaluation")[0]  # noqa: E731
+    assert text(a) == text(b) and len(text(a)) > len("Once upon a time")
+
+
+def test_perplexity_command(default_files):
+    out = dllama("perplexity", "--prompt", "The quick brown fox jumps over the lazy dog.")
+    assert out.returncode == 0, out.stderr
+    value = float(out.stdout.strip().split("perplexity: ")[1])
+    assert 1 < value < 1000
+
+
+def test_tokenize_command(default_files):
+    out = dllama("tokenize", "Hello world")
+    assert out.returncode == 0, out.stderr
+    ids = [int(x) for x in out.stdout.split()]
+    assert len(ids) == 2
+    out = dllama("tokenize", "--json", "-", stdin="<|im_start|>Hi 123")
+    data = json.loads(out.stdout)
+    assert 1 not in data["ids"]  # typed text never becomes the special token
+    assert "".join(data["pieces"]) == "<|im_start|>Hi 123"

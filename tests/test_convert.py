@@ -1,0 +1,152 @@
+"""GGUF import: a synthetic GGUF written with the gguf package, and broken inputs."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dllama.errors import FormatError
+from dllama.formats.gguf_import import convert_gguf
+from dllama.formats.mfile import ArchType, ModelFile
+from dllama.kernels.quants import FloatType, to_float32
+from dllama.model.forward import Transformer
+from tests.helpers import forward64
+
+gguf = pytest.importorskip("gguf")
+
+DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, CTX = 64, 96, 2, 4, 2, 128
+
+
+def _byte_vocab():
+    """A GPT-2 byte-level vocabulary: 256 byte tokens, two merges, and two special tokens."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_to_char = dict(zip(bs, map(chr, cs)))
+    tokens = [byte_to_char[b] for b in range(256)] + ["Ġt", "Ġth", "<|start|>", "<|end|>"]
+    types = [1] * 258 + [3, 3]
+    merges = ["Ġ t", "Ġt h"]
+    return tokens, types, merges
+
+
+def write_gguf(path, arch="llama", tied=True, quant=gguf.GGMLQuantizationType.Q8_0, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens, types, merges = _byte_vocab()
+    vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(CTX)
+    w.add_embedding_length(DIM)
+    w.add_feed_forward_length(HIDDEN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(258)
+    w.add_eos_token_id(259)
+    values = {}
+
+    def add(name, shape, quantized=True):
+        v = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+        if name.endswith("norm.weight"):
+            v = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        if quantized and quant != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(v, quant)
+            v = gguf.quants.dequantize(data, quant).reshape(shape)
+            w.add_tensor(name, data, raw_dtype=quant)
+        else:
+            w.add_tensor(name, v)
+        values[name] = v
+
+    add("token_embd.weight", (vocab, DIM))
+    hd = DIM // HEADS
+    for i in range(LAYERS):
+        add(f"blk.{i}.attn_q.weight", (HEADS * hd, DIM))
+        add(f"blk.{i}.attn_k.weight", (KV_HEADS * hd, DIM))
+        add(f"blk.{i}.attn_v.weight", (KV_HEADS * hd, DIM))
+        add(f"blk.{i}.attn_output.weight", (DIM, HEADS * hd))
+        add(f"blk.{i}.ffn_gate.weight", (HIDDEN, DIM))
+        add(f"blk.{i}.ffn_down.weight", (DIM, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", (HIDDEN, DIM))
+        add(f"blk.{i}.attn_norm.weight", (DIM,), quantized=False)
+        add(f"blk.{i}.ffn_norm.weight", (DIM,), quantized=False)
+    add("output_norm.weight", (DIM,), quantized=False)
+    if not tied:
+        add("output.weight", (vocab, DIM))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return values
+
+
+def as_model_values(g: dict) -> dict:
+    names = {"token_embd.weight": "embedding", "output_norm.weight": "final_norm", "output.weight": "output"}
+    parts = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "w1",
+             "ffn_down": "w2", "ffn_up": "w3", "attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+    out = {}
+    for name, v in g.items():
+        if name in names:
+            out[names[name]] = v
+        else:
+            _, i, part, _ = name.split(".")
+            out[f"layers.{i}.{parts[part]}"] = v
+    out.setdefault("output", out["embedding"])
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_converted_gguf_runs_like_its_weights(tmp_path, tied):
+    values = write_gguf(tmp_path / "tiny.gguf", tied=tied)
+    paths = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", FloatType.F32, progress=False)
+    m = ModelFile(paths.model)
+    h = m.header
+    assert (h.arch, h.dim, h.n_layers, h.n_heads, h.n_kv_heads, h.seq_len, h.norm_epsilon) == (
+        ArchType.LLAMA, DIM, LAYERS, HEADS, KV_HEADS, CTX, 1e-6)
+    tokens = [5, 200, 258, 17, 99, 3, 256, 257]
+    want = forward64(as_model_values(values), h, tokens)
+    got = Transformer(m).forward(tokens, 0, all_logits=True)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    assert paths.tokenizer.exists() and paths.tokenizer.with_name(paths.tokenizer.name + ".json").exists()
+
+
+def test_q40_conversion_stays_close(tmp_path):
+    write_gguf(tmp_path / "tiny.gguf", quant=gguf.GGMLQuantizationType.F32)
+    f32 = ModelFile(convert_gguf(tmp_path / "tiny.gguf", tmp_path / "a", FloatType.F32, progress=False).model)
+    q40 = ModelFile(convert_gguf(tmp_path / "tiny.gguf", tmp_path / "b", FloatType.Q40, progress=False).model)
+    for name, spec in q40.specs.items():
+        if spec.float_type == FloatType.Q40:
+            err = np.abs(to_float32(q40.tensors[name], FloatType.Q40) - f32.tensors[name]).max()
+            assert err <= np.abs(f32.tensors[name]).max() / 8 * 1.01, name
+
+
+def test_broken_inputs(tmp_path):
+    with pytest.raises(FormatError, match="no such file"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path, FloatType.Q40, progress=False)
+    (tmp_path / "text.gguf").write_text("hello")
+    with pytest.raises(FormatError, match="not a readable GGUF"):
+        convert_gguf(tmp_path / "text.gguf", tmp_path, FloatType.Q40, progress=False)
+    write_gguf(tmp_path / "full.gguf")
+    data = (tmp_path / "full.gguf").read_bytes()
+    (tmp_path / "half.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError):
+        convert_gguf(tmp_path / "half.gguf", tmp_path / "o", FloatType.Q40, progress=False)
+    assert not list((tmp_path / "o").glob("*.m")) if (tmp_path / "o").exists() else True
+
+
+def test_convert_command_errors_are_one_line(tmp_path):
+    (tmp_path / "text.gguf").write_text("hello")
+    out = subprocess.run([sys.executable, "-m", "dllama", "convert", "gguf", str(tmp_path / "text.gguf"),
+                          "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
