@@ -51,6 +51,7 @@ def load_session(args: argparse.Namespace):
     h = model.header
     seq_len = min(args.max_seq_len or DEFAULT_MAX_SEQ_LEN, h.seq_len)
     transformer = Transformer(model, seq_len=seq_len, buffer_type=FloatType.parse(args.buffer_float_type))
+    transformer.prepare()
     info(f"💡 Model: {model_path.name} ({h.arch.name.lower()}, {h.n_layers} layers, dim {h.dim}, "
          f"{h.n_heads} heads, {h.n_kv_heads} KV heads, {h.weight_type.name} weights, "
          f"{model.weight_bytes / 1e6:.0f} MB)")

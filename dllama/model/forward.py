@@ -114,6 +114,14 @@ class Transformer:
     def seq_len(self) -> int:
         return self.header.seq_len
 
+    def prepare(self) -> None:
+        """Build the dense weight copies now, so that the first forward is not the one to pay."""
+        for layer in self.layers:
+            ffns = layer.experts if layer.experts is not None else [layer.ffn]
+            for lin in [layer.q, layer.k, layer.v, layer.o] + [w for f in ffns for w in (f.w1, f.w2, f.w3)]:
+                lin.dense()
+        self.output.dense()
+
     # -- blocks ---------------------------------------------------------------------------
     def start(self, tokens: np.ndarray) -> np.ndarray:
         return np.array(self.embedding[tokens], dtype=np.float32)
