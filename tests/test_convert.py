@@ -7,6 +7,7 @@ import pytest
 
 from dllama.errors import FormatError
 from dllama.formats.gguf_import import convert_gguf
+from dllama.formats.gguf_tokenizer import gpt2_unicode_to_byte
 from dllama.formats.mfile import ArchType, ModelFile
 from dllama.kernels.quants import FloatType, to_float32
 from dllama.model.forward import Transformer
@@ -19,15 +20,7 @@ DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, CTX = 64, 96, 2, 4, 2, 128
 
 def _byte_vocab():
     """A GPT-2 byte-level vocabulary: 256 byte tokens, two merges, and two special tokens."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_to_char = dict(zip(bs, map(chr, cs)))
+    byte_to_char = {b: c for c, b in gpt2_unicode_to_byte().items()}
     tokens = [byte_to_char[b] for b in range(256)] + ["Ġt", "Ġth", "<|start|>", "<|end|>"]
     types = [1] * 258 + [3, 3]
     merges = ["Ġ t", "Ġt h"]
