@@ -175,7 +175,11 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
                     src = "token_embd.weight"  # tied output head
                 if src not in tensors:
                     raise FormatError(f"{path}: GGUF has no tensor {src}")
-                values = _tensor_values(tensors[src], expert)
+                try:
+                    values = _tensor_values(tensors[src], expert)
+                except NotImplementedError:
+                    raise FormatError(f"{path}: tensor {src} is of type {tensors[src].tensor_type.name}, "
+                                      f"which the gguf package cannot dequantize") from None
                 if values.size != spec.n_values:
                     raise FormatError(f"{path}: tensor {src} has {values.size} values, expected "
                                       f"{spec.n_values} for shape {spec.shape}")
