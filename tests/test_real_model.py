@@ -1,5 +1,4 @@
 """SmolLM2-135M-Instruct end to end: conversion, greedy text, perplexity against float64."""
-import os
 import subprocess
 import sys
 
@@ -59,8 +58,7 @@ def perplexity(model_path, tokenizer, tokens, transform=None) -> float:
 
 def test_greedy_capital_of_france_mentions_paris(q40_files):
     out = subprocess.run([sys.executable, "-m", "dllama", "inference", "--prompt", "The capital of France is",
-                          "--steps", "64", "--temperature", "0"], capture_output=True, text=True, timeout=600,
-                         env=os.environ.copy())
+                          "--steps", "64", "--temperature", "0"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("The capital of France is")
     generated = out.stdout.split("\n\nEvaluation")[0]
@@ -114,4 +112,4 @@ def test_q80_buffers_stay_close(q40_files, tokenizer):
     m = ModelFile(q40_files[0])
     f32 = Session(Transformer(m, seq_len=256), tokenizer).perplexity(tokens)
     q80 = Session(Transformer(m, seq_len=256, buffer_type=FloatType.Q80), tokenizer).perplexity(tokens)
-    assert abs(q80 / f32 - 1) < 0.05
+    assert q80 != f32 and abs(q80 / f32 - 1) < 0.05  # q80 buffers change the arithmetic, slightly

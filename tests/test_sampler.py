@@ -26,9 +26,15 @@ def test_same_seed_same_tokens(logits, seed, topp, temperature):
 def test_topp_only_picks_from_the_nucleus(logits, seed, topp):
     p = np.exp(logits.astype(np.float64) - logits.max())
     p /= p.sum()
-    order = np.argsort(-p, kind="stable")
-    cum = np.cumsum(p[order])
-    nucleus = set(order[: int(np.searchsorted(cum, topp, side="right")) + 1].tolist())
+    # The nucleus, by its definition: most probable first, until the mass passes topp.
+    nucleus, mass = set(), 0.0
+    for i in sorted(range(len(p)), key=lambda i: -p[i]):
+        nucleus.add(i)
+        mass += p[i]
+        if mass > topp:
+            break
+    # Ties at the boundary may be broken either way: admit every token as likely as the last one.
+    nucleus |= {i for i in range(len(p)) if p[i] >= min(p[j] for j in nucleus)}
     s = Sampler(1.0, topp, seed)
     for _ in range(20):
         assert s.sample(logits) in nucleus

@@ -189,6 +189,9 @@ def test_empty_token_cannot_be_written(tmp_path):
     ({"merges": [[0, True]]}, "bad merge"),
     ({"merges": {"a": 1}}, "must be lists"),
     ({"special_ids": [-1]}, "special id"),
+    (b"[" * 100000 + b"]" * 100000, "unreadable"),
+    ({"version": True}, "version"),
+    ({"vocab_size": 5.0}, "tokens"),
 ])
 def test_bad_sidecar(tmp_path, sidecar, problem):
     p = tmp_path / "w.t"
@@ -237,3 +240,27 @@ def test_round_trip(tmp_path, data):
     assert back.chat_template == data.chat_template and back.add_bos == data.add_bos
     assert (back.kind, back.pre, back.merges) == (data.kind, data.pre, data.merges)
     assert (back.special_ids, back.add_space_prefix) == (data.special_ids, data.add_space_prefix)
+
+
+def test_bpe_sidecar_without_merges(tmp_path):
+    p = tmp_path / "w.t"
+    write_tokenizer(p, _data())
+    side = sidecar_path(p)
+    doc = json.loads(side.read_text("utf-8"))
+    if doc["kind"] != "bpe":
+        doc["kind"] = "bpe"
+    del doc["merges"]
+    side.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="needs its merges"):
+        read_tokenizer(p)
+
+
+def test_written_files_have_the_usual_permissions(tmp_path):
+    import os
+
+    p = tmp_path / "w.t"
+    write_tokenizer(p, _data())
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (p, sidecar_path(p)):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask

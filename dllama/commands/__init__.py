@@ -6,6 +6,7 @@ environment before NumPy starts its thread pools.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -69,10 +70,13 @@ def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         value = getattr(args, flag, None)
         if value is not None and value < minimum:
             parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
-    if getattr(args, "temperature", 0) < 0:
-        parser.error("--temperature must be >= 0")
+    temperature = getattr(args, "temperature", 0.0)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0, got {temperature}")
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2**64:
+        parser.error(f"--seed must be in 0 .. 2^64-1, got {args.seed}")
     topp = getattr(args, "topp", 1.0)
-    if not 0 < topp <= 1:
+    if not 0 < topp <= 1:  # also false for nan
         parser.error("--topp must be in (0, 1]")
 
 
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return convert.main(args)
     except DllamaError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory (lower --max-seq-len, or use a smaller model)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -4,8 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dllama.errors import DllamaError
+
+if TYPE_CHECKING:
+    from dllama.engine.generate import Session
+    from dllama.engine.tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 4096
 
@@ -22,13 +27,14 @@ def resolve_paths(args: argparse.Namespace, need_model: bool = True) -> tuple[Pa
         raise DllamaError("pass both --model and --tokenizer, or neither to use the default model")
     if tokenizer is not None:
         return (Path(model) if model else None), Path(tokenizer)
-    from dllama.default_model import ensure_default_model
+    from dllama.default_model import ensure_default_model, ensure_default_tokenizer
 
-    default_model, default_tokenizer = ensure_default_model()
-    return (default_model if need_model else None), default_tokenizer
+    if not need_model:
+        return None, ensure_default_tokenizer()
+    return ensure_default_model()
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> "Tokenizer":
     from dllama.engine.tokenizer import Tokenizer
 
     if not path.exists():
@@ -36,12 +42,13 @@ def load_tokenizer(path: Path):
     return Tokenizer.load(path)
 
 
-def load_session(args: argparse.Namespace):
+def load_session(args: argparse.Namespace) -> "Session":
     """A ready Session for --model/--tokenizer (or the default model) with the user's settings."""
     from dllama.engine.generate import Session
     from dllama.formats.mfile import ModelFile
     from dllama.kernels.quants import FloatType
     from dllama.model.forward import Transformer
+    from dllama.model.weights import physical_memory
 
     model_path, tokenizer_path = resolve_paths(args)
     if not model_path.exists():
@@ -50,6 +57,10 @@ def load_session(args: argparse.Namespace):
     model = ModelFile(model_path)
     h = model.header
     seq_len = min(args.max_seq_len or DEFAULT_MAX_SEQ_LEN, h.seq_len)
+    kv_bytes = 2 * h.n_layers * seq_len * h.kv_dim * 4
+    if kv_bytes > physical_memory():
+        raise DllamaError(f"a KV cache of {seq_len} positions needs {kv_bytes / 2**30:.1f} GiB, more than this "
+                          f"machine's memory: lower --max-seq-len")
     transformer = Transformer(model, seq_len=seq_len, buffer_type=FloatType.parse(args.buffer_float_type))
     transformer.prepare()
     info(f"💡 Model: {model_path.name} ({h.arch.name.lower()}, {h.n_layers} layers, dim {h.dim}, "

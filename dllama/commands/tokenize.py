@@ -6,15 +6,23 @@ import json
 import sys
 
 from dllama.commands.common import load_tokenizer, resolve_paths
+from dllama.errors import DllamaError
 
 
 def main(args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if args.text == "-" else args.text
+    if args.text == "-":
+        if sys.stdin is None:
+            raise DllamaError("standard input is closed")
+        # Bytes that are not UTF-8 still reach the tokenizer as the bytes they are.
+        text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    else:
+        text = args.text
     _, tokenizer_path = resolve_paths(args, need_model=False)
     tokenizer = load_tokenizer(tokenizer_path)
     ids = tokenizer.encode(text)
     if args.json:
-        pieces = [tokenizer.piece(i).decode("utf-8", errors="replace") for i in ids]
+        # A byte-level piece may hold part of a character: show its bytes rather than U+FFFD.
+        pieces = [tokenizer.piece(i).decode("utf-8", errors="backslashreplace") for i in ids]
         print(json.dumps({"ids": ids, "pieces": pieces}, ensure_ascii=False))
     else:
         print(" ".join(map(str, ids)))

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -19,7 +19,6 @@ class Stats:
     eval_seconds: float = 0.0
     pred_tokens: int = 0
     pred_seconds: float = 0.0
-    generated: list[int] = field(default_factory=list)
 
 
 class Session:
@@ -65,7 +64,6 @@ class Session:
             token = sampler.sample(logits)
             if self.tokenizer.is_eos(token):
                 return
-            stats.generated.append(token)
             yield token
             if self.pos + 1 >= limit:
                 return  # the next token would have no position left: do not feed this one

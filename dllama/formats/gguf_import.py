@@ -16,6 +16,7 @@ import numpy as np
 from dllama.errors import DllamaError, FormatError
 from dllama.formats.mfile import ArchType, HiddenAct, ModelHeader, ModelWriter, RopeType, tensor_plan
 from dllama.kernels.quants import FloatType
+from dllama.kernels.reference import rope_frequencies
 
 ARCHS = {"llama": ArchType.LLAMA, "qwen3": ArchType.QWEN3, "qwen3moe": ArchType.QWEN3_MOE}
 # Llama 3.1 rope scaling as Meta ships it; llama.cpp keeps only the resulting per-pair factors.
@@ -108,10 +109,11 @@ def header_from_gguf(reader, path: Path, weight_type: FloatType) -> tuple[ModelH
         extra["rope_divisors"] = divisors
     header = ModelHeader(**kwargs)
     if "rope_divisors" in extra:
-        from dllama.model.rope import rope_frequencies
-
-        base = header.rope_theta ** (-2.0 * np.arange(header.head_dim // 2) / header.head_dim)
-        if not np.allclose(base / rope_frequencies(header), extra["rope_divisors"], rtol=1e-3):
+        scaling = (header.rope_scaling_factor, header.rope_scaling_low_freq_factor,
+                   header.rope_scaling_high_freq_factor, header.rope_scaling_orig_max_seq_len)
+        divisors = rope_frequencies(header.head_dim, header.rope_theta) / rope_frequencies(
+            header.head_dim, header.rope_theta, scaling)
+        if not np.allclose(divisors, extra["rope_divisors"], rtol=1e-3):
             raise FormatError(f"{path}: rope_freqs do not match Llama 3.1 scaling; cannot convert")
     return header, tensors
 
@@ -160,7 +162,10 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
         raise FormatError(f"{path}: the tokenizer has {len(tok.vocab)} tokens, the embedding {header.vocab_size}")
     name = name or path.stem
     out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DllamaError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
     model_path = out_dir / f"{name}_{weight_type.name.lower()}.m"
     tokenizer_path = out_dir / f"{name}.t"
 
@@ -184,7 +189,7 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
                     raise FormatError(f"{path}: tensor {src} has {values.size} values, expected "
                                       f"{spec.n_values} for shape {spec.shape}")
                 writer.write(spec.name, values.reshape(spec.shape))
+        write_tokenizer(tokenizer_path, tok)
     except (ValueError, OSError) as e:
         raise DllamaError(f"{path}: conversion failed: {e}") from None
-    write_tokenizer(tokenizer_path, tok)
     return ConvertedPaths(model_path, tokenizer_path)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from dllama.errors import FormatError
+from dllama.formats.atomic import open_temporary, publish
 from dllama.kernels.quants import BLOCK_SIZE, FloatType, from_float32
 
 MAGIC = 0x0A00ABCD
@@ -114,9 +113,14 @@ class ModelHeader:
     @property
     def effective_rope_type(self) -> RopeType:
         # Qwen3 checkpoints use NeoX-style rope whatever the header says (as distributed-llama).
-        if self.arch in (ArchType.QWEN3, ArchType.QWEN3_MOE):
+        if self.has_qk_norm:
             return RopeType.FALCON
         return self.rope_type
+
+    @property
+    def has_qk_norm(self) -> bool:
+        """Qwen3 normalizes each q and k head (RMS norm over head_dim) before rope."""
+        return self.arch in (ArchType.QWEN3, ArchType.QWEN3_MOE)
 
     @property
     def is_moe(self) -> bool:
@@ -176,7 +180,7 @@ def tensor_plan(h: ModelHeader) -> list[TensorSpec]:
                 TensorSpec(p + "w2", (h.dim, h.hidden_dim), wt),
                 TensorSpec(p + "w3", (h.hidden_dim, h.dim), wt),
             ]
-        if h.arch in (ArchType.QWEN3, ArchType.QWEN3_MOE):
+        if h.has_qk_norm:
             plan += [
                 TensorSpec(p + "q_norm", (h.head_dim,), f32),
                 TensorSpec(p + "k_norm", (h.head_dim,), f32),
@@ -190,6 +194,18 @@ def tensor_plan(h: ModelHeader) -> list[TensorSpec]:
         TensorSpec("output", (h.vocab_size, h.dim), wt),
     ]
     return plan
+
+
+def expected_file_size(h: ModelHeader) -> int:
+    """Bytes the whole file must have, computed without listing every tensor of a huge header."""
+    one = replace(h, n_layers=1, n_experts=1 if h.is_moe else 0, n_active_experts=1 if h.is_moe else 0)
+    specs = tensor_plan(one)
+    layer = [s for s in specs if s.name.startswith("layers.")]
+    # With one expert, the router (a row per expert) and the expert weights are one expert's share.
+    expert = sum(s.nbytes for s in layer if ".experts." in s.name or s.name.endswith(".router"))
+    per_layer = sum(s.nbytes for s in layer) + expert * (h.n_experts - 1 if h.is_moe else 0)
+    rest = sum(s.nbytes for s in specs if not s.name.startswith("layers."))
+    return h.header_size + rest + h.n_layers * per_layer
 
 
 def _enum(cls, value: int, what: str):
@@ -255,6 +271,8 @@ def validate_header(h: ModelHeader) -> None:
         raise ValueError(f"hidden_dim must be positive, got {h.hidden_dim}")
     if h.n_heads % h.n_kv_heads:
         raise ValueError(f"heads ({h.n_heads}) must be a multiple of KV heads ({h.n_kv_heads})")
+    if h.rope_theta <= 0:
+        raise ValueError(f"rope theta must be positive, got {h.rope_theta:g}")
     if h.head_dim % 2:
         raise ValueError(f"head dim must be even for rope, got {h.head_dim}")
     if h.weight_type.is_quantized:
@@ -340,8 +358,7 @@ class ModelFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.header = read_header(self.path)
-        self.plan = tensor_plan(self.header)
-        expected = self.header.header_size + sum(t.nbytes for t in self.plan)
+        expected = expected_file_size(self.header)
         actual = self.path.stat().st_size
         if actual < expected:
             raise FormatError(f"{self.path}: file is truncated: the header implies {expected} bytes, "
@@ -349,6 +366,7 @@ class ModelFile:
         if actual > expected:
             raise FormatError(f"{self.path}: file has {actual - expected} unexpected bytes after the "
                               f"last tensor (the header implies {expected} bytes)")
+        self.plan = tensor_plan(self.header)
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.tensors: dict[str, np.ndarray] = {}
         self.specs: dict[str, TensorSpec] = {}
@@ -377,16 +395,11 @@ class ModelWriter:
         self.plan = tensor_plan(header)
         self._next = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".part", dir=self.path.parent)
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
+        self._file, self._tmp = open_temporary(self.path)
         self._file.write(encode_header(header))
 
     def __enter__(self) -> "ModelWriter":
         return self
-
-    def pending(self) -> Iterator[TensorSpec]:
-        return iter(self.plan[self._next:])
 
     def write(self, name: str, values: np.ndarray) -> None:
         if self._next >= len(self.plan):
@@ -411,10 +424,7 @@ class ModelWriter:
         if self._next != len(self.plan):
             self._tmp.unlink(missing_ok=True)
             raise ValueError(f"model incomplete: {len(self.plan) - self._next} tensors not written")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
 
     def abort(self) -> None:
         self._file.close()

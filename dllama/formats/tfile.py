@@ -38,13 +38,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dllama.errors import FormatError
+from dllama.formats.atomic import write_bytes_atomic
 
 MAGIC = 0x567124
 OLD_MAGIC = 0x567123
@@ -232,7 +232,7 @@ def _read_tokens(cur: _Cursor, vocab_size: int, max_len: int) -> tuple[list[byte
 def _apply_sidecar(data: TokenizerData, side: Path) -> None:
     try:
         doc = json.loads(side.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise FormatError(f"{side}: unreadable tokenizer sidecar: {e}") from None
 
     def bad(problem: str) -> FormatError:
@@ -240,10 +240,10 @@ def _apply_sidecar(data: TokenizerData, side: Path) -> None:
 
     if not isinstance(doc, dict) or doc.get("format") != SIDECAR_FORMAT:
         raise bad(f"not a tokenizer sidecar (format is not {SIDECAR_FORMAT!r})")
-    if doc.get("version") != SIDECAR_VERSION:
+    if type(doc.get("version")) is not int or doc.get("version") != SIDECAR_VERSION:
         raise bad(f"sidecar version {doc.get('version')!r} is not supported (expected {SIDECAR_VERSION})")
     n = len(data.vocab)
-    if doc.get("vocab_size") != n:
+    if type(doc.get("vocab_size")) is not int or doc.get("vocab_size") != n:
         raise bad(f"sidecar is for {doc.get('vocab_size')!r} tokens, the .t file has {n}")
     kind = doc.get("kind")
     if kind not in ("bpe", "sentencepiece"):
@@ -269,6 +269,8 @@ def _apply_sidecar(data: TokenizerData, side: Path) -> None:
         pairs.append((m[0], m[1]))
     if not all(is_id(s) for s in special):
         raise bad(f"a special id is not a token id below {n}")
+    if kind == "bpe" and "merges" not in doc:
+        raise bad("a bpe tokenizer needs its merges")
     data.kind = kind
     data.pre = pre
     data.merges = pairs
@@ -321,20 +323,6 @@ def _sidecar_bytes(data: TokenizerData) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_tokenizer(path: str | os.PathLike, data: TokenizerData) -> None:
     """Write ``path`` (the ``.t``) and ``path + '.json'`` (the sidecar; removed for kind ``legacy``)."""
     if data.kind not in KINDS:
@@ -343,9 +331,9 @@ def write_tokenizer(path: str | os.PathLike, data: TokenizerData) -> None:
     t_payload = _t_bytes(data)
     side = sidecar_path(path)
     if data.kind == "legacy":
-        _write_atomic(path, t_payload)
+        write_bytes_atomic(path, t_payload)
         # A stale sidecar would re-label this file as something it is not.
         side.unlink(missing_ok=True)
         return
-    _write_atomic(side, _sidecar_bytes(data))
-    _write_atomic(path, t_payload)
+    write_bytes_atomic(side, _sidecar_bytes(data))
+    write_bytes_atomic(path, t_payload)

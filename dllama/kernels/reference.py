@@ -42,6 +42,24 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def rope_frequencies(head_dim: int, theta: float, llama31_scaling: tuple[float, float, float, int] | None = None
+                     ) -> np.ndarray:
+    """Angular frequency of each rotated pair of a head: theta^(-2i/head_dim), i < head_dim/2.
+
+    ``llama31_scaling`` is (factor, low_freq_factor, high_freq_factor, original_max_seq_len):
+    Llama 3.1 stretches long wavelengths by the factor, keeps short ones, blends the band between.
+    """
+    i = np.arange(head_dim // 2, dtype=np.float64)
+    freq = theta ** (-2.0 * i / head_dim)
+    if llama31_scaling is not None:
+        factor, low, high, orig = llama31_scaling
+        wavelen = 2.0 * np.pi / freq
+        smooth = (orig / wavelen - low) / (high - low)
+        blended = (1.0 - smooth) * freq / factor + smooth * freq
+        freq = np.where(wavelen < orig / high, freq, np.where(wavelen > orig / low, freq / factor, blended))
+    return freq
+
+
 def rope_llama(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Interleaved rope: pairs (2i, 2i+1) of each head rotate by angle i.
 
@@ -87,7 +105,3 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int)
     probs = softmax(scores, axis=-1).astype(np.float32)
     out = np.einsum("kgts,skd->tkgd", probs, v, optimize=True)
     return out.reshape(n_tokens, n_heads * head_dim)
-
-
-def argmax(logits: np.ndarray) -> int:
-    return int(np.argmax(logits))

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from dllama.errors import DllamaError
-from dllama.formats.mfile import ArchType, HiddenAct, ModelFile, ModelHeader, RopeType
+from dllama.formats.mfile import HiddenAct, ModelFile, ModelHeader, RopeType
 from dllama.kernels import reference as ref
 from dllama.kernels.quants import FloatType
 from dllama.model.rope import rope_tables
@@ -99,7 +99,7 @@ class Transformer:
                 layer.experts = [ffn(f"{p}experts.{e}.") for e in range(h.n_experts)]
             else:
                 layer.ffn = ffn(p)
-            if h.arch in (ArchType.QWEN3, ArchType.QWEN3_MOE):
+            if h.has_qk_norm:
                 layer.q_norm = np.asarray(t[p + "q_norm"])
                 layer.k_norm = np.asarray(t[p + "k_norm"])
             self.layers.append(layer)

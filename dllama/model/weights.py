@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from dllama.errors import DllamaError
 from dllama.kernels import reference as ref
 from dllama.kernels.quants import FloatType, to_float32
 
@@ -18,15 +19,22 @@ from dllama.kernels.quants import FloatType, to_float32
 _CHUNK_ROWS = 4096
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (8 GiB when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def _default_budget() -> int:
     env = os.environ.get("DLLAMA_DENSE_BUDGET_MB")
     if env is not None:
-        return int(float(env) * (1 << 20))
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return int(total * 0.4)
+        try:
+            return max(0, int(float(env) * (1 << 20)))
+        except (ValueError, OverflowError):
+            raise DllamaError(f"DLLAMA_DENSE_BUDGET_MB must be a number of megabytes, got {env!r}") from None
+    return int(physical_memory() * 0.4)
 
 
 class DenseBudget:
