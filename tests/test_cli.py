@@ -169,3 +169,10 @@ def test_convert_into_a_file_is_one_line(tmp_path, default_files):
     (tmp_path / "afile").write_text("x")
     out = dllama("convert", "gguf", str(ensure_smollm2_gguf()), "--output-dir", str(tmp_path / "afile"))
     assert_one_line_error(out, 1)
+
+
+def test_characters_without_a_token_are_reported(default_files):
+    out = dllama("tokenize", "a\x04b")  # SmolLM2 has no token for byte 0x04 (HF drops it too)
+    assert out.returncode == 0 and out.stdout.split() == ["81", "82"]
+    assert "left out" in out.stderr
+    assert "left out" not in dllama("tokenize", "plain text").stderr

@@ -182,3 +182,19 @@ def test_unrecognized_rope_freqs_are_refused(tmp_path):
     write_gguf(tmp_path / "odd.gguf", rope_freqs=np.linspace(1, 3, DIM // HEADS // 2))
     with pytest.raises(FormatError, match="rope_freqs"):
         convert_gguf(tmp_path / "odd.gguf", tmp_path / "o", FloatType.F32, progress=False)
+
+
+def test_bad_metadata_is_a_format_error(tmp_path):
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(16)
+    w.add_embedding_length(32)
+    w.add_head_count(0)  # would divide by zero
+    w.add_layer_norm_rms_eps(1e-5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FormatError, match="bad.gguf"):
+        convert_gguf(path, tmp_path / "o", FloatType.Q40, progress=False)

@@ -42,6 +42,14 @@ def load_tokenizer(path: Path) -> "Tokenizer":
     return Tokenizer.load(path)
 
 
+def encode_text(tokenizer: "Tokenizer", text: str) -> list[int]:
+    """Token ids of user text; says so when characters had no token and were left out."""
+    ids = tokenizer.encode(text)
+    if tokenizer.decode(ids) != text:
+        info("⚠️  some characters of the input have no token in this vocabulary and were left out")
+    return ids
+
+
 def load_session(args: argparse.Namespace) -> "Session":
     """A ready Session for --model/--tokenizer (or the default model) with the user's settings."""
     from dllama.engine.generate import Session

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dllama.commands.common import load_session
+from dllama.commands.common import encode_text, load_session
 
 
 def inference(args: argparse.Namespace) -> int:
@@ -13,7 +13,7 @@ def inference(args: argparse.Namespace) -> int:
 
     session = load_session(args)
     tokenizer = session.tokenizer
-    prompt = tokenizer.encode(args.prompt)
+    prompt = encode_text(tokenizer, args.prompt)
     sampler = Sampler(args.temperature, args.topp, args.seed)
     stats = Stats()
     out = sys.stdout
@@ -33,7 +33,7 @@ def inference(args: argparse.Namespace) -> int:
 
 def perplexity(args: argparse.Namespace) -> int:
     session = load_session(args)
-    tokens = session.tokenizer.encode(args.prompt)
+    tokens = encode_text(session.tokenizer, args.prompt)
     print(f"perplexity: {session.perplexity(tokens):.4f}")
     return 0
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from dllama.commands.common import load_tokenizer, resolve_paths
+from dllama.commands.common import encode_text, load_tokenizer, resolve_paths
 from dllama.errors import DllamaError
 
 
@@ -19,7 +19,7 @@ def main(args: argparse.Namespace) -> int:
         text = args.text
     _, tokenizer_path = resolve_paths(args, need_model=False)
     tokenizer = load_tokenizer(tokenizer_path)
-    ids = tokenizer.encode(text)
+    ids = encode_text(tokenizer, text)
     if args.json:
         # A byte-level piece may hold part of a character: show its bytes rather than U+FFFD.
         pieces = [tokenizer.piece(i).decode("utf-8", errors="backslashreplace") for i in ids]

@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import Callable, Iterable
 
 from dllama.errors import FormatError
-from dllama.formats.tfile import TokenizerData, read_tokenizer
+from dllama.formats.tfile import KINDS, TokenizerData, read_tokenizer
 
 # --- Unicode classes -------------------------------------------------------------------------
 # Python's ``re`` has no \p{L}/\p{N}, and its \s (str.isspace) wrongly includes U+001C..U+001F,
@@ -223,7 +223,7 @@ class Tokenizer:
     """Encode and decode like the model's original tokenizer."""
 
     def __init__(self, data: TokenizerData):
-        if data.kind not in ("bpe", "sentencepiece", "legacy"):
+        if data.kind not in KINDS:
             raise FormatError(f"unknown tokenizer kind {data.kind!r}")
         self.data = data
         self.kind = data.kind

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from dllama.errors import DllamaError, FormatError
-from dllama.formats.mfile import ArchType, HiddenAct, ModelHeader, ModelWriter, RopeType, tensor_plan
+from dllama.formats.mfile import (ArchType, HiddenAct, ModelHeader, ModelWriter, RopeType, tensor_plan,
+                                  validate_header)
+from dllama.formats.gguf_tokenizer import gguf_field
 from dllama.kernels.quants import FloatType
 from dllama.kernels.reference import rope_frequencies
 
@@ -42,13 +44,6 @@ def _open(path: Path):
         raise FormatError(f"{path}: not a readable GGUF file ({e})") from None
 
 
-def _field(reader, name: str, default=None):
-    f = reader.fields.get(name)
-    if f is None:
-        return default
-    return f.contents()
-
-
 def _norm_epsilon(value: float, path: Path) -> float:
     for eps in (1e-5, 1e-6):
         if abs(value - eps) <= eps * 1e-3:
@@ -65,39 +60,39 @@ def _llama31_rope(reader, tensors) -> tuple[dict, np.ndarray]:
     factor = float(divisors.max())
     params = dict(rope_scaling_factor=factor, rope_scaling_low_freq_factor=LLAMA31_LOW_FREQ_FACTOR,
                   rope_scaling_high_freq_factor=LLAMA31_HIGH_FREQ_FACTOR,
-                  rope_scaling_orig_max_seq_len=int(_field(reader, "llama.rope.scaling.original_context_length",
+                  rope_scaling_orig_max_seq_len=int(gguf_field(reader, "llama.rope.scaling.original_context_length",
                                                             LLAMA31_ORIG_CONTEXT)))
     return params, divisors
 
 
 def header_from_gguf(reader, path: Path, weight_type: FloatType) -> tuple[ModelHeader, dict]:
-    arch_name = _field(reader, "general.architecture")
+    arch_name = gguf_field(reader, "general.architecture")
     if arch_name not in ARCHS:
         raise FormatError(f"{path}: unsupported architecture {arch_name!r} (supported: {', '.join(ARCHS)})")
     a = arch_name
     tensors = {t.name: t for t in reader.tensors}
 
     def need(key: str):
-        v = _field(reader, f"{a}.{key}")
+        v = gguf_field(reader, f"{a}.{key}")
         if v is None:
             raise FormatError(f"{path}: GGUF has no {a}.{key}")
         return v
 
     dim = int(need("embedding_length"))
     n_heads = int(need("attention.head_count"))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = int(_field(reader, f"{a}.vocab_size", len(tokens) if tokens is not None else 0))
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    vocab = int(gguf_field(reader, f"{a}.vocab_size", len(tokens) if tokens is not None else 0))
     if "token_embd.weight" in tensors:
         vocab = int(tensors["token_embd.weight"].shape[1])
     kwargs = dict(
         arch=ARCHS[a], dim=dim, n_layers=int(need("block_count")), n_heads=n_heads,
-        n_kv_heads=int(_field(reader, f"{a}.attention.head_count_kv", n_heads)),
+        n_kv_heads=int(gguf_field(reader, f"{a}.attention.head_count_kv", n_heads)),
         vocab_size=vocab, seq_len=int(need("context_length")), weight_type=weight_type,
-        hidden_act=HiddenAct.SILU, rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
-        head_dim=int(_field(reader, f"{a}.attention.key_length", dim // n_heads)),
+        hidden_act=HiddenAct.SILU, rope_theta=float(gguf_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        head_dim=int(gguf_field(reader, f"{a}.attention.key_length", dim // n_heads)),
         norm_epsilon=_norm_epsilon(float(need("attention.layer_norm_rms_epsilon")), path),
         rope_type=RopeType.FALCON if a.startswith("qwen3") else RopeType.LLAMA,
-        hidden_dim=int(_field(reader, f"{a}.feed_forward_length", 0)),
+        hidden_dim=int(gguf_field(reader, f"{a}.feed_forward_length", 0)),
     )
     if ARCHS[a] == ArchType.QWEN3_MOE:
         kwargs.update(n_experts=int(need("expert_count")), n_active_experts=int(need("expert_used_count")),
@@ -156,7 +151,11 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
 
     path = Path(path)
     reader = _open(path)
-    header, tensors = header_from_gguf(reader, path, weight_type)
+    try:
+        header, tensors = header_from_gguf(reader, path, weight_type)
+        validate_header(header)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+        raise FormatError(f"{path}: unusable model metadata: {e}") from None
     tok = tokenizer_from_gguf(reader)
     if len(tok.vocab) != header.vocab_size:
         raise FormatError(f"{path}: the tokenizer has {len(tok.vocab)} tokens, the embedding {header.vocab_size}")

@@ -43,7 +43,8 @@ def _name(reader: gguf.GGUFReader) -> str:
     return str(getattr(getattr(reader, "data", None), "filename", None) or "GGUF file")
 
 
-def _get(reader: gguf.GGUFReader, key: str, default=None):
+def gguf_field(reader: gguf.GGUFReader, key: str, default=None):
+    """A GGUF metadata value as Python data, ``default`` when absent; FormatError when unreadable."""
     f = reader.fields.get(key)
     if f is None:
         return default
@@ -56,7 +57,7 @@ def _get(reader: gguf.GGUFReader, key: str, default=None):
 def _ids(reader: gguf.GGUFReader, n: int, *keys: str) -> list[int]:
     out = []
     for key in keys:
-        v = _get(reader, key)
+        v = gguf_field(reader, key)
         if v is None:
             continue
         v = int(v)
@@ -70,18 +71,18 @@ def _ids(reader: gguf.GGUFReader, n: int, *keys: str) -> list[int]:
 def tokenizer_from_gguf(reader: gguf.GGUFReader) -> TokenizerData:
     """Read ``tokenizer.ggml.*``: byte-level BPE (``gpt2``) or SentencePiece (``llama``)."""
     name = _name(reader)
-    model = _get(reader, "tokenizer.ggml.model")
-    tokens = _get(reader, "tokenizer.ggml.tokens")
+    model = gguf_field(reader, "tokenizer.ggml.model")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     if not tokens:
         raise FormatError(f"{name}: the GGUF has no tokenizer.ggml.tokens")
     n = len(tokens)
-    types = _get(reader, "tokenizer.ggml.token_type") or [TYPE_NORMAL] * n
+    types = gguf_field(reader, "tokenizer.ggml.token_type") or [TYPE_NORMAL] * n
     if len(types) != n:
         raise FormatError(f"{name}: {len(types)} token types for {n} tokens")
     bos = _ids(reader, n, "tokenizer.ggml.bos_token_id")
     eos_ids = _ids(reader, n, "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                    "tokenizer.ggml.eom_token_id")
-    template = _get(reader, "tokenizer.chat_template")
+    template = gguf_field(reader, "tokenizer.chat_template")
     common = dict(bos_id=bos[0] if bos else -1, eos_ids=eos_ids,
                   chat_template=str(template) if template else None)
 
@@ -94,11 +95,11 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> TokenizerData:
         merges = _merges(reader, tokens, special_set)
         return TokenizerData(
             vocab=vocab, scores=[-float(i) for i in range(n)], kind="bpe",
-            pre=str(_get(reader, "tokenizer.ggml.pre", "gpt2")), merges=merges, special_ids=special,
-            add_bos=bool(_get(reader, "tokenizer.ggml.add_bos_token", False)), add_space_prefix=False,
+            pre=str(gguf_field(reader, "tokenizer.ggml.pre", "gpt2")), merges=merges, special_ids=special,
+            add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)), add_space_prefix=False,
             **common)
     if model == "llama":
-        scores = _get(reader, "tokenizer.ggml.scores") or [0.0] * n
+        scores = gguf_field(reader, "tokenizer.ggml.scores") or [0.0] * n
         if len(scores) != n:
             raise FormatError(f"{name}: {len(scores)} token scores for {n} tokens")
         # <unk> (type 2) joins the specials: SentencePiece never produces it from text either.
@@ -106,14 +107,14 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> TokenizerData:
         vocab = [t.replace("▁", " ").encode("utf-8") for t in tokens]
         return TokenizerData(
             vocab=vocab, scores=[float(s) for s in scores], kind="sentencepiece", pre=None, merges=[],
-            special_ids=special, add_bos=bool(_get(reader, "tokenizer.ggml.add_bos_token", True)),
-            add_space_prefix=bool(_get(reader, "tokenizer.ggml.add_space_prefix", True)), **common)
+            special_ids=special, add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", True)),
+            add_space_prefix=bool(gguf_field(reader, "tokenizer.ggml.add_space_prefix", True)), **common)
     raise FormatError(f"{name}: tokenizer model {model!r} is not supported (only 'gpt2' and 'llama')")
 
 
 def _merges(reader: gguf.GGUFReader, tokens: list[str], special: set[int]) -> list[tuple[int, int]]:
     """Merges as id pairs, rank order; a merge naming an unknown token is dropped (it can never fire)."""
-    raw = _get(reader, "tokenizer.ggml.merges")
+    raw = gguf_field(reader, "tokenizer.ggml.merges")
     if not raw:
         raise FormatError(f"{_name(reader)}: a 'gpt2' tokenizer needs tokenizer.ggml.merges")
     index: dict[str, int] = {}
