@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dllama.formats.mfile import ArchType, ModelHeader, ModelWriter, RopeType, tensor_plan
+from dllama.formats.mfile import ArchType, HiddenAct, ModelHeader, ModelWriter, RopeType, tensor_plan
 from dllama.kernels.quants import FloatType
 
 
@@ -39,7 +39,7 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
 
     Written independently of dllama's forward (no KV cache, no batching): rms norm, q/k/v,
     rope (interleaved for Llama layout, half-split for NeoX), causal GQA softmax attention,
-    SwiGLU feed-forward (or top-k MoE), residuals, final norm, output head.
+    gated feed-forward (SiLU or GELU; or top-k MoE), residuals, final norm, output head.
     """
     class Float64View(dict):  # converts on access: a real model's float64 copy would be large
         def __getitem__(self, name):
@@ -83,11 +83,13 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
         out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
         return out
 
-    def silu(x):
-        return x / (1 + np.exp(-x))
+    def act(x):
+        if h.hidden_act == HiddenAct.GELU:  # the tanh approximation
+            return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+        return x / (1 + np.exp(-x))  # SiLU
 
     def mlp(prefix, y):
-        return (silu(y @ W[prefix + "w1"].T) * (y @ W[prefix + "w3"].T)) @ W[prefix + "w2"].T
+        return (act(y @ W[prefix + "w1"].T) * (y @ W[prefix + "w3"].T)) @ W[prefix + "w2"].T
 
     x = np.asarray(weights["embedding"][tokens], dtype=np.float64)
     mask = np.triu(np.full((T, T), -np.inf), 1)

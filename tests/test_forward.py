@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dllama.errors import DllamaError
-from dllama.formats.mfile import ArchType, ModelFile, RopeType
+from dllama.formats.mfile import ArchType, HiddenAct, ModelFile, RopeType
 from dllama.kernels.quants import FloatType, to_float32
 from dllama.model.forward import Transformer
 from tests.helpers import forward64, tiny_header, write_random_model
@@ -27,6 +27,7 @@ def stored_values(m: ModelFile) -> dict:
 CASES = {
     "llama": dict(),
     "llama-mha": dict(n_kv_heads=4),
+    "llama-gelu": dict(hidden_act=HiddenAct.GELU),
     "llama-gqa4": dict(n_heads=8, n_kv_heads=2, head_dim=8),
     "llama3.1-rope": dict(rope_type=RopeType.LLAMA3_1, rope_scaling_factor=8.0, rope_scaling_low_freq_factor=1.0,
                           rope_scaling_high_freq_factor=4.0, rope_scaling_orig_max_seq_len=40, rope_theta=500000.0),  # all three bands
