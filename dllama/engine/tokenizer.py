@@ -377,6 +377,9 @@ class Tokenizer:
                     ids = cache[word] = self._bpe_word(word)
                 out.extend(ids)
         elif self.kind == "sentencepiece":
+            # Our vocabulary holds spaces where SentencePiece has U+2581; SentencePiece and llama.cpp
+            # read a U+2581 typed in the text as the space it stands for, so it becomes one here too.
+            text = text.replace("\u2581", " ")
             # llama.cpp: a space goes before the text at the start and after every special token.
             if self.data.add_space_prefix and after_special:
                 text = " " + text
