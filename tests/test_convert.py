@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 
@@ -13,7 +14,6 @@ from dllama.kernels.quants import FloatType, to_float32
 from dllama.model.forward import Transformer
 from tests.helpers import forward64
 
-gguf = pytest.importorskip("gguf")
 
 DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, CTX = 64, 96, 2, 4, 2, 128
 
