@@ -1,4 +1,4 @@
-"""The NumPy forward pass against an independent float64 implementation, on tiny random models."""
+"""The forward pass of every backend against an independent float64 implementation, on tiny random models."""
 import numpy as np
 import pytest
 
@@ -7,6 +7,23 @@ from dllama.formats.mfile import ArchType, HiddenAct, ModelFile, RopeType
 from dllama.kernels.quants import FloatType, to_float32
 from dllama.model.forward import Transformer
 from tests.helpers import forward64, tiny_header, write_random_model
+
+# The NumPy reference, and the numba kernels on each SIMD path (forced by DLLAMA_CPU_PATH).
+KERNELS = ["numpy", "numba-avx512", "numba-vnni", "numba-avx2", "numba-portable"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request, monkeypatch) -> str:
+    name = request.param
+    if name.startswith("numba"):
+        from dllama.kernels import simd
+        path = name.split("-")[1]
+        if not {"avx2": simd.HOST_HAS_AVX2, "vnni": simd.HOST_HAS_VNNI, "avx512": simd.HOST_HAS_AVX512}.get(path, True):
+            pytest.skip(f"this CPU lacks the {path} instructions")
+        monkeypatch.setenv("DLLAMA_CPU_PATH", path)
+        return "numba"
+    return name
+
 
 TOKENS = [3, 17, 42, 5, 5, 79, 0, 23, 61, 8, 11, 2, 33, 47, 70, 1, 9]
 
@@ -38,10 +55,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("pieces", [[17], [1] * 17, [5, 1, 11]])
-def test_f32_forward_matches_float64(tmp_path, case, pieces):
+def test_f32_forward_matches_float64(tmp_path, case, pieces, kernels):
     h = tiny_header(FloatType.F32, **CASES[case])
     values = write_random_model(tmp_path / "m.m", h)
-    tr = Transformer(ModelFile(tmp_path / "m.m"))
+    tr = Transformer(ModelFile(tmp_path / "m.m"), backend=kernels)
     got = run_in_pieces(tr, TOKENS, pieces)
     want = forward64(values, h, TOKENS)
     # float32 accumulation over a few hundred products per layer: ~1e-6 relative each, a few
@@ -51,16 +68,16 @@ def test_f32_forward_matches_float64(tmp_path, case, pieces):
 
 
 @pytest.mark.parametrize("wt", [FloatType.Q40, FloatType.Q80, FloatType.F16])
-def test_quantized_weights_match_float64_of_stored_values(tmp_path, wt):
+def test_quantized_weights_match_float64_of_stored_values(tmp_path, wt, kernels):
     h = tiny_header(wt)
     write_random_model(tmp_path / "m.m", h)
     m = ModelFile(tmp_path / "m.m")
     want = forward64(stored_values(m), h, TOKENS)
-    got = run_in_pieces(Transformer(m), TOKENS, [9, 8])
+    got = run_in_pieces(Transformer(m, backend=kernels), TOKENS, [9, 8])
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
     # Q80 activations: each matmul input moves by up to half a Q80 step (amax/254 per block);
     # through two layers that stays far below the logits' spread but above float32 noise.
-    got_q80 = run_in_pieces(Transformer(m, buffer_type=FloatType.Q80), TOKENS, [9, 8])
+    got_q80 = run_in_pieces(Transformer(m, buffer_type=FloatType.Q80, backend=kernels), TOKENS, [9, 8])
     err = np.abs(got_q80 - want).max()
     if wt.is_quantized:
         assert 0 < err < 0.05 * np.abs(want).max()
@@ -68,19 +85,19 @@ def test_quantized_weights_match_float64_of_stored_values(tmp_path, wt):
         assert err < 2e-4  # q80 buffers only apply to quantized weights
 
 
-def test_last_token_logits_equal_all_logits_row(tmp_path):
+def test_last_token_logits_equal_all_logits_row(tmp_path, kernels):
     h = tiny_header()
     write_random_model(tmp_path / "m.m", h)
     m = ModelFile(tmp_path / "m.m")
-    all_rows = Transformer(m).forward(TOKENS[:7], 0, all_logits=True)
-    last = Transformer(m).forward(TOKENS[:7], 0)
+    all_rows = Transformer(m, backend=kernels).forward(TOKENS[:7], 0, all_logits=True)
+    last = Transformer(m, backend=kernels).forward(TOKENS[:7], 0)
     np.testing.assert_allclose(last, all_rows[-1], atol=1e-5)
 
 
-def test_context_full_and_bad_tokens(tmp_path):
+def test_context_full_and_bad_tokens(tmp_path, kernels):
     h = tiny_header(seq_len=8)
     write_random_model(tmp_path / "m.m", h)
-    tr = Transformer(ModelFile(tmp_path / "m.m"))
+    tr = Transformer(ModelFile(tmp_path / "m.m"), backend=kernels)
     with pytest.raises(DllamaError, match="context is full"):
         tr.forward([1, 2, 3], 6)
     with pytest.raises(DllamaError, match="out of range"):
@@ -93,6 +110,6 @@ def test_dense_budget_zero_gives_the_same_result(tmp_path):
     h = tiny_header(FloatType.Q40)
     write_random_model(tmp_path / "m.m", h)
     m = ModelFile(tmp_path / "m.m")
-    a = Transformer(m).forward(TOKENS[:5], 0, all_logits=True)
-    b = Transformer(m, budget=DenseBudget(0)).forward(TOKENS[:5], 0, all_logits=True)
+    a = Transformer(m, backend="numpy").forward(TOKENS[:5], 0, all_logits=True)
+    b = Transformer(m, budget=DenseBudget(0), backend="numpy").forward(TOKENS[:5], 0, all_logits=True)
     np.testing.assert_allclose(a, b, atol=1e-5)

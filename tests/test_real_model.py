@@ -50,7 +50,9 @@ def tokenizer(q40_files):
 
 def perplexity(model_path, tokenizer, tokens, transform=None) -> float:
     m = ModelFile(model_path)
-    tr = Transformer(m, seq_len=256)
+    # A transform swaps Linear weights after loading: only the NumPy blocks read them at each use
+    # (the JIT blocks repack the weights once, when the model loads).
+    tr = Transformer(m, seq_len=256, backend="numpy" if transform else None)
     if transform:
         transform(tr, m)
     return Session(tr, tokenizer).perplexity(tokens)

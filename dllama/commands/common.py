@@ -54,6 +54,7 @@ def load_session(args: argparse.Namespace) -> "Session":
     """A ready Session for --model/--tokenizer (or the default model) with the user's settings."""
     from dllama.engine.generate import Session
     from dllama.formats.mfile import ModelFile
+    from dllama.kernels import backend
     from dllama.kernels.quants import FloatType
     from dllama.model.forward import Transformer
     from dllama.model.weights import physical_memory
@@ -69,11 +70,17 @@ def load_session(args: argparse.Namespace) -> "Session":
     if kv_bytes > physical_memory():
         raise DllamaError(f"a KV cache of {seq_len} positions needs {kv_bytes / 2**30:.1f} GiB, more than this "
                           f"machine's memory: lower --max-seq-len")
-    transformer = Transformer(model, seq_len=seq_len, buffer_type=FloatType.parse(args.buffer_float_type))
+    try:
+        kernels = backend.backend()
+        backend.set_threads(args.nthreads)
+        transformer = Transformer(model, seq_len=seq_len, buffer_type=FloatType.parse(args.buffer_float_type))
+    except ValueError as e:  # DLLAMA_BACKEND / DLLAMA_CPU_PATH
+        raise DllamaError(str(e)) from None
     transformer.prepare()
     info(f"💡 Model: {model_path.name} ({h.arch.name.lower()}, {h.n_layers} layers, dim {h.dim}, "
          f"{h.n_heads} heads, {h.n_kv_heads} KV heads, {h.weight_type.name} weights, "
          f"{model.weight_bytes / 1e6:.0f} MB)")
     info(f"💡 SeqLen: {seq_len} (model: {h.seq_len}; --max-seq-len changes it), KV cache "
          f"{transformer.kv_cache.nbytes / 1e6:.0f} MB, buffers {args.buffer_float_type}")
+    info(f"💡 Kernels: {backend.describe()}")
     return Session(transformer, tokenizer)

@@ -7,13 +7,15 @@ is the all-gather-and-sum between nodes, at exactly these boundaries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.formats.mfile import HiddenAct, ModelFile, ModelHeader, RopeType
 from dllama.kernels import reference as ref
+from dllama.kernels.backend import NUMBA
+from dllama.kernels.backend import backend as kernel_backend
 from dllama.kernels.quants import FloatType
 from dllama.model.rope import rope_tables
 from dllama.model.weights import DenseBudget, Linear
@@ -74,7 +76,7 @@ class Transformer:
 
     def __init__(self, model: ModelFile, seq_len: int | None = None,
                  buffer_type: FloatType = FloatType.F32, sync: Sync | None = None,
-                 budget: DenseBudget | None = None):
+                 budget: DenseBudget | None = None, backend: str | None = None):
         h = model.header
         self.header: ModelHeader = h if seq_len is None else h.with_seq_len(seq_len)
         self.q80_buffers = buffer_type == FloatType.Q80
@@ -107,8 +109,15 @@ class Transformer:
         self.output = lin("output")
         self.kv_cache = KVCache(h.n_layers, self.header.seq_len, h.n_kv_heads, h.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(h, self.header.seq_len)
-        self._rope = ref.rope_falcon if h.effective_rope_type == RopeType.FALCON else ref.rope_llama
-        self._act = ref.silu if h.hidden_act == HiddenAct.SILU else ref.gelu
+        self.rope_is_falcon = h.effective_rope_type == RopeType.FALCON
+        self.uses_gelu = h.hidden_act == HiddenAct.GELU
+        self._rope = ref.rope_falcon if self.rope_is_falcon else ref.rope_llama
+        self._act = ref.gelu if self.uses_gelu else ref.silu
+        self.backend = backend or kernel_backend()
+        self._jit = None
+        if self.backend == NUMBA:
+            from dllama.model.jit_blocks import JitBlocks
+            self._jit = JitBlocks(self)
 
     @property
     def seq_len(self) -> int:
@@ -116,6 +125,8 @@ class Transformer:
 
     def prepare(self) -> None:
         """Build the dense weight copies now, so that the first forward is not the one to pay."""
+        if self._jit is not None:
+            return  # the JIT kernels read the packed weights, made when the model was loaded
         for layer in self.layers:
             ffns = layer.experts if layer.experts is not None else [layer.ffn]
             for lin in [layer.q, layer.k, layer.v, layer.o] + [w for f in ffns for w in (f.w1, f.w2, f.w3)]:
@@ -124,9 +135,13 @@ class Transformer:
 
     # -- blocks ---------------------------------------------------------------------------
     def start(self, tokens: np.ndarray) -> np.ndarray:
+        if self._jit is not None:
+            return self._jit.start(tokens)
         return np.array(self.embedding[tokens], dtype=np.float32)
 
     def attention_block(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:
+        if self._jit is not None:
+            return self._jit.attention_block(i, x, pos)
         h, layer = self.header, self.layers[i]
         n = x.shape[0]
         y = ref.rms_norm(x, layer.attn_norm, h.norm_epsilon)
@@ -148,22 +163,31 @@ class Transformer:
         return ffn.w2(d, self.q80_buffers)
 
     def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
+        if self._jit is not None:
+            return self._jit.ffn_block(i, x)
         h, layer = self.header, self.layers[i]
         y = ref.rms_norm(x, layer.ffn_norm, h.norm_epsilon)
         if layer.experts is None:
             return self._feed_forward(layer.ffn, y)
-        # Qwen3-MoE: softmax over all experts, keep the top k, renormalize their weights.
         probs = ref.softmax(ref.matmul(y, layer.router), axis=-1)
-        top = np.argsort(-probs, axis=-1, kind="stable")[:, :h.n_active_experts]
+        return self.mix_experts(y, probs, lambda e, rows: self._feed_forward(layer.experts[e], rows))
+
+    def mix_experts(self, y: np.ndarray, probs: np.ndarray,
+                    run_expert: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+        """Qwen3-MoE: keep each token's top k experts by router probability, renormalize their
+        weights, and sum the experts' outputs (each expert runs once, on the tokens it got)."""
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.header.n_active_experts]
         gates = np.take_along_axis(probs, top, axis=-1)
         gates /= gates.sum(axis=-1, keepdims=True)
         out = np.zeros_like(y)
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
-            out[rows] += gates[rows, slot][:, None] * self._feed_forward(layer.experts[e], y[rows])
+            out[rows] += gates[rows, slot][:, None] * run_expert(int(e), np.ascontiguousarray(y[rows]))
         return out
 
     def end(self, x: np.ndarray) -> np.ndarray:
+        if self._jit is not None:
+            return self._jit.end(np.ascontiguousarray(x))
         y = ref.rms_norm(x, self.final_norm, self.header.norm_epsilon)
         return self.output(y, self.q80_buffers)
 
