@@ -176,3 +176,39 @@ def test_characters_without_a_token_are_reported(default_files):
     assert out.returncode == 0 and out.stdout.split() == ["81", "82"]
     assert "left out" in out.stderr
     assert "left out" not in dllama("tokenize", "plain text").stderr
+
+
+def dllama_env(*args, **env):
+    return subprocess.run([sys.executable, "-m", "dllama", *args], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=300)
+
+
+GREEDY = ["inference", "--prompt", "The capital of France is", "--steps", "16", "--temperature", "0"]
+
+
+def test_numpy_and_numba_backends_write_the_same_greedy_text(default_files):
+    numba_out = dllama_env(*GREEDY, DLLAMA_BACKEND="numba")
+    numpy_out = dllama_env(*GREEDY, DLLAMA_BACKEND="numpy")
+    assert numba_out.returncode == numpy_out.returncode == 0, (numba_out.stderr, numpy_out.stderr)
+    text = lambda out: out.stdout.split("\n\nEvaluation")[0]  # noqa: E731
+    assert text(numba_out) == text(numpy_out)
+    assert "Kernels: numba" in numba_out.stderr and "Kernels: numpy" in numpy_out.stderr
+
+
+def test_without_numba_the_numpy_kernels_run_with_a_notice(default_files):
+    # numba (and so the JIT kernels) cannot be imported in this process.
+    code = ("import sys; sys.modules['numba'] = None; from dllama.commands import main; "
+            f"raise SystemExit(main({GREEDY!r}))")
+    env = {k: v for k, v in os.environ.items() if k != "DLLAMA_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "numba is not available" in out.stderr and "Kernels: numpy" in out.stderr
+    assert "Paris" in out.stdout or len(out.stdout.split("\n\nEvaluation")[0]) > len("The capital of France is")
+
+
+@pytest.mark.parametrize("env", [dict(DLLAMA_BACKEND="fortran"), dict(DLLAMA_CPU_PATH="sse9"),
+                                 dict(DLLAMA_BACKEND="numba", DLLAMA_CPU_PATH="neon")])
+def test_bad_kernel_variables_are_one_line(default_files, env):
+    out = dllama_env("perplexity", "--prompt", "hi there", **env)
+    assert_one_line_error(out, 1)
+    assert next(iter(env)) in out.stderr or "DLLAMA_CPU_PATH" in out.stderr

@@ -275,6 +275,11 @@ def _linear_q40_q80(w, xq, xd, xc, out, path):
         g_end = min(groups, (c + 1) * chunk)
         # Tiles of tokens share each load of a group's weights (prefill); the rest one by one.
         t = 0
+        if path == simd.PATH_AVX512:
+            while t + 8 <= n_tokens:
+                for g in range(c * chunk, g_end):
+                    simd.q40_q80_tile8(flat, g * nb * Q40_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+                t += 8
         while t + TOKEN_TILE <= n_tokens:
             for g in range(c * chunk, g_end):
                 simd.q40_q80_tile4(flat, g * nb * Q40_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
@@ -437,8 +442,41 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
+def _pow2(n):
+    """2^n as float32 for -126 <= n <= 127."""
+    return simd.f32_from_bits(np.int32((n + 127) << 23))
+
+
+@njit(cache=True, inline="always", fastmath={"nsz", "contract"})
+def expf(x):
+    """e^x in float32 within 2 ulp, without a library call, so that loops calling it vectorize.
+
+    Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so n ln2 is exact), a degree-6
+    polynomial for e^r, then a scale by 2^n in two halves so that subnormal results round once.
+    """
+    if x != x:
+        return x
+    if x > np.float32(88.72284):
+        return np.float32(np.inf)
+    if x < np.float32(-103.97208):
+        return np.float32(0.0)
+    n = np.floor(x * np.float32(1.442695040888963) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * (r * r) + r + np.float32(1.0)
+    k = np.int32(n)
+    half = k // 2
+    return y * _pow2(half) * _pow2(k - half)
+
+
+@njit(cache=True, inline="always")
 def _silu(v):
-    return v / (np.float32(1.0) + np.exp(-v))
+    return v / (np.float32(1.0) + expf(-v))
 
 
 @njit(cache=True, inline="always")
@@ -513,7 +551,7 @@ def softmax_into(x, out):
             m = max(m, x[t, j])
         total = np.float32(0.0)
         for j in range(x.shape[1]):
-            e = np.exp(x[t, j] - m)
+            e = expf(x[t, j] - m)
             out[t, j] = e
             total += e
         inv = np.float32(1.0) / total
@@ -560,39 +598,60 @@ def rope_falcon(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return _rope(x, cos, sin, True)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
+def _attend(qs, k_cache, v_cache, kv, end, scale, scores, out):
+    """The queries ``qs`` [group, D] of one token that share KV head ``kv``, against cache
+    positions 0..end-1; ``out`` [group, D]. Each cache row is read once for the whole group,
+    in passes that LLVM vectorizes (a function of its own: inside the parallel loop's body it
+    does not)."""
+    group, head_dim = qs.shape
+    for s in range(end):
+        kr = k_cache[s, kv]
+        for g in range(group):
+            dot = np.float32(0.0)
+            for d in range(head_dim):
+                dot += qs[g, d] * kr[d]
+            scores[g, s] = dot * scale
+    acc = np.zeros((group, head_dim), dtype=np.float32)  # local sums: stores to out block vectors
+    totals = np.empty(group, dtype=np.float32)
+    for g in range(group):
+        m = np.float32(-np.inf)
+        for s in range(end):
+            m = max(m, scores[g, s])
+        total = np.float32(0.0)
+        for s in range(end):
+            e = expf(scores[g, s] - m)
+            scores[g, s] = e
+            total += e
+        totals[g] = total
+    for s in range(end):
+        vr = v_cache[s, kv]
+        for g in range(group):
+            e = scores[g, s]
+            for d in range(head_dim):
+                acc[g, d] += e * vr[d]
+    for g in range(group):
+        inv = np.float32(1.0) / totals[g]
+        for d in range(head_dim):
+            out[g, d] = acc[g, d] * inv
+
+
+@njit(cache=True, parallel=True)
 def attention_into(q, k_cache, v_cache, pos, out):
     """Causal GQA over the cache; q [T, heads, D], caches [S, kv_heads, D], out [T, heads * D]."""
     n_tokens, n_heads, head_dim = q.shape
-    group = n_heads // k_cache.shape[1]
+    n_kv = k_cache.shape[1]
+    group = n_heads // n_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    for th in prange(n_tokens * n_heads):
-        t = th // n_heads
-        h = th % n_heads
-        kv = h // group
-        end = pos + t + 1
-        scores = np.empty(end, dtype=np.float32)
-        acc = np.zeros(head_dim, dtype=np.float32)  # a local sum: stores to out would block vectors
-        qv = q[t, h]
-        m = np.float32(-np.inf)
-        for s in range(end):
-            kr = k_cache[s, kv]
-            dot = np.float32(0.0)
-            for d in range(head_dim):
-                dot += qv[d] * kr[d]
-            dot *= scale
-            scores[s] = dot
-            m = max(m, dot)
-        total = np.float32(0.0)
-        for s in range(end):
-            e = np.exp(scores[s] - m)
-            total += e
-            vr = v_cache[s, kv]
-            for d in range(head_dim):
-                acc[d] += e * vr[d]
-        inv = np.float32(1.0) / total
-        for d in range(head_dim):
-            out[t, h * head_dim + d] = acc[d] * inv
+    # Scratch for every (token, KV head) item, allocated once rather than once per item.
+    all_scores = np.empty((n_tokens * n_kv, group, pos + n_tokens), dtype=np.float32)
+    heads_out = out.reshape(n_tokens, n_heads, head_dim)
+    for item in prange(n_tokens * n_kv):
+        t = item // n_kv
+        kv = item % n_kv
+        h = kv * group
+        _attend(q[t, h:h + group], k_cache, v_cache, kv, pos + t + 1, scale, all_scores[item],
+                heads_out[t, h:h + group])
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> np.ndarray:

@@ -326,6 +326,7 @@ TOKEN_TILE = 4
 #   kernel sums nibble * x and adds the -8 * sum(x) that the nibbles' offset of 8 takes away.
 q40_q80_tile1 = _make_q40_q80(1)
 q40_q80_tile4 = _make_q40_q80(TOKEN_TILE)
+q40_q80_tile8 = _make_q40_q80(8)
 
 
 def _q40_f32_group_body(builder, w, w_off, xf, nb, out, out_off, avx2: bool) -> None:
@@ -372,5 +373,16 @@ def q40_f32_group(typingctx, w, w_off, xf, nb, out, out_off, path):
             with otherwise:
                 _q40_f32_group_body(builder, *operands, avx2=False)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bit pattern is the int32 ``bits`` (a bitcast, for building 2^n)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _f32)
 
     return sig, codegen
