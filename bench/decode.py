@@ -1,68 +1,755 @@
-"""Prefill and decode speed of the current forward pass on the default model (SmolLM2 Q40).
+"""Decode and prefill speed, bandwidth floor, Python overhead and startup time of dllama.
 
-Prints a table and writes bench/results/decode.json. One run on a noisy machine: read the
-numbers as ratios, not as absolutes.
+Models: a synthetic random-weight model with the shape of Llama 3.2 1B (Q40, written to a
+temporary folder and deleted at the end) and the default model, SmolLM2-135M (Q40). For each
+model, backend (numba, numpy) and thread count, a fresh subprocess (threads are fixed when numba
+and BLAS start) measures decode and prefill tokens/s, decode time against the memory-bandwidth
+floor, and the interpreter overhead per token. Separate subprocesses time the first token from
+process start, with an empty and with a warm numba cache.
+
+    python bench/decode.py            # everything (slow: run it on a quiet machine)
+    python bench/decode.py --quick    # SmolLM2 only, few steps: a smoke test
+
+Prints tables and the targets, writes bench/results/decode.json and decode.png. One run on a
+noisy machine: read the numbers as ratios, not as absolutes.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from dllama.default_model import ensure_default_model
-from dllama.formats.mfile import ModelFile
-from dllama.kernels.quants import FloatType
-from dllama.model.forward import MAX_BATCH, Transformer
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/decode.py` without an installed dllama
+    sys.path.insert(0, str(ROOT))
+
+# Only modules that do not import numba at the top: the parent process never starts numba, each
+# worker configures it (threads, cache folder) before its first import.
+from dllama.formats.mfile import (
+    ArchType,
+    HiddenAct,
+    ModelFile,
+    ModelHeader,
+    ModelWriter,
+    RopeType,
+    tensor_plan,
+)
+from dllama.kernels.quants import Q40_BLOCK, FloatType
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT_LEN = 128  # prefill: 4 forwards of MAX_BATCH (32) tokens
+TTFT_PROMPT = "Write one sentence about the sea."
+NOTE = ("One run on a shared, noisy machine: read the numbers as ratios from one run, "
+        "not as absolutes.")
+THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def measure(model: ModelFile, buffer_type: FloatType, prompt_len: int, decode_steps: int) -> dict:
-    tr = Transformer(model, seq_len=prompt_len + decode_steps + 1, buffer_type=buffer_type)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, model.header.vocab_size, prompt_len).tolist()
-    tr.forward(prompt[:1], 0)  # first use: dense weights get built, pages get mapped
-    t0 = time.perf_counter()
-    for start in range(0, prompt_len, MAX_BATCH):
-        logits = tr.forward(prompt[start:start + MAX_BATCH], start)
-    prefill = time.perf_counter() - t0
-    pos = prompt_len
-    t0 = time.perf_counter()
-    for _ in range(decode_steps):
+# -- models ------------------------------------------------------------------------------
+
+@dataclass
+class BenchModel:
+    key: str  # as given to --models
+    label: str
+    path: Path
+    tokenizer: Path | None  # None: random prompt tokens (the synthetic model has no tokenizer)
+
+
+def llama_1b_header(n_layers: int = 16, seq_len: int = 2048) -> ModelHeader:
+    """Llama 3.2 1B's shape, with its rope (theta 500000, Llama 3.1 frequency scaling)."""
+    return ModelHeader(arch=ArchType.LLAMA, dim=2048, hidden_dim=8192, n_layers=n_layers, n_heads=32,
+                       n_kv_heads=8, vocab_size=128256, seq_len=seq_len, weight_type=FloatType.Q40,
+                       hidden_act=HiddenAct.SILU, rope_theta=500000.0, rope_type=RopeType.LLAMA3_1,
+                       rope_scaling_factor=32.0, rope_scaling_low_freq_factor=1.0,
+                       rope_scaling_high_freq_factor=4.0, rope_scaling_orig_max_seq_len=8192,
+                       head_dim=64, norm_epsilon=1e-5)
+
+
+def random_q40(rng: np.random.Generator, stored_shape: tuple[int, ...], chunk_rows: int = 8192) -> np.ndarray:
+    """Q40 blocks made directly (quantizing 1.2B floats would take minutes and gigabytes).
+
+    Nibbles are uniform in 1..15, so values (nibble - 8) * d are symmetric around 0 with a
+    standard deviation of about 4.3 d; d ~ 0.02 / 8 keeps a row's products with a unit-RMS input
+    near 0.5 for dim 2048, so activations stay finite through 16 layers.
+    """
+    rows, nb = stored_shape
+    out = np.empty((rows, nb), dtype=Q40_BLOCK)
+    for start in range(0, rows, chunk_rows):  # bounded temporaries for the 128256-row head
+        n = min(chunk_rows, rows - start)
+        d = 0.02 / 8 * (1.0 + 0.1 * rng.standard_normal((n, nb), dtype=np.float32))
+        lo = rng.integers(1, 16, (n, nb, 16), dtype=np.uint8)
+        hi = rng.integers(1, 16, (n, nb, 16), dtype=np.uint8)
+        out["d"][start:start + n] = d.astype(np.float16)
+        out["qs"][start:start + n] = lo | (hi << 4)
+    return out
+
+
+def write_synthetic_model(path: Path, header: ModelHeader, seed: int = 0) -> None:
+    """Random weights, written tensor by tensor: at most one tensor (the 1 GB embedding) in memory."""
+    rng = np.random.default_rng(seed)
+    with ModelWriter(path, header) as writer:
+        for spec in tensor_plan(header):
+            if spec.float_type == FloatType.Q40:
+                values = random_q40(rng, spec.stored_shape)
+            elif spec.name.endswith("norm"):
+                values = (1.0 + 0.05 * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
+            else:  # the embedding
+                values = 0.02 * rng.standard_normal(spec.shape, dtype=np.float32)
+            writer.write(spec.name, values)
+            del values
+
+
+def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of weights one decode step must read: every quantized layer tensor and the output
+    head (stored sizes), plus one embedding row. Norms are a few KB and left out."""
+    model = ModelFile(path)
+    total = model.header.dim * 4
+    for spec in model.plan:
+        layer_weight = spec.name.startswith("layers.") and spec.float_type.is_quantized
+        if layer_weight or spec.name == "output":
+            total += spec.nbytes
+    return total
+
+
+# -- workers (each in its own process) -------------------------------------------------------
+
+def _import_engine(backend: str, threads: int):
+    """Configure numba for `threads`, then import the engine (numba reads its settings at import)."""
+    from dllama.kernels.backend import configure_numba_environment, set_threads
+    if backend == "numba":
+        configure_numba_environment(threads)
+    from dllama.model import forward
+    if backend == "numba":
+        set_threads(threads)
+    return forward
+
+
+class BlockTimer:
+    """Time spent inside the jitted block functions, by wrapping them where JitBlocks looks them up.
+
+    Per-token Python overhead = forward wall time - time inside the wrapped calls - the wrappers'
+    own cost (calibrated). The calls' time includes numba's dispatch (argument unboxing, result
+    boxing); `dispatch_us` estimates that separately with a jitted no-op taking the same arguments.
+    """
+
+    NAMES = ("start_block", "attention_block", "ffn_block", "end_block", "expert_ffn")
+
+    def __init__(self) -> None:
+        from dllama.model import jit_blocks
+        self.module = jit_blocks
+        self.originals = {n: getattr(jit_blocks, n) for n in self.NAMES if hasattr(jit_blocks, n)}
+        self.inside = 0.0
+        self.calls: dict[str, int] = {}
+        self.last_args: dict[str, tuple] = {}
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        clock = time.perf_counter
+
+        def timed(*args):
+            t = clock()
+            out = fn(*args)
+            self.inside += clock() - t
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.last_args[name] = args
+            return out
+        return timed
+
+    def __enter__(self) -> BlockTimer:
+        for name, fn in self.originals.items():
+            setattr(self.module, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self.originals.items():
+            setattr(self.module, name, fn)
+
+    def wrapper_cost(self, args: tuple, n: int = 2000) -> float:
+        """Seconds per call the wrapper adds outside its timed region (call, clock reads, counting)."""
+        def identity(*a):
+            return None
+        probe = self._wrap("_probe", identity)
+        inside0, t = self.inside, time.perf_counter()
+        for _ in range(n):
+            probe(*args)
+        total = time.perf_counter() - t
+        spent_inside = self.inside - inside0
+        self.inside = inside0
+        self.calls.pop("_probe", None)
+        self.last_args.pop("_probe", None)
+        return max(0.0, (total - spent_inside) / n)
+
+    def dispatch_cost(self, name: str, n: int = 500) -> float:
+        """Seconds per call numba spends on a no-op's dispatch with this block's last arguments."""
+        from numba import njit
+
+        @njit
+        def noop(*args):
+            return 0
+        args = self.last_args[name]
+        noop(*args)  # compile
+        t = time.perf_counter()
+        for _ in range(n):
+            noop(*args)
+        return (time.perf_counter() - t) / n
+
+
+def _measure_overhead(tr, token: int, pos: int, steps: int) -> dict:
+    """Interpreter overhead per decode token (numba backend); see BlockTimer."""
+    totals, insides, calls = [], [], 0
+    with BlockTimer() as timer:
+        if not timer.originals:
+            return {"python_overhead_us": None, "overhead_note": "jit_blocks has no block functions to wrap"}
+        for step in range(steps):
+            timer.inside, timer.calls = 0.0, {}
+            t = time.perf_counter()
+            logits = tr.forward([token], pos + step)
+            totals.append(time.perf_counter() - t)
+            insides.append(timer.inside)
+            calls = sum(timer.calls.values())
+            token = int(np.argmax(logits))
+        per_token_calls = dict(timer.calls)
+        if calls == 0:
+            return {"python_overhead_us": None, "overhead_note": "no block call went through the wrappers"}
+        wrapper = timer.wrapper_cost(next(iter(timer.last_args.values())))
+        dispatch = sum(k * timer.dispatch_cost(name) for name, k in per_token_calls.items())
+    outside = [tot - ins - calls * wrapper for tot, ins in zip(totals, insides)]
+    return {"python_overhead_us": float(np.median(outside)) * 1e6,
+            "dispatch_us": dispatch * 1e6,
+            "block_calls_per_token": calls,
+            "wrapper_cost_us": wrapper * 1e6}
+
+
+def worker_measure(cfg: dict) -> dict:
+    """Decode and prefill speed of one (model, backend, threads, buffers) configuration."""
+    forward = _import_engine(cfg["backend"], cfg["threads"])
+    model = ModelFile(cfg["model_path"])
+    buffer_type = FloatType.parse(cfg["buffers"])
+    decode_steps, overhead_steps = cfg["decode_steps"], cfg["overhead_steps"]
+    seq_len = PROMPT_LEN + 2 + decode_steps + overhead_steps + 1
+    t = time.perf_counter()
+    tr = forward.Transformer(model, seq_len=seq_len, buffer_type=buffer_type, backend=cfg["backend"])
+    tr.prepare()  # numpy: the dense float32 copies; numba: nothing (packed at load)
+    load_s = time.perf_counter() - t
+    prompt = np.random.default_rng(0).integers(0, model.header.vocab_size, PROMPT_LEN).tolist()
+    batch = forward.MAX_BATCH
+
+    # Warm-up: load the cached machine code (numba), touch every weight page. The numpy backend
+    # skips the 32-token warm-up, which is costly on the 1B model and warms nothing more.
+    if cfg["backend"] == "numba":
+        tr.forward(prompt[:batch], 0)
+    tr.forward(prompt[:1], 0)
+
+    result: dict[str, Any] = {"load_s": load_s}
+    result.update(_measure_prefill(tr, prompt, batch, cfg["prefill_repeats"], cfg["prefill_limit_s"]))
+    # Decode after the prompt's positions (attention reads PROMPT_LEN past keys), greedy.
+    logits = tr.forward(prompt[-1:], PROMPT_LEN - 1)
+    pos = PROMPT_LEN
+    for _ in range(2):  # warm-up steps, untimed
         logits = tr.forward([int(np.argmax(logits))], pos)
         pos += 1
-    decode = time.perf_counter() - t0
-    return {
-        "buffer_type": buffer_type.name.lower(),
-        "prefill_tokens": prompt_len,
-        "prefill_tokens_per_s": prompt_len / prefill,
-        "decode_tokens": decode_steps,
-        "decode_tokens_per_s": decode_steps / decode,
-        "decode_ms_per_token": decode * 1000 / decode_steps,
-    }
+    times = []
+    for _ in range(decode_steps):
+        t = time.perf_counter()
+        logits = tr.forward([int(np.argmax(logits))], pos)
+        times.append(time.perf_counter() - t)
+        pos += 1
+    result.update({
+        "decode_steps": decode_steps,
+        "decode_ms_median": float(np.median(times)) * 1e3,
+        "decode_ms_mean": float(np.mean(times)) * 1e3,
+        "decode_ms_min": float(np.min(times)) * 1e3,
+        "logits_finite": bool(np.isfinite(logits).all()),
+    })
+    if cfg["backend"] == "numba" and overhead_steps > 0:
+        result.update(_measure_overhead(tr, int(np.argmax(logits)), pos, overhead_steps))
+    return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--decode-steps", type=int, default=64)
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "decode.json"))
-    args = parser.parse_args()
-    model_path, _ = ensure_default_model(FloatType.Q40)
-    model = ModelFile(model_path)
-    rows = [measure(model, bt, args.prompt_len, args.decode_steps) for bt in (FloatType.F32, FloatType.Q80)]
-    result = {"model": model_path.name, "backend": "numpy", "machine": platform.machine(),
-              "python": platform.python_version(), "numpy": np.__version__, "runs": rows}
-    print(f"{'buffers':8} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/tok':>8}")
+def _measure_prefill(tr, prompt: list[int], batch: int, repeats: int, limit_s: float) -> dict:
+    """Best of `repeats` prompt evaluations in forwards of `batch` tokens. When the first forward
+    shows the whole prompt would take longer than `limit_s`, stop there and report that one forward's
+    rate, marked as an estimate."""
+    chunks = [(s, prompt[s:s + batch]) for s in range(0, len(prompt), batch)]
+    best = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i, (start, tokens) in enumerate(chunks):
+            tr.forward(tokens, start)
+            elapsed = time.perf_counter() - t0
+            if i == 0 and elapsed * len(chunks) > limit_s:
+                return {"prefill_tok_s": len(tokens) / elapsed,
+                        "prefill_note": f"estimate from 1 forward of {len(tokens)} tokens ({elapsed:.1f} s): the "
+                                        f"whole prompt would take over the {limit_s:g} s limit"}
+        elapsed = time.perf_counter() - t0
+        best = elapsed if best is None else min(best, elapsed)
+    return {"prefill_tok_s": len(prompt) / best, "prefill_note": None}
+
+
+def worker_ttft(cfg: dict) -> dict:
+    """Load the model, evaluate a short prompt, pick the first token: report the wall clock then.
+
+    The parent notes the wall clock just before starting this process, so the difference covers
+    interpreter start, imports, numba's compile or cache load, model load and the prompt.
+    """
+    t_start = time.time()
+    forward = _import_engine(cfg["backend"], cfg["threads"])
+    t_imported = time.time()
+    model = ModelFile(cfg["model_path"])
+    if cfg["tokenizer"]:
+        from dllama.engine.tokenizer import Tokenizer
+        prompt = Tokenizer.load(cfg["tokenizer"]).encode(TTFT_PROMPT)
+    else:
+        prompt = np.random.default_rng(1).integers(0, model.header.vocab_size, 12).tolist()
+    tr = forward.Transformer(model, seq_len=256, buffer_type=FloatType.Q80, backend=cfg["backend"])
+    t_loaded = time.time()
+    token = int(np.argmax(tr.forward(prompt[-forward.MAX_BATCH:], 0)))
+    t_first = time.time()
+    return {"first_token_wall": t_first, "script_start_wall": t_start, "imports_s": t_imported - t_start,
+            "load_s": t_loaded - t_imported, "prompt_s": t_first - t_loaded, "prompt_tokens": len(prompt),
+            "token": token}
+
+
+def worker_bandwidth(cfg: dict) -> dict:
+    """Memory read bandwidth (GB/s) per thread count: a parallel sum over an array far larger
+    than the last-level cache, best of a few repeats."""
+    from dllama.kernels.backend import configure_numba_environment
+    configure_numba_environment(max(cfg["threads"]))
+    import numba
+
+    @numba.njit(parallel=True, cache=False)
+    def total(a):
+        # int64: integer adds reassociate, so LLVM vectorizes the loop (a float64 sum without
+        # fastmath would be bound by the add latency, not by memory).
+        s = 0
+        for i in numba.prange(a.shape[0]):
+            s += a[i]
+        return s
+
+    data = np.ones(int(cfg["gib"] * (1 << 30)) // 8, dtype=np.int64)  # pages written: resident
+    total(data[:1024])  # compile
+    result = {}
+    for threads in cfg["threads"]:
+        numba.set_num_threads(threads)
+        best = float("inf")
+        for _ in range(cfg["repeats"]):
+            t = time.perf_counter()
+            if total(data) != data.shape[0]:
+                raise RuntimeError("bandwidth kernel summed wrong")
+            best = min(best, time.perf_counter() - t)
+        result[str(threads)] = data.nbytes / best / 1e9
+    return {"gib": cfg["gib"], "gb_s": result}
+
+
+WORKERS: dict[str, Callable[[dict], dict]] = {
+    "measure": worker_measure, "ttft": worker_ttft, "bandwidth": worker_bandwidth}
+
+
+# -- the parent: runs workers, collects rows ---------------------------------------------------
+
+def worker_env(threads: int, backend: str, cache_dir: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in THREAD_VARIABLES:
+        env[name] = str(threads)
+    env["DLLAMA_BACKEND"] = backend
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+def run_worker(kind: str, cfg: dict, env: dict[str, str], timeout: float) -> tuple[dict, float]:
+    """Run `kind` in a fresh interpreter; its JSON result and the wall clock when it was started."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--config", json.dumps(cfg)]
+    started = time.time()
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise WorkerFailed(f"{kind} worker ran over {timeout:g} s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise WorkerFailed(f"{kind} worker exited with {done.returncode}: {last}\n{done.stderr[-3000:]}")
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]), started
+
+
+def attempt(what: str, failures: list[str], fn: Callable[[], Any]) -> Any:
+    """fn(), or None after noting its failure: one broken configuration should not cost the
+    whole (long) run."""
+    try:
+        return fn()
+    except WorkerFailed as e:
+        say(f"! {what}: {e}")
+        failures.append(f"{what}: {str(e).splitlines()[0]}")
+        return None
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def measure_bandwidth(args) -> dict[int, float]:
+    say(f"· memory bandwidth ({args.bandwidth_gib:g} GiB int64 sum, threads {args.threads})")
+    cfg = {"threads": args.threads, "gib": args.bandwidth_gib, "repeats": args.bandwidth_repeats}
+    out, _ = run_worker("bandwidth", cfg, worker_env(max(args.threads), "numba", None), args.worker_timeout)
+    return {int(k): v for k, v in out["gb_s"].items()}
+
+
+def measure_ttft(model: BenchModel, backend: str, threads: int, cache_dir: Path | None, timeout: float) -> dict:
+    cfg = {"model_path": str(model.path), "tokenizer": str(model.tokenizer) if model.tokenizer else None,
+           "backend": backend, "threads": threads}
+    out, started = run_worker("ttft", cfg, worker_env(threads, backend, cache_dir), timeout)
+    out["ttft_s"] = out["first_token_wall"] - started
+    out["interpreter_start_s"] = out["script_start_wall"] - started
+    return out
+
+
+def measure_startup(model: BenchModel, threads: int, cache_dir: Path, timeout: float) -> dict:
+    """First token from process start with an empty numba cache, then with the cache it left."""
+    say(f"· {model.label}: first token with an empty numba cache (compiles), then a warm one")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if any(cache_dir.iterdir()):
+        raise RuntimeError(f"{cache_dir} should be empty for the compile measurement")
+    cold = measure_ttft(model, "numba", threads, cache_dir, timeout)
+    warm = measure_ttft(model, "numba", threads, cache_dir, timeout)
+    return {"model": model.label, "threads": threads, "cold_ttft_s": cold["ttft_s"], "warm_ttft_s": warm["ttft_s"],
+            "compile_s": cold["ttft_s"] - warm["ttft_s"], "cold": cold, "warm": warm}
+
+
+def configurations(args) -> list[tuple[str, str, int]]:
+    """(backend, buffers, threads) to measure, in run order."""
+    out = []
+    for backend in args.backends:
+        buffers = args.numba_buffers if backend == "numba" else ["q80"]
+        for buf in buffers:
+            for threads in args.threads:
+                out.append((backend, buf, threads))
+    return out
+
+
+def measure_model(model: BenchModel, args, bandwidth: dict[int, float], workdir: Path,
+                  failures: list[str]) -> tuple[list[dict], dict | None]:
+    """Every configuration of one model; numba rows share a cache folder warmed by the startup run."""
+    cache_dir = workdir / f"numba-cache-{model.key}"
+    startup = None
+    ttft: dict[tuple[str, int], float | None] = {}
+    if "numba" in args.backends:
+        startup = attempt(f"{model.label} startup", failures,
+                          lambda: measure_startup(model, max(args.threads), cache_dir, args.worker_timeout))
+        ttft[("numba", max(args.threads))] = startup and startup["warm_ttft_s"]
+    wbytes = weight_bytes_per_token(model.path)
+    rows = []
+    for backend, buffers, threads in configurations(args):
+        if (backend, threads) not in ttft and buffers == "q80":
+            say(f"· {model.label}: time to first token, {backend}, {threads} thread(s)")
+            out = attempt(f"{model.label} {backend} {threads} thread(s) TTFT", failures,
+                          lambda: measure_ttft(model, backend, threads, cache_dir if backend == "numba" else None,
+                                               args.worker_timeout))
+            ttft[(backend, threads)] = out and out["ttft_s"]
+        numpy_run = backend == "numpy"
+        cfg = {"model_path": str(model.path), "backend": backend, "threads": threads, "buffers": buffers,
+               "decode_steps": args.numpy_decode_steps if numpy_run else args.decode_steps,
+               "overhead_steps": 0 if numpy_run else args.overhead_steps,
+               "prefill_repeats": 1 if numpy_run else args.prefill_repeats,
+               "prefill_limit_s": args.numpy_prefill_limit if numpy_run else float("inf")}
+        say(f"· {model.label}: {backend}, {buffers} buffers, {threads} thread(s)")
+        env = worker_env(threads, backend, cache_dir if backend == "numba" else None)
+        done = attempt(f"{model.label} {backend} {buffers} buffers {threads} thread(s)", failures,
+                       lambda: run_worker("measure", cfg, env, args.worker_timeout))
+        if done is None:
+            continue
+        out = done[0]
+        rows.append(make_row(model, backend, buffers, threads, out, wbytes, bandwidth.get(threads),
+                             ttft.get((backend, threads)) if buffers == "q80" else None))
+    return rows, startup
+
+
+def make_row(model: BenchModel, backend: str, buffers: str, threads: int, out: dict, wbytes: int,
+             bandwidth_gb_s: float | None, ttft_s: float | None) -> dict:
+    """One configuration's numbers; decode speed from the median step (robust to other processes)."""
+    decode_s = out["decode_ms_median"] / 1e3
+    floor_s = wbytes / (bandwidth_gb_s * 1e9) if bandwidth_gb_s else None
+    row = {"model": model.label, "backend": backend, "buffers": buffers, "threads": threads,
+           "decode_tok_s": 1.0 / decode_s, "decode_tok_s_mean": 1e3 / out["decode_ms_mean"],
+           "weight_bytes_per_token": wbytes, "floor_ms": floor_s * 1e3 if floor_s else None,
+           "floor_pct": floor_s / decode_s * 100 if floor_s else None, "ttft_s": ttft_s}
+    row.update(out)
+    if row.get("prefill_tok_s"):
+        row["prefill_over_decode"] = row["prefill_tok_s"] / row["decode_tok_s"]
+    return row
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def _fmt(value: Any, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_tables(rows: list[dict], startup: list[dict], bandwidth: dict[int, float]) -> None:
+    print(NOTE)
+    print("memory read bandwidth: " + ", ".join(f"{t} thread(s) {bw:.1f} GB/s" for t, bw in sorted(bandwidth.items())))
+    print()
+    w = max([len("model")] + [len(r["model"]) for r in rows])
+    head = (f"{'model':{w}} {'backend':7} {'buf':4} {'thr':>3} {'decode tok/s':>12} {'ms/tok':>8} "
+            f"{'floor ms':>8} {'floor %':>7} {'prefill tok/s':>13} {'pf/dec':>6} {'py µs/tok':>9} "
+            f"{'disp µs':>7} {'TTFT s':>6}")
+    print(head)
+    print("-" * len(head))
     for r in rows:
-        print(f"{r['buffer_type']:8} {r['prefill_tokens_per_s']:14.1f} {r['decode_tokens_per_s']:13.1f} "
-              f"{r['decode_ms_per_token']:8.1f}")
+        prefill = _fmt(r.get("prefill_tok_s"), ".1f") + ("*" if r.get("prefill_note") else "")
+        print(f"{r['model']:{w}} {r['backend']:7} {r['buffers']:4} {r['threads']:3d} {r['decode_tok_s']:12.2f} "
+              f"{r['decode_ms_median']:8.2f} {_fmt(r['floor_ms'], '8.2f'):>8} {_fmt(r['floor_pct'], '7.1f'):>7} "
+              f"{prefill:>13} {_fmt(r.get('prefill_over_decode'), '6.1f'):>6} "
+              f"{_fmt(r.get('python_overhead_us'), '9.0f'):>9} {_fmt(r.get('dispatch_us'), '7.0f'):>7} "
+              f"{_fmt(r['ttft_s'], '6.2f'):>6}")
+    cache = last_level_cache_bytes()
+    for model in dict.fromkeys(r["model"] for r in rows):
+        wbytes = next(r["weight_bytes_per_token"] for r in rows if r["model"] == model)
+        if cache and wbytes < cache:
+            print(f"note: {model}'s weights per token ({wbytes / 1e6:.0f} MB) fit in the {cache >> 20} MiB "
+                  f"last-level cache, so its decode can beat the DRAM floor (floor % over 100 is possible)")
+    for r in rows:
+        if r.get("prefill_note"):
+            print(f"* {r['model']} {r['backend']} {r['threads']} thread(s): prefill {r['prefill_note']}")
+        if not r["logits_finite"]:
+            print(f"! {r['model']} {r['backend']} {r['threads']} thread(s): logits not finite")
+    print("decode: median step; floor: weight bytes per token / bandwidth at that thread count; "
+          "py µs/tok: forward time outside the jitted block calls; disp µs: numba's estimated "
+          "argument handling per token inside those calls; TTFT: process start to first token, warm cache.")
+    if startup:
+        print()
+        print(f"{'model':{w}} {'thr':>3} {'first token, empty cache s':>26} {'warm cache s':>12} {'compile s':>9}")
+        for s in startup:
+            print(f"{s['model']:{w}} {s['threads']:3d} {s['cold_ttft_s']:26.2f} {s['warm_ttft_s']:12.2f} "
+                  f"{s['compile_s']:9.2f}")
+    print()
+
+
+def _find(rows: list[dict], model: str, backend: str = "numba", threads: int = 2, buffers: str = "q80") -> dict | None:
+    for r in rows:
+        if (r["model"], r["backend"], r["threads"], r["buffers"]) == (model, backend, threads, buffers):
+            return r
+    return None
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The project's targets, each met, missed or not measured in this run."""
+    big, small = _find(rows, LLAMA_LABEL), _find(rows, SMOL_LABEL)
+    targets = [
+        ("synthetic 1B Q40 decode, numba, 2 threads >= 70% of the bandwidth floor",
+         big and big["floor_pct"], lambda v: v >= 70, "{:.1f}%"),
+        ("SmolLM2 Q40 decode, numba, 2 threads >= 150 tok/s",
+         small and small["decode_tok_s"], lambda v: v >= 150, "{:.1f} tok/s"),
+    ]
+    for label, r in ((LLAMA_LABEL, big), (SMOL_LABEL, small)):
+        targets.append((f"{label} prefill >= 3x decode tok/s, numba, 2 threads",
+                        r and r.get("prefill_over_decode"), lambda v: v >= 3, "{:.1f}x"))
+    targets.append(("SmolLM2 cached time to first token < 2 s (numba, 2 threads)",
+                    small and small["ttft_s"], lambda v: v < 2, "{:.2f} s"))
+    out = []
+    for name, value, ok, spec in targets:
+        met = None if value is None else bool(ok(value))
+        out.append({"target": name, "value": value, "met": met})
+        status = "not measured" if met is None else ("met" if met else "MISSED")
+        print(f"[{status:^12}] {name}" + ("" if value is None else f": {spec.format(value)}"))
+    return out
+
+
+def plot(rows: list[dict], bandwidth: dict[int, float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    most = max(sum(r["model"] == m for r in rows) for m in models)
+    # One panel per model, stacked: their speeds differ tenfold, and the labels stay readable.
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(8.0, 1.7 * most), 4.8 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        mine = [r for r in rows if r["model"] == model]
+        x = np.arange(len(mine))
+        decode = [r["decode_tok_s"] for r in mine]
+        prefill = [r.get("prefill_tok_s") or 0 for r in mine]
+        ax.bar(x - 0.2, decode, 0.4, label="decode tok/s", color="tab:blue")
+        ax.bar(x + 0.2, prefill, 0.4, label="prefill tok/s (128-token prompt)", color="tab:orange")
+        for xi, r in zip(x, mine):
+            if r["floor_pct"] is not None:
+                ax.annotate(f"{r['floor_pct']:.0f}% of\nfloor", (xi - 0.2, r["decode_tok_s"]), ha="center",
+                            va="bottom", fontsize=8)
+        ax.set_xticks(x, [f"{r['backend']}\n{r['buffers']} bufs\n{r['threads']} thr" for r in mine], fontsize=8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        # A common bottom well below the shortest bar, so bar heights compare on the log scale.
+        ax.set_ylim(bottom=min(v for v in decode + prefill if v > 0) / 4)
+        ax.set_ylabel("tokens/s (log)")
+        ax.set_title(model)
+        if model == SMOL_LABEL:
+            ax.axhline(150, color="tab:blue", ls="--", lw=1, label="decode target 150 tok/s")
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    bw = ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in sorted(bandwidth.items()))
+    fig.suptitle(f"dllama decode/prefill speed (bandwidth {bw}); one run on a noisy machine: ratios", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache Linux reports (None elsewhere)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
+def machine_info(bandwidth: dict[int, float]) -> dict:
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in ("numba", "llvmlite", "matplotlib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(),
+            "last_level_cache_bytes": last_level_cache_bytes(),
+            "python": platform.python_version(), "numpy": np.__version__, **versions,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "bandwidth_gb_s": {str(k): v for k, v in bandwidth.items()}}
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+LLAMA_LABEL = "synthetic Llama-1B Q40"
+SMOL_LABEL = "SmolLM2-135M Q40"
+
+
+def prepare_models(args, workdir: Path) -> list[BenchModel]:
+    models = []
+    for key in args.models:
+        if key == "smollm2":
+            from dllama.default_model import ensure_default_model
+            path, tokenizer = ensure_default_model(FloatType.Q40)
+            models.append(BenchModel(key, SMOL_LABEL, path, tokenizer))
+        elif key == "llama1b":
+            path = workdir / "synthetic-llama-1b-q40.m"
+            header = llama_1b_header(n_layers=args.synthetic_layers)
+            say(f"· writing the synthetic Llama-1B-shaped model ({args.synthetic_layers} layers) to {path}")
+            t = time.perf_counter()
+            write_synthetic_model(path, header)
+            say(f"  {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
+            label = LLAMA_LABEL if args.synthetic_layers == 16 else f"synthetic Llama-1B Q40, {args.synthetic_layers} layer(s)"
+            models.append(BenchModel(key, label, path, None))
+    return models
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    return lambda text: [kind(part) for part in text.split(",") if part]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke test: SmolLM2 only, few steps, q80 buffers")
+    p.add_argument("--models", type=_csv(str), default=None, help="llama1b,smollm2 (default both)")
+    p.add_argument("--threads", type=_csv(int), default=[1, 2])
+    p.add_argument("--backends", type=_csv(str), default=["numba", "numpy"])
+    p.add_argument("--numba-buffers", type=_csv(str), default=None,
+                   help="buffer types measured with numba: q80,f32 (default; --quick: q80)")
+    p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps, numba (default 64)")
+    p.add_argument("--numpy-decode-steps", type=int, default=None, help="timed decode steps, numpy (default 8)")
+    p.add_argument("--overhead-steps", type=int, default=None, help="instrumented decode steps (default 16)")
+    p.add_argument("--prefill-repeats", type=int, default=None, help="best of N prompt evaluations, numba")
+    p.add_argument("--numpy-prefill-limit", type=float, default=120.0,
+                   help="seconds: a numpy prefill projected to take longer is cut to one forward")
+    p.add_argument("--bandwidth-gib", type=float, default=1.0)
+    p.add_argument("--bandwidth-repeats", type=int, default=None)
+    p.add_argument("--synthetic-layers", type=int, default=16, help="layers of the synthetic model (16 = 1B)")
+    p.add_argument("--tmp-dir", default=None, help="where the synthetic model and numba caches go")
+    p.add_argument("--worker-timeout", type=float, default=3600.0)
+    p.add_argument("--output", default=None, help="JSON path; the PNG goes next to it")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {"models": ["smollm2"] if quick else ["llama1b", "smollm2"],
+                "numba_buffers": ["q80"] if quick else ["q80", "f32"],
+                "decode_steps": 8 if quick else 64, "numpy_decode_steps": 3 if quick else 8,
+                "overhead_steps": 4 if quick else 16, "prefill_repeats": 1 if quick else 2,
+                "bandwidth_repeats": 2 if quick else 5,
+                "output": str(RESULTS / ("decode_quick.json" if quick else "decode.json"))}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, allowed in (("models", {"llama1b", "smollm2"}), ("backends", {"numba", "numpy"}),
+                          ("numba_buffers", {"q80", "f32"})):
+        bad = set(getattr(args, name)) - allowed
+        if bad:
+            p.error(f"--{name.replace('_', '-')}: unknown {sorted(bad)}; use {sorted(allowed)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](json.loads(args.config))))
+        return
+    say(NOTE)
+    workdir = Path(tempfile.mkdtemp(prefix="dllama-bench-", dir=args.tmp_dir))
+    try:
+        bandwidth = measure_bandwidth(args)
+        rows, startup, failures = [], [], []
+        for model in prepare_models(args, workdir):
+            model_rows, model_startup = measure_model(model, args, bandwidth, workdir, failures)
+            rows += model_rows
+            if model_startup:
+                startup.append(model_startup)
+            if model.path.is_relative_to(workdir):
+                model.path.unlink()  # 1.75 GB: gone before the next model runs
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_tables(rows, startup, bandwidth)
+    for failure in failures:
+        print(f"FAILED {failure}")
+    targets = check_targets(rows)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "config", "output", "tmp_dir")}
+    settings["prompt_len"] = PROMPT_LEN
+    result = {"note": NOTE, "machine": machine_info(bandwidth), "settings": settings, "rows": rows,
+              "startup": startup, "targets": targets, "failures": failures}
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    png = out.with_suffix(".png")
+    if rows:
+        plot(rows, bandwidth, png)
+    print(f"wrote {out}" + (f" and {png}" if rows else ""))
 
 
 if __name__ == "__main__":
