@@ -293,10 +293,20 @@ def _linear_q40_q80(w, xq, xd, xc, out, path):
 @njit(cache=True, parallel=True)
 def _linear_q40_f32(w, x, out, path):
     groups, nb = w.shape[0], w.shape[1]
+    n_tokens = x.shape[0]
     flat = w.reshape(-1)
-    for g in prange(groups):
-        for t in range(x.shape[0]):
-            simd.q40_f32_group(flat, g * nb * Q40_RECORD, x[t], nb, out[t], g * GROUP_ROWS, path)
+    chunk = max(1, CHUNK_BYTES // (nb * Q40_RECORD))
+    for c in prange((groups + chunk - 1) // chunk):
+        g_end = min(groups, (c + 1) * chunk)
+        t = 0
+        while t + simd.F32_TOKEN_TILE <= n_tokens:
+            for g in range(c * chunk, g_end):
+                simd.q40_f32_tile2(flat, g * nb * Q40_RECORD, x, t, nb, out, g * GROUP_ROWS, path)
+            t += simd.F32_TOKEN_TILE
+        while t < n_tokens:
+            for g in range(c * chunk, g_end):
+                simd.q40_f32_tile1(flat, g * nb * Q40_RECORD, x, t, nb, out, g * GROUP_ROWS, path)
+            t += 1
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)

@@ -329,52 +329,80 @@ q40_q80_tile4 = _make_q40_q80(TOKEN_TILE)
 q40_q80_tile8 = _make_q40_q80(8)
 
 
-def _q40_f32_group_body(builder, w, w_off, xf, nb, out, out_off, avx2: bool) -> None:
+def _q40_f32_body(builder, w, w_off, tokens, nb, out_off, f16c: bool) -> None:
+    """Dot products of a packed group's rows with float32 activations. Each row's 32 weights of a
+    block are dequantized once for all the tokens of the tile, to the same float32 values the
+    reference multiplies by ((nibble - 8) * scale, exact). Plain vector IR, lowered by LLVM for
+    whatever the CPU has (512, 256 or 128-bit registers)."""
     g = GROUP_ROWS
     i64 = ir.IntType(64)
-    acc = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_f32, 8), [0.0] * 8)) for _ in range(g)]
-    eight = ir.Constant(_vec(_i8, 32), [8] * 32)
+    acc = [[cgutils.alloca_once_value(builder, ir.Constant(_vec(_f32, 16), [0.0] * 16)) for _ in range(g)]
+           for _ in tokens]
+    eight = ir.Constant(_vec(_i8, 16 * g), [8] * (16 * g))
+    mask = ir.Constant(_vec(_i8, 16 * g), [0x0F] * (16 * g))
+    four = ir.Constant(_vec(_i8, 16 * g), [4] * (16 * g))
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         rec = builder.add(w_off, builder.mul(b, ir.Constant(i64, Q40_RECORD)))
         _prefetch(builder, w, builder.add(rec, ir.Constant(i64, PREFETCH)))
-        x = _load(builder, xf, builder.mul(b, ir.Constant(i64, 128)), _vec(_f32, 32))
-        dws = _half_to_float(builder, _load(builder, w, rec, _vec(_i16, g)), g, avx2)
+        dw = _half_to_float(builder, _load(builder, w, rec, _vec(_i16, g)), g, f16c)
+        q = _load(builder, w, builder.add(rec, ir.Constant(i64, 2 * g)), _vec(_i8, 16 * g))
+        lo = builder.sub(builder.and_(q, mask), eight)  # signed values 0-15 of each row
+        hi = builder.sub(builder.and_(builder.lshr(q, four), mask), eight)  # values 16-31
+        xs = []
+        for xf, _ in tokens:
+            x = _load(builder, xf, builder.mul(b, ir.Constant(i64, 128)), _vec(_f32, 32))
+            xs.append([builder.shuffle_vector(x, x, ir.Constant(_vec(_i32, 16), list(range(16 * h, 16 * h + 16))))
+                       for h in range(2)])
         for r in range(g):
-            q16 = _load(builder, w, builder.add(rec, ir.Constant(i64, 2 * g + 16 * r)), _vec(_i8, 16))
-            wf = builder.sitofp(builder.sub(_nibbles(builder, q16), eight), _vec(_f32, 32))
-            prod = builder.fmul(wf, x)
-            quarters = [builder.shuffle_vector(prod, prod, ir.Constant(_vec(_i32, 8), list(range(8 * k, 8 * k + 8))))
-                        for k in range(4)]
-            s8 = builder.fadd(builder.fadd(quarters[0], quarters[1]), builder.fadd(quarters[2], quarters[3]))
-            d = _splat(builder, builder.extract_element(dws, ir.Constant(_i32, r)), 8)
-            cur = builder.load(acc[r])
-            builder.store(builder.fadd(cur, builder.fmul(s8, d, flags=["contract"]), flags=["contract"]), acc[r])
-    for r in range(g):
-        ptr = builder.gep(out, [builder.add(out_off, ir.Constant(i64, r))])
-        builder.store(_reduce_add_f32(builder, builder.load(acc[r]), 8), ptr)
+            low_half = builder.shuffle_vector(lo, lo, ir.Constant(_vec(_i32, 16), list(range(16 * r, 16 * r + 16))))
+            high_half = builder.shuffle_vector(hi, hi, ir.Constant(_vec(_i32, 16), list(range(16 * r, 16 * r + 16))))
+            d = _splat(builder, builder.extract_element(dw, ir.Constant(_i32, r)), 16)
+            wd = [builder.fmul(builder.sitofp(half, _vec(_f32, 16)), d) for half in (low_half, high_half)]
+            for k, x in enumerate(xs):
+                cur = builder.load(acc[k][r])
+                for h in range(2):
+                    cur = builder.fadd(cur, builder.fmul(wd[h], x[h], flags=["contract"]), flags=["contract"])
+                builder.store(cur, acc[k][r])
+    for k, (_, out) in enumerate(tokens):
+        for r in range(g):
+            ptr = builder.gep(out, [builder.add(out_off, ir.Constant(i64, 4 * r))])
+            builder.store(_reduce_add_f32(builder, builder.load(acc[k][r]), 16), builder.bitcast(ptr, _f32.as_pointer()))
 
 
-@intrinsic
-def q40_f32_group(typingctx, w, w_off, xf, nb, out, out_off, path):
-    """Like ``q40_q80_group`` against float32 activations ``xf`` (the exact, slower product)."""
-    sig = types.void(w, types.intp, xf, types.intp, out, types.intp, types.intp)
+def _make_q40_f32(n_tokens: int):
+    @intrinsic
+    def q40_f32_tile(typingctx, w, w_off, xf, t0, nb, out, out_off, path):
+        sig = types.void(w, types.intp, xf, types.intp, types.intp, out, types.intp, types.intp)
 
-    def codegen(context, builder, signature, args):
-        wa, w_off_v, xfa, nb_v, outa, out_off_v, path_v = args
-        wp = _byte_ptr(context, builder, signature.args[0], wa)
-        xfp = _byte_ptr(context, builder, signature.args[2], xfa)
-        outp = context.make_array(signature.args[4])(context, builder, outa).data
-        operands = (wp, w_off_v, xfp, nb_v, outp, out_off_v)
-        is_avx2 = builder.icmp_signed("!=", path_v, ir.Constant(path_v.type, PATH_PORTABLE))
-        with builder.if_else(is_avx2) as (then, otherwise):
-            with then:
-                _q40_f32_group_body(builder, *operands, avx2=HOST_HAS_AVX2)
-            with otherwise:
-                _q40_f32_group_body(builder, *operands, avx2=False)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            wa, w_off_v, xfa, t0_v, nb_v, outa, out_off_v, path_v = args
+            wp = _byte_ptr(context, builder, signature.args[0], wa)
+            tokens = []
+            for k in range(n_tokens):
+                t = builder.add(t0_v, ir.Constant(t0_v.type, k))
+                tokens.append((_row_ptr(context, builder, signature.args[2], xfa, t),
+                               _row_ptr(context, builder, signature.args[5], outa, t)))
+            out_bytes = builder.mul(out_off_v, ir.Constant(out_off_v.type, 4))
+            portable = builder.icmp_signed("==", path_v, ir.Constant(path_v.type, PATH_PORTABLE))
+            with builder.if_else(portable) as (then, otherwise):
+                with then:
+                    _q40_f32_body(builder, wp, w_off_v, tokens, nb_v, out_bytes, False)
+                with otherwise:
+                    _q40_f32_body(builder, wp, w_off_v, tokens, nb_v, out_bytes, HOST_HAS_AVX2)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    return q40_f32_tile
+
+
+# q40_f32_tileN(w, w_off, xf, t0, nb, out, out_off, path): as q40_q80_tileN for float32
+# activations xf [T, blocks * 32] (the exact product, slower than the int8 one). Tiles of 2:
+# 2 tokens x 4 rows of 8-lane sums stay in registers even on 16-register AVX2.
+F32_TOKEN_TILE = 2
+q40_f32_tile1 = _make_q40_f32(1)
+q40_f32_tile2 = _make_q40_f32(F32_TOKEN_TILE)
 
 
 @intrinsic
