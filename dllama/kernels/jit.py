@@ -22,6 +22,7 @@ from dllama.kernels.backend import configure_imported_numba
 configure_imported_numba()  # before any kernel below is defined
 
 from dllama.kernels import simd
+from dllama.kernels.packing import padded_rows
 from dllama.kernels.quants import BLOCK_SIZE, Q40_BLOCK, Q80_BLOCK, FloatType
 from dllama.kernels.simd import (
     GROUP_ROWS,
@@ -394,27 +395,35 @@ def _linear_into(w, x, xq, xd, xc, table, q80, out, path):
 
 
 @njit(cache=True, parallel=True)
-def _linear(w, x, q80, path, table, out):
-    nb = x.shape[1] // BLOCK_SIZE
-    xq = np.empty((x.shape[0], nb * Q80_ACT_BYTES), dtype=np.int8)
-    xd = np.empty((x.shape[0], nb), dtype=np.float32)
-    xc = np.empty((x.shape[0], nb * Q80_CORR_LANES), dtype=np.int32)
+def activation(x, q80, table):
+    """x's Q80 form for the int8 products (empty arrays when the products take float32)."""
+    n_tokens, n = x.shape
+    nb = n // BLOCK_SIZE if q80 else 0
+    xq = np.empty((n_tokens, nb * Q80_ACT_BYTES), dtype=np.int8)
+    xd = np.empty((n_tokens, nb), dtype=np.float32)
+    xc = np.empty((n_tokens, nb * Q80_CORR_LANES), dtype=np.int32)
     if q80:
         quantize_activation(x, xq, xd, xc, table)
+    return xq, xd, xc
+
+
+@njit(cache=True, parallel=True)
+def product(w, width, x, q80, path, table):
+    """x @ W.T into a new [T, width] array (width: the weight's padded rows)."""
+    xq, xd, xc = activation(x, q80, table)
+    out = np.empty((x.shape[0], width), dtype=np.float32)
     linear_into(w, x, xq, xd, xc, table, q80, out, path)
+    return out
 
 
 def linear(x: np.ndarray, packed: tuple[np.ndarray, ...], rows: int, float_type: FloatType, q80_input: bool,
            path: int) -> np.ndarray:
     """x @ W.T for a weight packed by ``packing.pack``: the JIT form of ``Linear.__call__``."""
-    from dllama.kernels.packing import padded_rows
     x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty((x.shape[0], padded_rows(rows, float_type)), dtype=np.float32)
     q80 = bool(q80_input and float_type.is_quantized)
     if q80 and x.shape[1] % BLOCK_SIZE:
         raise ValueError("q80 activations need a multiple of 32 features")
-    _linear(packed, x, q80, path, f16_table(), out)
-    return out[:, :rows]
+    return product(packed, padded_rows(rows, float_type), x, q80, path, f16_table())[:, :rows]
 
 
 # -- element-wise and per-token operations ------------------------------------------------------

@@ -33,9 +33,10 @@ PATH_VNNI = 2
 PATH_AVX512 = 3
 
 GROUP_ROWS = 4
-# Bytes ahead of the current record to prefetch: measured on this project's reference machine,
-# 0 gave 19 GB/s and 1024 gave 25 to 29 GB/s on two threads (an 8192 x 16384 Q40 matrix).
-PREFETCH = 1024
+# Bytes ahead of the current record to prefetch. Measured on the project's 2-core machine
+# (memory bandwidth 16 GB/s on one thread, 26-30 on two), streaming 453 MB of Q40 weights on
+# two threads: 256 -> 17.6 GB/s, 1024 -> 19.3, 2048 -> 21.2, 4096-8192 -> 28-31, 12288 -> 25.
+PREFETCH = 6144
 Q40_RECORD = GROUP_ROWS * 2 + GROUP_ROWS * 16  # bytes per (row group, block)
 Q80_CORR_LANES = 8  # int32 lanes of the per-block activation correction (see q40_q80_group)
 # A Q80 activation block as the int8 products read it: values 0-15 twice, then 16-31 twice.

@@ -16,32 +16,9 @@ from numba import njit
 from dllama.kernels import jit
 from dllama.kernels.backend import cpu_path
 from dllama.kernels.packing import pack, pack_rows, padded_rows
-from dllama.kernels.quants import BLOCK_SIZE
-from dllama.kernels.simd import Q80_ACT_BYTES, Q80_CORR_LANES
 
 if TYPE_CHECKING:
     from dllama.model.forward import Transformer
-
-
-@njit(cache=True, parallel=True)
-def _activation(x, q80, table):
-    """x's Q80 form for the int8 products (empty when the products take float32)."""
-    n_tokens, n = x.shape
-    nb = n // BLOCK_SIZE if q80 else 0
-    xq = np.empty((n_tokens, nb * Q80_ACT_BYTES), dtype=np.int8)
-    xd = np.empty((n_tokens, nb), dtype=np.float32)
-    xc = np.empty((n_tokens, nb * Q80_CORR_LANES), dtype=np.int32)
-    if q80:
-        jit.quantize_activation(x, xq, xd, xc, table)
-    return xq, xd, xc
-
-
-@njit(cache=True, parallel=True)
-def _product(w, width, x, q80, path, table):
-    xq, xd, xc = _activation(x, q80, table)
-    out = np.empty((x.shape[0], width), dtype=np.float32)
-    jit.linear_into(w, x, xq, xd, xc, table, q80, out, path)
-    return out
 
 
 @njit(cache=True, parallel=True)
@@ -50,7 +27,7 @@ def attention_block(x, pos, norm, eps, wqkv, qkv_width, q_norm, k_norm, cos, sin
     n_tokens, dim = x.shape
     y = np.empty_like(x)
     jit.rms_norm_into(x, norm, eps, y)
-    qkv = _product(wqkv, qkv_width, y, q80, path, table)
+    qkv = jit.product(wqkv, qkv_width, y, q80, path, table)
     q_dim = n_heads * head_dim
     kv_dim = n_kv_heads * head_dim
     q = np.ascontiguousarray(qkv[:, :q_dim]).reshape(n_tokens, n_heads, head_dim)
@@ -69,16 +46,16 @@ def attention_block(x, pos, norm, eps, wqkv, qkv_width, q_norm, k_norm, cos, sin
                 v_cache[pos + t, h, d] = qkv[t, q_dim + kv_dim + h * head_dim + d]
     z = np.empty((n_tokens, q_dim), dtype=np.float32)
     jit.attention_into(q, k_cache, v_cache, pos, z)
-    return _product(wo, o_width, z, q80, path, table)[:, :dim]
+    return jit.product(wo, o_width, z, q80, path, table)[:, :dim]
 
 
 @njit(cache=True, parallel=True)
 def expert_ffn(y, w13, w13_width, hidden, w2, w2_width, use_gelu, q80, path, table):
     """act(y @ w1.T) * (y @ w3.T) @ w2.T for a normalized input y."""
-    gate_up = _product(w13, w13_width, y, q80, path, table)
+    gate_up = jit.product(w13, w13_width, y, q80, path, table)
     d = np.empty((y.shape[0], hidden), dtype=np.float32)
     jit.gated_into(gate_up, hidden, use_gelu, d)
-    return _product(w2, w2_width, d, q80, path, table)[:, :y.shape[1]]
+    return jit.product(w2, w2_width, d, q80, path, table)[:, :y.shape[1]]
 
 
 @njit(cache=True, parallel=True)
@@ -99,7 +76,7 @@ def start_block(embedding, tokens):
 def end_block(x, norm, eps, w, width, vocab, q80, path, table):
     y = np.empty_like(x)
     jit.rms_norm_into(x, norm, eps, y)
-    return _product(w, width, y, q80, path, table)[:, :vocab]
+    return jit.product(w, width, y, q80, path, table)[:, :vocab]
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
