@@ -3,8 +3,9 @@
 ``DLLAMA_BACKEND=numba|numpy`` forces a backend; ``DLLAMA_CPU_PATH=avx512|vnni|avx2|portable`` forces
 the SIMD path of the JIT kernels (default: the best this CPU has, see ``simd``).
 
-Everything numba reads from the environment at import (threading layer, thread count, cache
-folder) is set here, before the first import of numba.
+numba's settings (cache folder, threading layer) are applied by ``configure_imported_numba``
+when the kernels are first imported; only the thread count must reach the environment before
+numba itself is imported (``configure_numba_environment``).
 """
 from __future__ import annotations
 
@@ -30,17 +31,14 @@ def cache_dir() -> str:
         path = package / rel
         if path.exists():
             digest.update(path.read_bytes())
+    # default_model.dllama_home() spells the same default; kernels import nothing of the package.
     home = os.environ.get("DLLAMA_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "dllama")
     return os.path.join(home, "numba-cache", digest.hexdigest()[:16])
 
 
-def configure_numba_environment(threads: int | None = None) -> None:
-    """Settings numba takes from the environment when it is first imported."""
-    # omp: a parallel loop launch costs ~3 us there, 76 to 166 us with numba's workqueue.
-    os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
-    os.environ.setdefault("NUMBA_CACHE_DIR", cache_dir())
-    if threads is not None:
-        os.environ["NUMBA_NUM_THREADS"] = str(threads)
+def configure_numba_environment(threads: int) -> None:
+    """The size of numba's thread pool, which numba reads once, when it is imported."""
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
 
 
 def configure_imported_numba() -> None:
@@ -50,6 +48,7 @@ def configure_imported_numba() -> None:
     when it is decorated."""
     import numba
     numba.config.CACHE_DIR = os.environ.get("NUMBA_CACHE_DIR") or cache_dir()
+    # omp: a parallel loop launch costs ~3 us there, 76 to 166 us with numba's workqueue.
     priority = os.environ.get("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
     numba.config.THREADING_LAYER_PRIORITY = priority.split()
 
@@ -65,7 +64,6 @@ def backend() -> str:
     if wanted == NUMPY:
         _chosen = NUMPY
         return _chosen
-    configure_numba_environment()
     try:
         import llvmlite  # noqa: F401
         import numba  # noqa: F401

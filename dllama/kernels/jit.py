@@ -184,42 +184,38 @@ def _blocks_of(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, BLOCK_SIZE)
 
 
-def quantize_q40(x: np.ndarray) -> np.ndarray:
+def _quantize(x: np.ndarray, block: np.dtype, kernel) -> np.ndarray:
     groups = _blocks_of(x)
-    out = np.empty(groups.shape[0], dtype=Q40_BLOCK)
     d_bits = np.empty(groups.shape[0], dtype=np.uint16)
-    qs = np.empty((groups.shape[0], 16), dtype=np.uint8)
-    _quantize_q40(groups, d_bits, qs)
+    qs = np.empty((groups.shape[0],) + block["qs"].shape, dtype=block["qs"].base)
+    kernel(groups, d_bits, qs)
+    out = np.empty(groups.shape[0], dtype=block)
     out["d"] = d_bits.view(np.float16)
     out["qs"] = qs
     return out.reshape(np.shape(x)[:-1] + (np.shape(x)[-1] // BLOCK_SIZE,))
+
+
+def _dequantize(blocks: np.ndarray, kernel) -> np.ndarray:
+    flat = np.ascontiguousarray(blocks).reshape(-1)
+    out = np.empty((flat.shape[0], BLOCK_SIZE), dtype=np.float32)
+    kernel(np.ascontiguousarray(flat["d"]).view(np.uint16), np.ascontiguousarray(flat["qs"]), f16_table(), out)
+    return out.reshape(blocks.shape[:-1] + (blocks.shape[-1] * BLOCK_SIZE,))
+
+
+def quantize_q40(x: np.ndarray) -> np.ndarray:
+    return _quantize(x, Q40_BLOCK, _quantize_q40)
 
 
 def quantize_q80(x: np.ndarray) -> np.ndarray:
-    groups = _blocks_of(x)
-    out = np.empty(groups.shape[0], dtype=Q80_BLOCK)
-    d_bits = np.empty(groups.shape[0], dtype=np.uint16)
-    qs = np.empty((groups.shape[0], BLOCK_SIZE), dtype=np.int8)
-    _quantize_q80(groups, d_bits, qs)
-    out["d"] = d_bits.view(np.float16)
-    out["qs"] = qs
-    return out.reshape(np.shape(x)[:-1] + (np.shape(x)[-1] // BLOCK_SIZE,))
+    return _quantize(x, Q80_BLOCK, _quantize_q80)
 
 
 def dequantize_q40(blocks: np.ndarray) -> np.ndarray:
-    flat = np.ascontiguousarray(blocks).reshape(-1)
-    out = np.empty((flat.shape[0], BLOCK_SIZE), dtype=np.float32)
-    _dequantize_q40(np.ascontiguousarray(flat["d"]).view(np.uint16), np.ascontiguousarray(flat["qs"]),
-                    f16_table(), out)
-    return out.reshape(blocks.shape[:-1] + (blocks.shape[-1] * BLOCK_SIZE,))
+    return _dequantize(blocks, _dequantize_q40)
 
 
 def dequantize_q80(blocks: np.ndarray) -> np.ndarray:
-    flat = np.ascontiguousarray(blocks).reshape(-1)
-    out = np.empty((flat.shape[0], BLOCK_SIZE), dtype=np.float32)
-    _dequantize_q80(np.ascontiguousarray(flat["d"]).view(np.uint16), np.ascontiguousarray(flat["qs"]),
-                    f16_table(), out)
-    return out.reshape(blocks.shape[:-1] + (blocks.shape[-1] * BLOCK_SIZE,))
+    return _dequantize(blocks, _dequantize_q80)
 
 
 def round_trip_q80(x: np.ndarray) -> np.ndarray:
@@ -505,29 +501,24 @@ def _gelu(v):
 
 
 @njit(cache=True)
-def _map_silu(x, out):
+def _map_activation(x, use_gelu, out):
     for i in range(x.size):
-        out[i] = _silu(x[i])
+        out[i] = _gelu(x[i]) if use_gelu else _silu(x[i])
 
 
-@njit(cache=True)
-def _map_gelu(x, out):
-    for i in range(x.size):
-        out[i] = _gelu(x[i])
+def _activate(x: np.ndarray, use_gelu: bool) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _map_activation(x.reshape(-1), use_gelu, out.reshape(-1))
+    return out
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty_like(x)
-    _map_silu(x.reshape(-1), out.reshape(-1))
-    return out
+    return _activate(x, False)
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty_like(x)
-    _map_gelu(x.reshape(-1), out.reshape(-1))
-    return out
+    return _activate(x, True)
 
 
 @njit(cache=True, inline="always")

@@ -190,8 +190,7 @@ def _q40_q80_body(builder, w, w_off, tokens, nb, out_off, kind: str) -> None:
             v = builder.load(acc[k][r // 2])
             half = 4 * (r % 2)
             quarter = builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, 4), list(range(half, half + 4))))
-            ptr = builder.gep(out, [builder.add(out_off, ir.Constant(i64, 4 * r))])
-            builder.store(_reduce_add_f32(builder, quarter, 4), builder.bitcast(ptr, _f32.as_pointer()))
+            _store_f32(builder, out, builder.add(out_off, ir.Constant(i64, 4 * r)), _reduce_add_f32(builder, quarter, 4))
 
 
 def _q40_q80_avx512(builder, w, w_off, tokens, nb, out_off) -> None:
@@ -232,8 +231,8 @@ def _q40_q80_avx512(builder, w, w_off, tokens, nb, out_off) -> None:
         v = builder.load(acc[k])
         for r in range(g):
             quarter = builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, 4), list(range(4 * r, 4 * r + 4))))
-            ptr = builder.gep(tok[3], [builder.add(out_off, ir.Constant(i64, 4 * r))])
-            builder.store(_reduce_add_f32(builder, quarter, 4), builder.bitcast(ptr, _f32.as_pointer()))
+            _store_f32(builder, tok[3], builder.add(out_off, ir.Constant(i64, 4 * r)),
+                       _reduce_add_f32(builder, quarter, 4))
 
 
 def _q40_q80_portable(builder, w, w_off, tok, nb, out_off) -> None:
@@ -265,9 +264,8 @@ def _q40_q80_portable(builder, w, w_off, tok, nb, out_off) -> None:
         f = builder.sitofp(sums, _vec(_f32, g))
         builder.store(builder.fadd(cur, builder.fmul(f, dws, flags=["contract"]), flags=["contract"]), acc4)
     for r in range(g):
-        ptr = builder.gep(out, [builder.add(out_off, ir.Constant(i64, 4 * r))])
-        builder.store(builder.extract_element(builder.load(acc4), ir.Constant(_i32, r)),
-                      builder.bitcast(ptr, _f32.as_pointer()))
+        _store_f32(builder, out, builder.add(out_off, ir.Constant(i64, 4 * r)),
+                   builder.extract_element(builder.load(acc4), ir.Constant(_i32, r)))
 
 
 def _row_ptr(context, builder, array_type, array_value, row) -> ir.Value:
@@ -277,19 +275,28 @@ def _row_ptr(context, builder, array_type, array_value, row) -> ir.Value:
     return builder.gep(builder.bitcast(ary.data, _i8.as_pointer()), [builder.mul(row, stride)])
 
 
+def _token_rows(context, builder, signature, args, t0, n_tokens: int, arrays: tuple[int, ...]) -> list[tuple]:
+    """Per token t0 .. t0 + n_tokens - 1, byte pointers to its row of each 2-D array argument."""
+    rows = []
+    for k in range(n_tokens):
+        t = builder.add(t0, ir.Constant(t0.type, k))
+        rows.append(tuple(_row_ptr(context, builder, signature.args[i], args[i], t) for i in arrays))
+    return rows
+
+
+def _store_f32(builder: ir.IRBuilder, out: ir.Value, byte_offset: ir.Value, value: ir.Value) -> None:
+    builder.store(value, builder.bitcast(builder.gep(out, [byte_offset]), _f32.as_pointer()))
+
+
 def _make_q40_q80(n_tokens: int):
     @intrinsic
     def q40_q80_tile(typingctx, w, w_off, xq, xd, xcorr, t0, nb, out, out_off, path):
         sig = types.void(w, types.intp, xq, xd, xcorr, types.intp, types.intp, out, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            wa, w_off_v, xqa, xda, xca, t0_v, nb_v, outa, out_off_v, path_v = args
+            wa, w_off_v, _, _, _, t0_v, nb_v, _, out_off_v, path_v = args
             wp = _byte_ptr(context, builder, signature.args[0], wa)
-            tokens = []
-            for k in range(n_tokens):
-                t = builder.add(t0_v, ir.Constant(t0_v.type, k))
-                tokens.append(tuple(_row_ptr(context, builder, signature.args[i], a, t)
-                                    for i, a in ((2, xqa), (3, xda), (4, xca), (7, outa))))
+            tokens = _token_rows(context, builder, signature, args, t0_v, n_tokens, (2, 3, 4, 7))
             out_bytes = builder.mul(out_off_v, ir.Constant(out_off_v.type, 4))
             # Where the CPU lacks an instruction set, its path gets the next best body.
             fallback = "vnni" if HOST_HAS_VNNI else ("avx2" if HOST_HAS_AVX2 else "portable")
@@ -368,8 +375,8 @@ def _q40_f32_body(builder, w, w_off, tokens, nb, out_off, f16c: bool) -> None:
                 builder.store(cur, acc[k][r])
     for k, (_, out) in enumerate(tokens):
         for r in range(g):
-            ptr = builder.gep(out, [builder.add(out_off, ir.Constant(i64, 4 * r))])
-            builder.store(_reduce_add_f32(builder, builder.load(acc[k][r]), 16), builder.bitcast(ptr, _f32.as_pointer()))
+            _store_f32(builder, out, builder.add(out_off, ir.Constant(i64, 4 * r)),
+                       _reduce_add_f32(builder, builder.load(acc[k][r]), 16))
 
 
 def _make_q40_f32(n_tokens: int):
@@ -378,13 +385,9 @@ def _make_q40_f32(n_tokens: int):
         sig = types.void(w, types.intp, xf, types.intp, types.intp, out, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            wa, w_off_v, xfa, t0_v, nb_v, outa, out_off_v, path_v = args
+            wa, w_off_v, _, t0_v, nb_v, _, out_off_v, path_v = args
             wp = _byte_ptr(context, builder, signature.args[0], wa)
-            tokens = []
-            for k in range(n_tokens):
-                t = builder.add(t0_v, ir.Constant(t0_v.type, k))
-                tokens.append((_row_ptr(context, builder, signature.args[2], xfa, t),
-                               _row_ptr(context, builder, signature.args[5], outa, t)))
+            tokens = _token_rows(context, builder, signature, args, t0_v, n_tokens, (2, 5))
             out_bytes = builder.mul(out_off_v, ir.Constant(out_off_v.type, 4))
             portable = builder.icmp_signed("==", path_v, ir.Constant(path_v.type, PATH_PORTABLE))
             with builder.if_else(portable) as (then, otherwise):
