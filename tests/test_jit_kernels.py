@@ -459,6 +459,27 @@ def test_attention(inputs):
     assert_within(got, want, bound)
 
 
+@settings(max_examples=30, **SETTINGS)
+@given(attention_inputs(), st.data())
+def test_attention_of_a_head_range(inputs, data):
+    """A cluster node holds query heads [first, last) and the KV heads they read, possibly
+    starting and ending inside a KV group: each of its heads equals that head of the full
+    attention (the same loop per head on the JIT side, so bit for bit there)."""
+    q, k, v, pos = inputs
+    tokens, heads, head_dim = q.shape
+    group = heads // k.shape[1]
+    first = data.draw(st.integers(0, heads - 1))
+    last = data.draw(st.integers(first + 1, heads))
+    kv_first, kv_last = first // group, -(-last // group)
+    part_q = q[:, first:last]
+    part_k, part_v = k[:, kv_first:kv_last], v[:, kv_first:kv_last]
+    offset = first - kv_first * group
+    cols = slice(first * head_dim, last * head_dim)
+    assert_same_floats(jit.attention(part_q, part_k, part_v, pos, group, offset), jit.attention(q, k, v, pos)[:, cols])
+    np.testing.assert_allclose(ref.attention(part_q, part_k, part_v, pos, group, offset),
+                               ref.attention(q, k, v, pos)[:, cols], rtol=1e-5, atol=1e-6)
+
+
 # -- embedding and sampling ---------------------------------------------------------------------
 @settings(max_examples=25, **SETTINGS)
 @given(seeds, st.integers(1, 100), st.integers(1, 64), st.integers(1, 32))

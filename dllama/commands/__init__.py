@@ -30,6 +30,16 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache length (default: the model's, at most 4096)")
 
 
+def _cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
+                   help="workers to compute with (each runs `dllama worker`); the root is node 0")
+    p.add_argument("--split", nargs="+", type=float, default=None, metavar="W",
+                   help="relative speed of each node, root first: faster nodes get larger slices")
+    p.add_argument("--net-timeout", type=float, default=10.0,
+                   help="seconds a worker may stay silent before the root gives up (default 10)")
+    p.add_argument("--verbose", action="store_true", help="a line per token: compute and sync ms, kB sent/received")
+
+
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (argmax)")
     p.add_argument("--topp", type=float, default=0.9, help="nucleus sampling mass")
@@ -44,11 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--steps", type=int, default=256, help="positions to fill, prompt included")
     _model_flags(p)
+    _cluster_flags(p)
     _sampling_flags(p)
 
     p = sub.add_parser("perplexity", help="perplexity of the model on a text")
     p.add_argument("--prompt", required=True, help="the text to score")
     _model_flags(p)
+    _cluster_flags(p)
+
+    p = sub.add_parser("worker", help="serve a root: compute a slice of its model")
+    p.add_argument("--port", type=int, default=9998, help="port to listen on (default 9998)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    p.add_argument("--nthreads", type=int, default=None, help="threads for the kernels")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep received slices here; a root restarted with the same model sends no weights")
 
     p = sub.add_parser("tokenize", help="show the token ids of a text")
     p.add_argument("text", help="the text, or - to read standard input")
@@ -75,6 +94,19 @@ def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--temperature must be a finite number >= 0, got {temperature}")
     if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2**64:
         parser.error(f"--seed must be in 0 .. 2^64-1, got {args.seed}")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 < port < 65536:
+        parser.error(f"--port must be in 1..65535, got {port}")
+    timeout = getattr(args, "net_timeout", 1.0)
+    if not (math.isfinite(timeout) and 0.1 <= timeout <= 86400):
+        parser.error(f"--net-timeout must be between 0.1 and 86400 seconds, got {timeout}")
+    split = getattr(args, "split", None)
+    if split is not None:
+        if len(split) != 1 + len(args.workers):
+            parser.error(f"--split needs one weight per node ({1 + len(args.workers)}: the root, then each worker), "
+                         f"got {len(split)}")
+        if not all(math.isfinite(w) and w > 0 for w in split):
+            parser.error("--split weights must be positive numbers")
     topp = getattr(args, "topp", 1.0)
     if not 0 < topp <= 1:  # also false for nan
         parser.error("--topp must be in (0, 1]")
@@ -99,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             from dllama.commands import run
 
             return run.main(args)
+        if args.command == "worker":
+            from dllama.commands import worker
+
+            return worker.main(args)
         if args.command == "tokenize":
             from dllama.commands import tokenize
 

@@ -70,10 +70,15 @@ def load_session(args: argparse.Namespace) -> "Session":
     if kv_bytes > physical_memory():
         raise DllamaError(f"a KV cache of {seq_len} positions needs {kv_bytes / 2**30:.1f} GiB, more than this "
                           f"machine's memory: lower --max-seq-len")
+    buffer_type = FloatType.parse(args.buffer_float_type)
+    workers = getattr(args, "workers", None) or []
     try:
-        kernels = backend.backend()
+        backend.backend()
         backend.set_threads(args.nthreads)
-        transformer = Transformer(model, seq_len=seq_len, buffer_type=FloatType.parse(args.buffer_float_type))
+        if workers:
+            transformer, cluster = _start_cluster(args, model, seq_len, workers)
+        else:
+            transformer, cluster = Transformer(model, seq_len=seq_len, buffer_type=buffer_type), None
     except ValueError as e:  # DLLAMA_BACKEND / DLLAMA_CPU_PATH
         raise DllamaError(str(e)) from None
     transformer.prepare()
@@ -83,4 +88,23 @@ def load_session(args: argparse.Namespace) -> "Session":
     info(f"💡 SeqLen: {seq_len} (model: {h.seq_len}; --max-seq-len changes it), KV cache "
          f"{transformer.kv_cache.nbytes / 1e6:.0f} MB, buffers {args.buffer_float_type}")
     info(f"💡 Kernels: {backend.describe()}")
-    return Session(transformer, tokenizer)
+    return Session(transformer, tokenizer, cluster=cluster)
+
+
+def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str]):
+    """The root's node of a cluster with ``workers``: plan, hand out slices, connect."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # nodes may share cores: no spinning threads
+    from dllama.engine.cluster import describe_plan, start_cluster
+    from dllama.kernels.quants import FloatType
+    from dllama.model.forward import Transformer
+    from dllama.model.slicing import plan_slices
+
+    plan = plan_slices(model.header, args.split or [1.0] * (1 + len(workers)))
+    for line in describe_plan(model, plan, workers, seq_len):
+        info(line)
+    buffer_type = FloatType.parse(args.buffer_float_type)
+    cluster = start_cluster(model, plan, workers, seq_len, args.buffer_float_type, args.net_timeout,
+                            lambda share: Transformer(share, seq_len=seq_len, buffer_type=buffer_type), info)
+    return cluster.transformer, cluster

@@ -24,13 +24,20 @@ class Stats:
 class Session:
     """A transformer, its tokenizer and the position reached in the KV cache."""
 
-    def __init__(self, transformer: Transformer, tokenizer: Tokenizer):
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer, cluster=None):
         if tokenizer.vocab_size != transformer.header.vocab_size:
             raise DllamaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                               f"has {transformer.header.vocab_size}: they do not belong together")
         self.transformer = transformer
         self.tokenizer = tokenizer
+        self.cluster = cluster  # engine.cluster.Cluster when workers compute too
         self.pos = 0
+
+    def close(self) -> None:
+        """End the cluster session: the workers free their memory and wait for the next root."""
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
 
     @property
     def seq_len(self) -> int:

@@ -323,33 +323,38 @@ def encode_header(h: ModelHeader) -> bytes:
     return struct.pack("<ii", MAGIC, 8 + len(body)) + body
 
 
+def parse_header(data: bytes) -> ModelHeader:
+    """A header from its bytes (the start of a ``.m`` file, or sent over the network)."""
+    if len(data) < 8:
+        raise ValueError("file is too short to be a model file")
+    magic, size = struct.unpack("<ii", data[:8])
+    if magic in OLD_MAGICS:
+        raise ValueError(f"old model format (magic {magic:#x}) is not supported; convert the model again")
+    if magic != MAGIC:
+        raise ValueError(f"not a distributed-llama model file (magic {magic & 0xFFFFFFFF:#010x})")
+    if size < 8 or (size - 8) % 8 or size > MAX_HEADER_BYTES:
+        raise ValueError(f"invalid header size {size}")
+    if len(data) < size:
+        raise ValueError("file ends inside the header")
+    n = (size - 8) // 4
+    ints = struct.unpack(f"<{n}i", data[8:size])
+    header = _header_from_pairs(list(zip(ints[0::2], ints[1::2])))
+    validate_header(header)
+    return replace(header, header_size=size)
+
+
 def read_header(path: str | os.PathLike) -> ModelHeader:
     """Parse and check the header of a ``.m`` file (not the tensors)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file is too short to be a model file")
-            magic, size = struct.unpack("<ii", head)
-            if magic in OLD_MAGICS:
-                raise ValueError(f"old model format (magic {magic:#x}) is not supported; convert the model again")
-            if magic != MAGIC:
-                raise ValueError(f"not a distributed-llama model file (magic {magic & 0xFFFFFFFF:#010x})")
-            if size < 8 or (size - 8) % 8 or size > MAX_HEADER_BYTES:
-                raise ValueError(f"invalid header size {size}")
-            body = f.read(size - 8)
-            if len(body) < size - 8:
-                raise ValueError("file ends inside the header")
-        n = (size - 8) // 4
-        ints = struct.unpack(f"<{n}i", body)
-        header = _header_from_pairs(list(zip(ints[0::2], ints[1::2])))
-        validate_header(header)
+            size = struct.unpack("<ii", head)[1] if len(head) == 8 else 0
+            return parse_header(head + f.read(max(0, min(size, MAX_HEADER_BYTES) - 8)))
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from None
     except OSError as e:
         raise FormatError(f"{path}: cannot read model file: {e.strerror or e}") from None
-    return replace(header, header_size=size)
 
 
 class ModelFile:

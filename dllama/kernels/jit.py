@@ -160,6 +160,30 @@ def _quantize_q80(x: np.ndarray, d_bits: np.ndarray, qs: np.ndarray) -> None:
         d_bits[b], _ = _q80_block(x[b], qs[b])
 
 
+@njit(cache=True)
+def q80_wire_encode(x: np.ndarray, out: np.ndarray) -> None:
+    """Flat float32 ``x`` (a multiple of 32 values) to Q80 blocks as bytes (``Q80_BLOCK``'s
+    layout: little-endian float16 scale, 32 int8) in ``out``. Serial: activations are small."""
+    q = np.empty(BLOCK_SIZE, dtype=np.int8)
+    for b in range(x.shape[0] // BLOCK_SIZE):
+        d, _ = _q80_block(x[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE], q)
+        o = b * (BLOCK_SIZE + 2)
+        out[o] = np.uint8(d & 0xFF)
+        out[o + 1] = np.uint8(d >> 8)
+        for j in range(BLOCK_SIZE):
+            out[o + 2 + j] = np.uint8(q[j] & 0xFF)
+
+
+@njit(cache=True)
+def q80_wire_add(data: np.ndarray, table: np.ndarray, total: np.ndarray) -> None:
+    """``total`` (flat float32) += the values of the Q80 block bytes in ``data``."""
+    for b in range(total.shape[0] // BLOCK_SIZE):
+        o = b * (BLOCK_SIZE + 2)
+        d = table[np.uint16(data[o]) | (np.uint16(data[o + 1]) << 8)]
+        for j in range(BLOCK_SIZE):
+            total[b * BLOCK_SIZE + j] += np.float32(np.int8(data[o + 2 + j])) * d
+
+
 @njit(cache=True, parallel=True)
 def _dequantize_q40(d_bits: np.ndarray, qs: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
     for b in prange(qs.shape[0]):
@@ -647,11 +671,11 @@ def _attend(qs, k_cache, v_cache, kv, end, scale, scores, out):
 
 
 @njit(cache=True, parallel=True)
-def attention_into(q, k_cache, v_cache, pos, out):
-    """Causal GQA over the cache; q [T, heads, D], caches [S, kv_heads, D], out [T, heads * D]."""
+def attention_into(q, k_cache, v_cache, pos, out, group, head_offset):
+    """Causal GQA over the cache; q [T, heads, D], caches [S, kv_heads, D], out [T, heads * D].
+    Query head h reads KV head (h + head_offset) // group, as in the reference."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
-    group = n_heads // n_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
     # Scratch for every (token, KV head) item, allocated once rather than once per item.
     all_scores = np.empty((n_tokens * n_kv, group, pos + n_tokens), dtype=np.float32)
@@ -659,16 +683,20 @@ def attention_into(q, k_cache, v_cache, pos, out):
     for item in prange(n_tokens * n_kv):
         t = item // n_kv
         kv = item % n_kv
-        h = kv * group
-        _attend(q[t, h:h + group], k_cache, v_cache, kv, pos + t + 1, scale, all_scores[item],
-                heads_out[t, h:h + group])
+        first = max(0, kv * group - head_offset)
+        last = min(n_heads, (kv + 1) * group - head_offset)
+        if first < last:
+            _attend(q[t, first:last], k_cache, v_cache, kv, pos + t + 1, scale, all_scores[item],
+                    heads_out[t, first:last])
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> np.ndarray:
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
+              group: int = 0, head_offset: int = 0) -> np.ndarray:
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)
+    group = group or q.shape[1] // k_cache.shape[1]
     attention_into(q, np.ascontiguousarray(k_cache, dtype=np.float32), np.ascontiguousarray(v_cache, dtype=np.float32),
-                   pos, out)
+                   pos, out, group, head_offset)
     return out
 
 

@@ -85,23 +85,29 @@ def rope_falcon(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> np.ndarray:
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
+              group: int = 0, head_offset: int = 0) -> np.ndarray:
     """Causal grouped-query attention of a batch of tokens at positions pos, pos+1, ...
 
     ``q`` is ``[tokens, heads, head_dim]``; the caches are ``[seq_len, kv_heads, head_dim]`` and
     already hold the batch's keys and values. Token ``t`` attends positions ``0 .. pos + t``.
-    Returns ``[tokens, heads * head_dim]``.
+    Query head ``h`` reads KV head ``(h + head_offset) // group`` (``group`` 0: heads / kv_heads):
+    a cluster node's query heads may start and end inside a KV group. Returns
+    ``[tokens, heads * head_dim]``.
     """
     n_tokens, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
-    group = n_heads // n_kv
+    group = group or n_heads // n_kv
+    # Pad the heads to whole groups, attend as plain GQA, keep the real heads.
+    full = np.zeros((n_tokens, n_kv * group, head_dim), dtype=np.float32)
+    full[:, head_offset:head_offset + n_heads] = q
     end = pos + n_tokens
     k = k_cache[:end]  # [S, KV, D]
     v = v_cache[:end]
-    qg = q.reshape(n_tokens, n_kv, group, head_dim)
+    qg = full.reshape(n_tokens, n_kv, group, head_dim)
     scores = np.einsum("tkgd,skd->kgts", qg, k, optimize=True) / np.float32(np.sqrt(head_dim))
     causal = np.arange(end)[None, :] > (pos + np.arange(n_tokens))[:, None]  # [T, S]
     scores = np.where(causal, np.float32(-np.inf), scores)
     probs = softmax(scores, axis=-1).astype(np.float32)
-    out = np.einsum("kgts,skd->tkgd", probs, v, optimize=True)
-    return out.reshape(n_tokens, n_heads * head_dim)
+    out = np.einsum("kgts,skd->tkgd", probs, v, optimize=True).reshape(n_tokens, n_kv * group, head_dim)
+    return np.ascontiguousarray(out[:, head_offset:head_offset + n_heads]).reshape(n_tokens, n_heads * head_dim)

@@ -18,6 +18,7 @@ from dllama.kernels.backend import NUMBA
 from dllama.kernels.backend import backend as kernel_backend
 from dllama.kernels.quants import FloatType
 from dllama.model.rope import rope_tables
+from dllama.model.slicing import NodeModel
 from dllama.model.weights import DenseBudget, Linear
 
 # Prompt tokens evaluated per forward: weights are read once per batch.
@@ -25,15 +26,29 @@ MAX_BATCH = 32
 
 
 class Sync(Protocol):
+    """How the nodes of a cluster meet inside a forward (the root's view)."""
+
+    def begin(self, x: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
+        """Start a forward of the embedded input ``x`` at ``pos`` on every node."""
+
     def all_reduce(self, partial: np.ndarray, layer: int, block: str) -> np.ndarray:
         """Sum the block's partial outputs of all nodes."""
+
+    def finish(self, logits: np.ndarray) -> np.ndarray:
+        """The root's slice of the logits joined with every other node's: all the vocabulary."""
 
 
 class LocalSync:
     """One node holds the whole model: its partial output is the full output."""
 
+    def begin(self, x: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
+        return x
+
     def all_reduce(self, partial: np.ndarray, layer: int, block: str) -> np.ndarray:
         return partial
+
+    def finish(self, logits: np.ndarray) -> np.ndarray:
+        return logits
 
 
 @dataclass
@@ -72,13 +87,19 @@ class KVCache:
 
 
 class Transformer:
-    """A model ready to run: weights from a ``.m`` file, a KV cache of ``seq_len`` positions."""
+    """A model ready to run: weights from a ``.m`` file (or one node's share of them), a KV
+    cache of ``seq_len`` positions for the node's KV heads."""
 
-    def __init__(self, model: ModelFile, seq_len: int | None = None,
+    def __init__(self, model: ModelFile | NodeModel, seq_len: int | None = None,
                  buffer_type: FloatType = FloatType.F32, sync: Sync | None = None,
                  budget: DenseBudget | None = None, backend: str | None = None):
+        if not isinstance(model, NodeModel):
+            model = NodeModel.from_model(model)
         h = model.header
+        self.node = model.node
         self.header: ModelHeader = h if seq_len is None else h.with_seq_len(seq_len)
+        self.group = h.n_heads // h.n_kv_heads
+        self.head_offset = self.node.head_offset(self.group)
         self.q80_buffers = buffer_type == FloatType.Q80
         self.sync = sync or LocalSync()
         budget = budget or DenseBudget()
@@ -90,7 +111,7 @@ class Transformer:
         def ffn(prefix: str) -> FeedForward:
             return FeedForward(lin(prefix + "w1"), lin(prefix + "w2"), lin(prefix + "w3"))
 
-        self.embedding = t["embedding"]
+        self.embedding = t.get("embedding")  # the root's only
         self.layers: list[Layer] = []
         for i in range(h.n_layers):
             p = f"layers.{i}."
@@ -107,7 +128,7 @@ class Transformer:
             self.layers.append(layer)
         self.final_norm = np.asarray(t["final_norm"])
         self.output = lin("output")
-        self.kv_cache = KVCache(h.n_layers, self.header.seq_len, h.n_kv_heads, h.head_dim)
+        self.kv_cache = KVCache(h.n_layers, self.header.seq_len, self.node.n_kv_heads, h.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(h, self.header.seq_len)
         self.rope_is_falcon = h.effective_rope_type == RopeType.FALCON
         self.uses_gelu = h.hidden_act == HiddenAct.GELU
@@ -142,12 +163,12 @@ class Transformer:
     def attention_block(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:
         if self._jit is not None:
             return self._jit.attention_block(i, x, pos)
-        h, layer = self.header, self.layers[i]
+        h, layer, node = self.header, self.layers[i], self.node
         n = x.shape[0]
         y = ref.rms_norm(x, layer.attn_norm, h.norm_epsilon)
-        q = layer.q(y, self.q80_buffers).reshape(n, h.n_heads, h.head_dim)
-        k = layer.k(y, self.q80_buffers).reshape(n, h.n_kv_heads, h.head_dim)
-        v = layer.v(y, self.q80_buffers).reshape(n, h.n_kv_heads, h.head_dim)
+        q = layer.q(y, self.q80_buffers).reshape(n, node.n_heads, h.head_dim)
+        k = layer.k(y, self.q80_buffers).reshape(n, node.n_kv_heads, h.head_dim)
+        v = layer.v(y, self.q80_buffers).reshape(n, node.n_kv_heads, h.head_dim)
         if layer.q_norm is not None:
             q = ref.rms_norm(q, layer.q_norm, h.norm_epsilon)
             k = ref.rms_norm(k, layer.k_norm, h.norm_epsilon)
@@ -155,7 +176,7 @@ class Transformer:
         q = self._rope(q, cos, sin)
         self.kv_cache.k[i, pos:pos + n] = self._rope(k, cos, sin)
         self.kv_cache.v[i, pos:pos + n] = v
-        z = ref.attention(q, self.kv_cache.k[i], self.kv_cache.v[i], pos)
+        z = ref.attention(q, self.kv_cache.k[i], self.kv_cache.v[i], pos, self.group, self.head_offset)
         return layer.o(z, self.q80_buffers)
 
     def _feed_forward(self, ffn: FeedForward, y: np.ndarray) -> np.ndarray:
@@ -203,11 +224,14 @@ class Transformer:
                               f"sequence length {self.seq_len} (raise --max-seq-len)")
         if tokens.min() < 0 or tokens.max() >= self.header.vocab_size:
             raise DllamaError(f"token id out of range 0..{self.header.vocab_size - 1}")
-        x = self.start(tokens)
+        x = self.sync.begin(self.start(tokens), pos, all_logits)
+        logits = self.sync.finish(self.forward_embedded(x, pos, all_logits))
+        return logits if all_logits else logits[0]
+
+    def forward_embedded(self, x: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
+        """The layers on an embedded input, then this node's slice of the logits (of the last
+        token, or of all): what every node of a cluster runs."""
         for i in range(self.header.n_layers):
             x = x + self.sync.all_reduce(self.attention_block(i, x, pos), i, "attention")
             x = x + self.sync.all_reduce(self.ffn_block(i, x), i, "ffn")
-        if not all_logits:
-            x = x[-1:]
-        logits = self.end(x)
-        return logits if all_logits else logits[0]
+        return self.end(x if all_logits else x[-1:])

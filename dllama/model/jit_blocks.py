@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 @njit(cache=True, parallel=True)
 def attention_block(x, pos, norm, eps, wqkv, qkv_width, q_norm, k_norm, cos, sin, falcon, k_cache, v_cache,
-                    n_heads, n_kv_heads, head_dim, wo, o_width, q80, path, table):
+                    n_heads, n_kv_heads, head_dim, group, head_offset, wo, o_width, q80, path, table):
     n_tokens, dim = x.shape
     y = np.empty_like(x)
     jit.rms_norm_into(x, norm, eps, y)
@@ -45,7 +45,7 @@ def attention_block(x, pos, norm, eps, wqkv, qkv_width, q_norm, k_norm, cos, sin
                 k_cache[pos + t, h, d] = k[t, h, d]
                 v_cache[pos + t, h, d] = qkv[t, q_dim + kv_dim + h * head_dim + d]
     z = np.empty((n_tokens, q_dim), dtype=np.float32)
-    jit.attention_into(q, k_cache, v_cache, pos, z)
+    jit.attention_into(q, k_cache, v_cache, pos, z, group, head_offset)
     return jit.product(wo, o_width, z, q80, path, table)[:, :dim]
 
 
@@ -96,7 +96,8 @@ class JitBlocks:
         self.eps = np.float32(h.norm_epsilon)
         self.falcon = tr.rope_is_falcon
         self.use_gelu = tr.uses_gelu
-        self.embedding = _f32(tr.embedding)
+        self.embedding = _f32(tr.embedding) if tr.embedding is not None else None
+        node = tr.node
         empty = np.zeros(0, dtype=np.float32)
         self.attn_args = []
         self.ffn_args = []
@@ -110,7 +111,8 @@ class JitBlocks:
             # Everything but the input and the position, ready for one call per block.
             self.attn_args.append((
                 _f32(layer.attn_norm), self.eps, wqkv, padded_rows(qkv_rows, wt), q_norm, k_norm,
-                tr.rope_cos, tr.rope_sin, self.falcon, cache.k[i], cache.v[i], h.n_heads, h.n_kv_heads, h.head_dim,
+                tr.rope_cos, tr.rope_sin, self.falcon, cache.k[i], cache.v[i], node.n_heads, node.n_kv_heads, h.head_dim,
+                tr.group, tr.head_offset,
                 pack(layer.o.stored, wt), padded_rows(layer.o.out_features, wt), self.q80, self.path, self.table))
             ffns = layer.experts if layer.experts is not None else [layer.ffn]
             packed = [self._ffn_args(f, wt) for f in ffns]
@@ -120,7 +122,7 @@ class JitBlocks:
                 self.ffn_args.append((_f32(layer.ffn_norm), _f32(layer.router)))
             self.moe.append(packed if layer.experts is not None else None)
         self.end_args = (_f32(tr.final_norm), self.eps, pack(tr.output.stored, wt),
-                         padded_rows(tr.output.out_features, wt), h.vocab_size, self.q80, self.path, self.table)
+                         padded_rows(tr.output.out_features, wt), node.vocab_size, self.q80, self.path, self.table)
 
     def _ffn_args(self, f, wt) -> tuple:
         hidden = f.w1.out_features

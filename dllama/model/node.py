@@ -1,0 +1,90 @@
+"""A cluster node's model: from the root's configuration and the received slices to a
+Transformer of that share. The worker's transport calls this; the math is the same forward
+that runs on one node."""
+from __future__ import annotations
+
+import numpy as np
+
+from dllama.errors import DllamaError
+from dllama.formats.mfile import ModelHeader, encode_header, parse_header
+from dllama.kernels.backend import backend as kernel_backend
+from dllama.kernels.quants import FloatType
+from dllama.model.forward import MAX_BATCH, LocalSync, Transformer
+from dllama.model.slicing import NodeModel, NodeSlice, node_specs
+from dllama.model.wire import WireCodec
+
+MAX_SEQ_LEN = 1 << 20
+
+
+def node_config(h: ModelHeader, node: NodeSlice, seq_len: int, buffer_type: str, cache_key: str) -> dict:
+    """What the root tells a worker about its node (JSON)."""
+    return {"header": encode_header(h).hex(), "node": node.to_json(), "seq_len": seq_len,
+            "buffer_float_type": buffer_type, "cache_key": cache_key}
+
+
+def _parse(config: dict) -> tuple[ModelHeader, NodeSlice, int, str]:
+    try:
+        h = parse_header(bytes.fromhex(config["header"]))
+        node = NodeSlice.from_json(config["node"])
+        seq_len = int(config["seq_len"])
+        buffer_type = str(config["buffer_float_type"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DllamaError(f"malformed node configuration ({e})") from None
+    plan_ok = (0 < node.index < node.n_nodes and 0 <= node.q_heads[0] < node.q_heads[1] <= h.n_heads
+               and 0 <= node.kv_heads[0] < node.kv_heads[1] <= h.n_kv_heads
+               and node.kv_heads[0] * (h.n_heads // h.n_kv_heads) <= node.q_heads[0]
+               and node.q_heads[1] <= node.kv_heads[1] * (h.n_heads // h.n_kv_heads)
+               and 0 <= node.hidden[0] < node.hidden[1] <= (h.moe_hidden_dim if h.is_moe else h.hidden_dim)
+               and 0 <= node.vocab[0] < node.vocab[1] <= h.vocab_size)
+    if not plan_ok or not 0 < seq_len <= min(h.seq_len, MAX_SEQ_LEN) or buffer_type not in ("f32", "q80"):
+        raise DllamaError("node configuration out of range")
+    return h, node, seq_len, buffer_type
+
+
+class WorkerNode:
+    def __init__(self, transformer: Transformer, codec: WireCodec, weight_bytes: int):
+        self.transformer = transformer
+        self.dim = transformer.header.dim
+        self.weight_bytes = weight_bytes
+        self.kv_bytes = transformer.kv_cache.nbytes
+        self._codec = codec
+
+    def codec(self) -> WireCodec:
+        return self._codec
+
+    def forward(self, x: np.ndarray, pos: int, all_logits: bool, sync) -> np.ndarray:
+        tr = self.transformer
+        if not (0 < x.shape[0] <= MAX_BATCH and 0 <= pos and pos + x.shape[0] <= tr.seq_len):
+            raise DllamaError(f"positions {pos}..{pos + x.shape[0] - 1} exceed the sequence length {tr.seq_len}")
+        tr.sync = sync
+        return tr.forward_embedded(x, pos, all_logits)
+
+
+def warm_up(tr: Transformer) -> None:
+    """Run every block once alone, so kernels compile now and not inside the first timed sync."""
+    sync, tr.sync = tr.sync, LocalSync()
+    try:
+        tr.forward_embedded(np.zeros((1, tr.header.dim), dtype=np.float32), 0, False)
+    finally:
+        tr.sync = sync
+
+
+class NodeFactory:
+    """Builds a worker's node (``transport.worker.NodeFactory``)."""
+
+    def tensor_sizes(self, config: dict) -> list[tuple[str, int]]:
+        h, node, _, _ = _parse(config)
+        return [(s.name, s.nbytes) for s in node_specs(h, node)]
+
+    def build(self, config: dict, tensors: dict[str, np.ndarray]) -> WorkerNode:
+        h, node, seq_len, buffer_type = _parse(config)
+        typed = {}
+        for spec in node_specs(h, node):
+            raw = tensors[spec.name]
+            typed[spec.name] = raw.view(spec.float_type.element_dtype).reshape(spec.stored_shape)
+        tr = Transformer(NodeModel(h, node, typed), seq_len=seq_len, buffer_type=FloatType.parse(buffer_type))
+        tr.prepare()
+        warm_up(tr)
+        codec = WireCodec(buffer_type == "q80", tr.backend)
+        return WorkerNode(tr, codec, sum(s.nbytes for s in node_specs(h, node)))
+

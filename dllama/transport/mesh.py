@@ -1,0 +1,152 @@
+"""The data plane: an all-gather over PUB/SUB between every pair of nodes.
+
+Each node binds one PUB socket and subscribes to every peer's. A part is tagged with the
+forward number, step and sender; a node waits (in ``zmq.poll``, never spinning) until it holds
+the part of every peer for the step it needs. Peers may run at most one step ahead, so parts
+of later steps are kept until asked for; a part of an earlier step, a duplicate, or one from
+a node that is not a peer is a protocol error, never silently mixed in.
+
+A peer that dies or freezes makes its connection drop (heartbeats, see ``links``): the
+disconnect, or a wait longer than the net timeout, raises ``PeerFailed`` naming the node.
+"""
+from __future__ import annotations
+
+import time
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from dllama.errors import DllamaError
+from dllama.transport.links import PLAINTEXT, LinkSecurity, new_socket
+from dllama.transport.protocol import HELLO_FWD, ProtocolError, data_frame, parse_data
+
+# Parts buffered ahead of the step being gathered; lockstep needs at most one step per peer.
+MAX_PENDING = 256
+
+
+class PeerFailed(DllamaError):
+    def __init__(self, nodes: list[int], reason: str):
+        self.nodes = nodes
+        self.reason = reason
+        super().__init__(f"node(s) {nodes} {reason}")
+
+
+class Mesh:
+    def __init__(self, ctx: zmq.Context, index: int, net_timeout: float, bind_host: str = "*",
+                 security: LinkSecurity = PLAINTEXT):
+        self.index = index
+        self.net_timeout = net_timeout
+        self.pub = new_socket(ctx, zmq.PUB, net_timeout, server=True, security=security)
+        self.port = self.pub.bind_to_random_port(f"tcp://{bind_host}")
+        self.sub = new_socket(ctx, zmq.SUB, net_timeout, server=False, security=security)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.peers: dict[str, int] = {}  # endpoint -> node
+        self.connected: set[int] = set()
+        self.peer_nodes: set[int] = set()
+        self._poller = zmq.Poller()
+        self._poller.register(self.sub, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
+        self.pending: dict[tuple[int, int, int], bytes] = {}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._last: tuple[int, int] = (0, -1)  # the latest step gathered
+
+    def connect(self, peers: dict[int, str]) -> None:
+        """Subscribe to every peer's PUB endpoint (``tcp://host:port``)."""
+        for node, endpoint in peers.items():
+            self.peers[endpoint] = node
+            self.peer_nodes.add(node)
+            self.sub.connect(endpoint)
+
+    def handshake(self, is_done) -> None:
+        """Publish hellos until ``is_done(seen)`` says every needed subscription is live
+        (``seen``: the peers whose hello arrived). Covers ZeroMQ's slow joiner: a part published
+        before a subscription is in place would be lost."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + self.net_timeout
+        while not is_done(seen):
+            self.pub.send(data_frame(HELLO_FWD, 0, self.index, b""))
+            if self.sub.poll(20):
+                while self.sub.poll(0):
+                    frame = self.sub.recv()
+                    fwd, step, node, payload = parse_data(frame)
+                    if node not in self.peer_nodes:
+                        continue
+                    if fwd == HELLO_FWD:
+                        seen.add(node)
+                    elif len(self.pending) < MAX_PENDING:  # a peer that finished first already started
+                        self.bytes_received += len(frame)
+                        self.pending[(fwd, step, node)] = payload
+            self._check_monitor()
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.peers.values()) - seen)
+                raise PeerFailed(missing, f"did not join the data plane within {self.net_timeout:g} s")
+
+    def publish(self, fwd: int, step: int, payload: bytes) -> None:
+        frame = data_frame(fwd, step, self.index, payload)
+        self.pub.send(frame, copy=False)
+        self.bytes_sent += len(frame)
+
+    def gather(self, fwd: int, step: int, sources: list[int]) -> dict[int, memoryview]:
+        """The parts of ``sources`` for (fwd, step)."""
+        if (fwd, step) <= self._last:
+            raise ProtocolError(f"step {fwd}.{step} gathered twice")
+        self._last = (fwd, step)
+        parts = {}
+        for node in sources:
+            part = self.pending.pop((fwd, step, node), None)
+            if part is not None:
+                parts[node] = part
+        deadline = time.monotonic() + self.net_timeout
+        while len(parts) < len(sources):
+            try:
+                frame = self.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [n for n in sources if n not in parts]
+                    raise PeerFailed(missing, f"sent nothing for {self.net_timeout:g} s (--net-timeout)")
+                if self.monitor in dict(self._poller.poll(left * 1000)):
+                    self._check_monitor()
+                continue
+            self.bytes_received += len(frame)
+            f, s, node, payload = parse_data(frame)
+            if f == HELLO_FWD:
+                continue  # a late handshake message
+            if node not in self.peer_nodes:
+                raise ProtocolError(f"a part from node {node}, which is not a peer")
+            if (f, s) == (fwd, step) and node in sources:
+                if node in parts:
+                    raise ProtocolError(f"node {node} sent step {f}.{s} twice")
+                parts[node] = payload
+            elif (f, s) > (fwd, step):
+                if (f, s, node) in self.pending or len(self.pending) >= MAX_PENDING:
+                    raise ProtocolError(f"node {node} sent step {f}.{s} out of order")
+                self.pending[(f, s, node)] = payload
+            else:
+                raise ProtocolError(f"node {node} sent step {f}.{s} while {fwd}.{step} was due")
+        return parts
+
+    def check_peers(self) -> None:
+        """Raise PeerFailed when a peer's connection dropped (it died, or stopped answering heartbeats)."""
+        self._check_monitor()
+
+    def _check_monitor(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            node = self.peers.get(event["endpoint"].decode(errors="replace"))
+            if node is None:
+                continue
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.connected.add(node)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                raise PeerFailed([node], "disconnected")
+
+    def close(self) -> None:
+        try:
+            self.sub.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        for s in (self.monitor, self.sub, self.pub):
+            s.close(linger=0)

@@ -1,0 +1,96 @@
+"""The messages between root and workers, each format defined once.
+
+Control plane (ROUTER on the worker, one DEALER per worker on the root): multipart messages
+``[kind, meta, blob...]``: ``kind`` one of ``KINDS``, ``meta`` a JSON object, then raw byte
+frames (a weight chunk, logits). A session goes:
+
+    root                                   worker
+    hello {version, index, n_nodes}   ->
+                                      <-   hello {version, data_port} | error {message}
+    config {node config, cache_key}   ->
+                                      <-   config {cached}
+    chunk {tensor, offset} + bytes    ->   (only when not cached; each chunk is acknowledged)
+                                      <-   ack {seq}
+    build {}                          ->
+                                      <-   built {weight_bytes, kv_bytes}
+    mesh {peers}                      ->   (data plane: every node subscribes to every other)
+                                      <-   mesh_ready {}
+    go {}                             ->
+    forward {fwd, pos, n, all_logits} ->   (then the all-gathers on the data plane)
+                                      <-   logits {fwd} + float32 bytes
+    stop {}                           ->
+                                      <-   bye {}
+
+Data plane (PUB/SUB): one frame per part: ``DATA_HEADER`` then the payload. ``fwd`` counts the
+forwards of a session; ``step`` 0 is the root's embedded input, step ``1 + 2 * layer + block``
+the partial output of a block (block 0 attention, 1 feed-forward). ``HELLO_FWD`` marks the
+handshake that proves every subscription is live before the first forward.
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+from dllama.errors import DllamaError
+
+PROTOCOL_VERSION = 1
+KINDS = frozenset({"hello", "error", "config", "chunk", "ack", "build", "built", "mesh", "mesh_ready", "go",
+                   "forward", "logits", "stop", "bye"})
+# A weight chunk; a control message may not exceed CHUNK_BYTES plus room for its meta.
+CHUNK_BYTES = 8 << 20
+MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
+MAX_META_BYTES = 1 << 20
+
+DATA_MAGIC = b"DLD1"
+DATA_HEADER = struct.Struct("<4sIHH")  # magic, fwd, step, node
+HELLO_FWD = 0xFFFFFFFF
+
+
+class ProtocolError(DllamaError):
+    """A message that does not follow the protocol."""
+
+
+def pack(kind: str, meta: dict | None = None, *blobs: bytes | memoryview) -> list:
+    assert kind in KINDS, kind
+    return [kind.encode(), json.dumps(meta or {}).encode(), *blobs]
+
+
+def unpack(frames: list) -> tuple[str, dict, list]:
+    """(kind, meta, blobs) of a control message; ProtocolError when it is malformed."""
+    if len(frames) < 2:
+        raise ProtocolError(f"a message needs at least 2 frames, got {len(frames)}")
+    kind = bytes(frames[0]).decode("ascii", "replace")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown message kind {kind[:32]!r}")
+    if len(frames[1]) > MAX_META_BYTES:
+        raise ProtocolError("message metadata too large")
+    try:
+        meta = json.loads(bytes(frames[1]))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(f"{kind}: metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"{kind}: metadata is not a JSON object")
+    return kind, meta, list(frames[2:])
+
+
+def field(meta: dict, name: str, kind: type, minimum: int | None = None):
+    """A typed field of a message's metadata, or ProtocolError."""
+    value = meta.get(name)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ProtocolError(f"field {name!r} missing or not {kind.__name__}")
+    if minimum is not None and value < minimum:
+        raise ProtocolError(f"field {name!r} is {value}, below {minimum}")
+    return value
+
+
+def data_frame(fwd: int, step: int, node: int, payload: bytes) -> bytes:
+    return DATA_HEADER.pack(DATA_MAGIC, fwd, step, node) + payload
+
+
+def parse_data(frame: bytes) -> tuple[int, int, int, memoryview]:
+    if len(frame) < DATA_HEADER.size:
+        raise ProtocolError("data frame too short")
+    magic, fwd, step, node = DATA_HEADER.unpack_from(frame)
+    if magic != DATA_MAGIC:
+        raise ProtocolError("data frame with a wrong magic")
+    return fwd, step, node, memoryview(frame)[DATA_HEADER.size:]
