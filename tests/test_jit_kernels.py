@@ -476,8 +476,10 @@ def test_attention_of_a_head_range(inputs, data):
     offset = first - kv_first * group
     cols = slice(first * head_dim, last * head_dim)
     assert_same_floats(jit.attention(part_q, part_k, part_v, pos, group, offset), jit.attention(q, k, v, pos)[:, cols])
+    # The reference's einsum may sum in another order for other shapes: float32 rounding of
+    # sums over at most 80 positions of unit-scale values.
     np.testing.assert_allclose(ref.attention(part_q, part_k, part_v, pos, group, offset),
-                               ref.attention(q, k, v, pos)[:, cols], rtol=1e-5, atol=1e-6)
+                               ref.attention(q, k, v, pos)[:, cols], rtol=1e-4, atol=1e-4)
 
 
 # -- embedding and sampling ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 
+from dllama.kernels import quants
 from dllama.model.forward import Transformer
 from dllama.model.slicing import NodeModel, plan_slices
 
@@ -18,10 +19,12 @@ class _Hub:
 
 
 class _NodeSync:
-    def __init__(self, hub: _Hub, index: int):
-        self.hub, self.index = hub, index
+    def __init__(self, hub: _Hub, index: int, wire_q80: bool):
+        self.hub, self.index, self.wire_q80 = hub, index, wire_q80
 
     def all_reduce(self, partial, layer, block):
+        if self.wire_q80:  # what a q80 cluster sends: each part rounded to Q80 blocks
+            partial = quants.dequantize_q80(quants.quantize_q80(partial))
         self.hub.parts[self.index] = partial
         self.hub.barrier.wait()
         total = self.hub.parts[0].copy()
@@ -46,11 +49,11 @@ class _NodeSync:
 class ThreadedCluster:
     """``forward`` like a Transformer's; the root is node 0, workers run in threads."""
 
-    def __init__(self, model, split, **kw):
+    def __init__(self, model, split, wire_q80: bool = False, **kw):
         h = model.header
         self.plan = plan_slices(h, split)
         self.hub = _Hub(len(split))
-        self.nodes = [Transformer(NodeModel.from_model(model, s), sync=_NodeSync(self.hub, s.index), **kw)
+        self.nodes = [Transformer(NodeModel.from_model(model, s), sync=_NodeSync(self.hub, s.index, wire_q80), **kw)
                       for s in self.plan]
         self.threads = [threading.Thread(target=self._serve, args=(tr,), daemon=True) for tr in self.nodes[1:]]
         for t in self.threads:

@@ -18,7 +18,13 @@ from dllama.formats.atomic import write_bytes_atomic
 from dllama.formats.mfile import ModelFile
 from dllama.model.forward import Transformer
 from dllama.model.node import node_config, warm_up
-from dllama.model.slicing import NodeModel, NodeSlice, node_tensors, node_weight_bytes, plan_digest
+from dllama.model.slicing import (
+    NodeModel,
+    NodeSlice,
+    node_tensors,
+    node_weight_bytes,
+    plan_digest,
+)
 from dllama.model.wire import WireCodec
 from dllama.transport.mesh import PeerFailed
 from dllama.transport.protocol import PROTOCOL_VERSION

@@ -7,7 +7,6 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.formats.mfile import ModelHeader, encode_header, parse_header
-from dllama.kernels.backend import backend as kernel_backend
 from dllama.kernels.quants import FloatType
 from dllama.model.forward import MAX_BATCH, LocalSync, Transformer
 from dllama.model.slicing import NodeModel, NodeSlice, node_specs

@@ -6,7 +6,8 @@ worker ends the root with a message naming its address instead of a hang.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -16,8 +17,14 @@ from zmq.utils.monitor import recv_monitor_message
 from dllama.errors import DllamaError
 from dllama.transport.links import PLAINTEXT, LinkSecurity, new_socket
 from dllama.transport.mesh import Mesh, PeerFailed
-from dllama.transport.protocol import (CHUNK_BYTES, PROTOCOL_VERSION, ProtocolError, field, pack,
-                                       unpack)
+from dllama.transport.protocol import (
+    CHUNK_BYTES,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    field,
+    pack,
+    unpack,
+)
 
 # Chunks in flight per worker: keeps the link busy without unbounded queues.
 WINDOW = 4

@@ -18,7 +18,13 @@ import zmq
 from dllama.errors import DllamaError
 from dllama.transport.links import PLAINTEXT, LinkSecurity, new_socket
 from dllama.transport.mesh import Mesh, PeerFailed
-from dllama.transport.protocol import PROTOCOL_VERSION, ProtocolError, field, pack, unpack
+from dllama.transport.protocol import (
+    PROTOCOL_VERSION,
+    ProtocolError,
+    field,
+    pack,
+    unpack,
+)
 from dllama.transport.slice_cache import SliceCache
 from dllama.transport.sync import MeshSync
 

@@ -1,0 +1,708 @@
+"""Cluster speed on one machine: the root plus 0..3 workers over loopback, and what one all-gather costs.
+
+For each model (SmolLM2-135M Q40, the default model, and a random-weight model with Llama 3.2 1B's
+shape, Q40) and each node count, the root runs `python -m dllama inference --verbose` (greedy, a
+fixed prompt, one thread per node) with workers started as `python -m dllama worker --nthreads 1
+--cache-dir DIR` on free loopback ports. From the root's output: decode and prompt tokens/s, sync
+ms per token, kB sent and received per token, the seconds spent sending weights. The same layout
+runs a second time with fresh workers on the slice caches the first run filled: the warm-cache
+start (no weights sent).
+
+A micro-benchmark times one all-gather of a [1, dim] float32 vector between 2 processes on
+loopback, through dllama's MeshSync over Mesh (f32 and q80 on the wire), against a bare pyzmq
+PUB/SUB exchange of the same bytes: how much of the sync cost is ZeroMQ and how much is ours.
+
+    python bench/cluster.py            # SmolLM2 and the synthetic 1B, 1-4 nodes (slow; quiet machine)
+    python bench/cluster.py --quick    # SmolLM2 only, 1 and 2 nodes, few steps: a smoke test
+
+Every node shares the machine's cores: the numbers say what the protocol and our Python cost, not
+what separate machines would gain. Prints a table, writes bench/results/cluster.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+for _p in (ROOT, BENCH):  # `python bench/cluster.py` without an installed dllama; decode.py's helpers
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+# bench/decode.py: the model helpers, shared with the decode benchmark.
+from decode import (
+    LLAMA_LABEL,
+    SMOL_LABEL,
+    BenchModel,
+    _fmt,
+    llama_1b_header,
+    machine_info,
+    say,
+    write_synthetic_model,
+)
+
+RESULTS = BENCH / "results"
+PROMPT = "Tell me about the sea."
+NOTE = ("Every node runs on this one machine, sharing its cores and talking over loopback; one run on a "
+        "shared, noisy machine: read the numbers as ratios, not as absolutes.")
+THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+# What the root prints (dllama/commands/run.py, dllama/engine/cluster.py, dllama/engine/generate.py).
+TOKEN_LINE = re.compile(r"🔶\s*([\d.]+) ms compute\s+([\d.]+) ms sync \| sent\s+([\d.]+) kB \| recv\s+([\d.]+) kB")
+SENT_LINE = re.compile(r"💡 worker (\S+): node (\d+), sent ([\d.]+) MB of weights in ([\d.]+) s")
+CACHED_LINE = re.compile(r"💡 worker (\S+): node (\d+), weights from its slice cache")
+SUMMARY = {
+    "eval": re.compile(r"Evaluation\s+nBatches:\s*\d+\s+nTokens:\s*(\d+)\s+tokens/s:\s*([\d.]+|-)"),
+    "pred": re.compile(r"Prediction\s+nTokens:\s*(\d+)\s+tokens/s:\s*([\d.]+|-)"),
+}
+NETWORK = re.compile(r"Network\s+nodes:\s*(\d+)\s+sync ms/forward:\s*([\d.]+)\s+sent kB:\s*([\d.]+)\s+"
+                     r"recv kB:\s*([\d.]+)")
+
+
+# -- models -----------------------------------------------------------------------------------
+
+def write_synthetic_tokenizer(path: Path, vocab_size: int, prompt: str) -> None:
+    """A legacy tokenizer of ``vocab_size`` tokens for the synthetic model: ASCII bytes, every prefix
+    of the prompt's words (so the prompt is a few tokens, as with a real tokenizer), then filler
+    tokens " w<id>". No EOS: generation always runs the full steps."""
+    from dllama.formats.tfile import TokenizerData, write_tokenizer
+
+    vocab = [bytes([i]) for i in range(128)]
+    scores = [0.0] * 128
+    known = set(vocab)
+    for word in re.findall(r" ?\w+|[^\w ]", prompt):
+        raw = word.encode()
+        for end in range(2, len(raw) + 1):
+            if raw[:end] not in known:
+                known.add(raw[:end])
+                vocab.append(raw[:end])
+                scores.append(float(end))  # longer merges first
+    for i in range(len(vocab), vocab_size):
+        vocab.append(f" w{i}".encode())
+        scores.append(-1e11)  # at or below distributed-llama's floor: never a merge result
+    write_tokenizer(path, TokenizerData(vocab=vocab, scores=scores))
+
+
+def prepare_models(args, workdir: Path) -> list[BenchModel]:
+    from dllama.kernels.quants import FloatType
+
+    models = []
+    for key in args.models:
+        if key == "smollm2":
+            from dllama.default_model import ensure_default_model
+            path, tokenizer = ensure_default_model(FloatType.Q40)
+            models.append(BenchModel("smollm2", SMOL_LABEL, path, tokenizer))
+        else:
+            path = workdir / "synthetic-llama-1b-q40.m"
+            header = llama_1b_header()
+            say(f"· writing the synthetic Llama-1B-shaped model to {path}")
+            t = time.perf_counter()
+            write_synthetic_model(path, header)
+            tokenizer = workdir / "synthetic-llama-1b.t"
+            write_synthetic_tokenizer(tokenizer, header.vocab_size, args.prompt)
+            say(f"  {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
+            models.append(BenchModel("1b", LLAMA_LABEL, path, tokenizer))
+    return models
+
+
+# -- processes --------------------------------------------------------------------------------
+
+class Lines:
+    """A child's output stream read on a thread, each line with the perf_counter() it arrived."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append((time.perf_counter(), line.rstrip("\n")))
+        stream.close()
+
+    def join(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def wait_for(self, prefix: str, timeout: float, proc: subprocess.Popen) -> str:
+        """The first line starting with ``prefix``; RuntimeError when it does not come in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _, line in list(self.lines):
+                if line.startswith(prefix):
+                    return line
+            if proc.poll() is not None and not self._thread.is_alive():
+                raise RuntimeError(f"exited with {proc.returncode} before printing {prefix!r}")
+            time.sleep(0.02)
+        raise RuntimeError(f"no {prefix!r} line within {timeout:g} s")
+
+
+def child_env(threads: int = 1) -> dict[str, str]:
+    """The environment of every process: ours (DLLAMA_HOME included, pinned so all agree), the
+    repository on the path, UTF-8 output, and one thread for the numeric libraries."""
+    from dllama.default_model import dllama_home
+
+    env = dict(os.environ)
+    env["DLLAMA_HOME"] = str(dllama_home())
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONIOENCODING"] = "utf-8:backslashreplace"
+    for name in THREAD_VARIABLES:
+        env[name] = str(threads)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(text: str, n: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End a child we started: SIGINT (a worker's clean exit), then SIGKILL; always reaped."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        say(f"! process {proc.pid} did not exit after SIGKILL")
+
+
+class Worker:
+    """`python -m dllama worker` on a free loopback port, its log in a file."""
+
+    def __init__(self, cache_dir: Path, log_path: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+               "--nthreads", "1", "--cache-dir", str(cache_dir)]
+        with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def wait_listening(self, deadline: float) -> None:
+        while "Listening on" not in self.output():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.address} exited with {self.proc.returncode}:\n{tail(self.output())}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.address} not listening in time:\n{tail(self.output())}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+def run_root(model: BenchModel, steps: int, buffer: str, addresses: list[str], args) -> dict:
+    """One `dllama inference --verbose` run; its numbers parsed, or a failure with its stderr tail."""
+    cmd = [sys.executable, "-m", "dllama", "inference", "--model", str(model.path), "--tokenizer",
+           str(model.tokenizer), "--prompt", args.prompt, "--steps", str(steps), "--max-seq-len", str(steps),
+           "--temperature", "0", "--nthreads", "1", "--buffer-float-type", buffer, "--verbose",
+           "--net-timeout", str(args.net_timeout)]
+    if addresses:
+        cmd += ["--workers", *addresses]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    try:
+        rc = proc.wait(args.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = None
+    wall = time.perf_counter() - t0
+    out.join()
+    err.join()
+    stdout, stderr = out.text(), err.text()
+    if rc != 0:
+        why = f"ran over {args.timeout:g} s" if rc is None else f"exited with {rc}"
+        return {"failed": True, "error": f"root {why}", "stderr_tail": tail(stderr), "wall_s": wall}
+    return parse_root(stdout, stderr, err.lines, t0, wall, args.prompt)
+
+
+def parse_root(stdout: str, stderr: str, err_lines: list[tuple[float, str]], t0: float, wall: float,
+               prompt: str) -> dict:
+    tokens = [(t, TOKEN_LINE.search(line)) for t, line in err_lines]
+    tokens = [(t, m) for t, m in tokens if m]
+    summary = {}
+    for key, pattern in SUMMARY.items():
+        m = pattern.search(stdout)
+        if m is None:
+            return {"failed": True, "error": f"no {key} summary in the output", "stderr_tail": tail(stderr),
+                    "wall_s": wall}
+        summary[key] = (int(m.group(1)), None if m.group(2) == "-" else float(m.group(2)))
+    # The first 🔶 line covers the prompt's evaluation; per-token means use the decode lines after it.
+    decode = [m for _, m in tokens[1:]]
+
+    def mean(col: int) -> float | None:
+        return statistics.fmean(float(m.group(col)) for m in decode) if decode else None
+
+    sent = [(m.group(1), float(m.group(3)), float(m.group(4))) for m in map(SENT_LINE.search, stderr.splitlines()) if m]
+    cached = [m.group(1) for m in map(CACHED_LINE.search, stderr.splitlines()) if m]
+    net = NETWORK.search(stdout)
+    body = stdout.split("\n\nEvaluation", 1)[0]
+    return {
+        "failed": False,
+        "wall_s": wall,
+        "first_token_s": tokens[0][0] - t0 if tokens else None,
+        "prompt_tokens": summary["eval"][0],
+        "prefill_tok_s": summary["eval"][1],
+        "decode_tokens": summary["pred"][0],
+        "decode_tok_s": summary["pred"][1],
+        "sync_ms_per_token": mean(2),
+        "compute_ms_per_token": mean(1),
+        "sent_kb_per_token": mean(3),
+        "recv_kb_per_token": mean(4),
+        "weights_sent_mb": sum(mb for _, mb, _ in sent),
+        "weight_transfer_s": sum(s for _, _, s in sent) if sent else None,
+        "weight_transfers": [{"worker": w, "mb": mb, "s": s} for w, mb, s in sent],
+        "cached_workers": len(cached),
+        "network": None if net is None else {"nodes": int(net.group(1)), "sync_ms_per_forward": float(net.group(2)),
+                                             "sent_kb": float(net.group(3)), "recv_kb": float(net.group(4))},
+        "text": body.removeprefix(prompt),
+    }
+
+
+def run_layout(model: BenchModel, nodes: int, steps: int, buffer: str, cache_root: Path, args) -> dict:
+    """One run with ``nodes - 1`` fresh workers on the slice cache folders under ``cache_root``."""
+    env = child_env()
+    workers: list[Worker] = []
+    try:
+        for i in range(1, nodes):
+            cache = cache_root / f"node{i}"
+            cache.mkdir(parents=True, exist_ok=True)
+            workers.append(Worker(cache, cache_root / f"node{i}-{time.monotonic_ns()}.log", env))
+        deadline = time.monotonic() + args.worker_start_timeout
+        for w in workers:
+            w.wait_listening(deadline)
+        result = run_root(model, steps, buffer, [w.address for w in workers], args)
+    except RuntimeError as e:
+        result = {"failed": True, "error": str(e).splitlines()[0], "stderr_tail": tail(str(e))}
+    finally:
+        for w in workers:
+            w.close()
+    if result["failed"]:
+        for i, w in enumerate(workers, 1):
+            if w.output():
+                result.setdefault("worker_tails", {})[f"node {i}"] = tail(w.output(), 6)
+    return result
+
+
+def measure_model(model: BenchModel, args, workdir: Path, failures: list[str]) -> list[dict]:
+    steps = args.steps_1b if model.key == "1b" else args.steps_smollm2
+    rows = []
+    for nodes in args.nodes:
+        what = f"{model.label}, {nodes} node(s), {args.buffer} buffers"
+        cache_root = workdir / f"cache-{model.key}-{nodes}"
+        say(f"· {what}: {steps} steps" + (", workers with an empty slice cache" if nodes > 1 else ""))
+        cold = run_layout(model, nodes, steps, args.buffer, cache_root, args)
+        row: dict[str, Any] = {"model": model.label, "key": model.key, "nodes": nodes, "buffer": args.buffer,
+                               "steps": steps, **cold}
+        if cold["failed"]:
+            failures.append(f"{what}: {cold['error']}")
+            say(f"! {what}: {cold['error']}\n{cold.get('stderr_tail', '')}")
+        elif nodes > 1:
+            say(f"· {what}: again, fresh workers on the slice caches the first run filled")
+            warm = run_layout(model, nodes, steps, args.buffer, cache_root, args)
+            row["warm"] = warm
+            if warm["failed"]:
+                failures.append(f"{what}, warm cache: {warm['error']}")
+                say(f"! {what}, warm cache: {warm['error']}\n{warm.get('stderr_tail', '')}")
+            elif warm["weights_sent_mb"] or warm["cached_workers"] != nodes - 1:
+                failures.append(f"{what}, warm cache: {warm['weights_sent_mb']:.1f} MB of weights sent, "
+                                f"{warm['cached_workers']} of {nodes - 1} workers from their cache")
+        shutil.rmtree(cache_root, ignore_errors=True)
+        rows.append(row)
+    base = next((r for r in rows if r["nodes"] == 1 and not r["failed"]), None)
+    for r in rows:
+        ok = base and base["decode_tok_s"] and not r["failed"] and r["decode_tok_s"]
+        r["speedup"] = r["decode_tok_s"] / base["decode_tok_s"] if ok else None
+    return rows
+
+
+# -- the all-gather micro-benchmark ---------------------------------------------------------------
+
+def _handshake_bare(pub, sub, linger: float, timeout: float) -> None:
+    """Publish hellos until the peer's arrive, and ``linger`` seconds more (so it sees ours)."""
+    seen_at = None
+    deadline = time.monotonic() + timeout
+    while seen_at is None or time.monotonic() - seen_at < linger:
+        pub.send(b"H")
+        if sub.poll(20):
+            while sub.poll(0):
+                if sub.recv() == b"H" and seen_at is None:
+                    seen_at = time.monotonic()
+        if time.monotonic() > deadline:
+            raise RuntimeError("bare pyzmq handshake: no hello from the peer")
+
+
+def _bare_exchange(pub, sub, nbytes: int, n: int, first: int) -> list[float]:
+    """Each side publishes a frame of ``nbytes`` tagged with a counter and waits for the peer's:
+    the message pattern of one all-gather between 2 nodes, without dllama."""
+    buf = bytearray(nbytes)
+    times = []
+    for k in range(first, first + n):
+        struct.pack_into("<I", buf, 0, k)
+        t = time.perf_counter()
+        pub.send(buf)
+        while True:
+            frame = sub.recv()
+            if len(frame) >= 4:  # not a late hello
+                got = struct.unpack_from("<I", frame)[0]
+                if got == k:
+                    break
+                raise RuntimeError(f"bare exchange: frame {got} while {k} was due")
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def allgather_child(cfg: dict) -> dict:
+    """One of the 2 processes: codec cost alone, then MeshSync all-reduces, then bare pyzmq."""
+    import numpy as np
+    import zmq
+
+    from dllama.model.wire import WireCodec
+    from dllama.transport.mesh import Mesh
+    from dllama.transport.protocol import DATA_HEADER
+    from dllama.transport.sync import MeshSync
+
+    index, dim, iters, warmup = cfg["index"], cfg["dim"], cfg["iters"], cfg["warmup"]
+    peer = 1 - index
+    x = np.random.default_rng(index).standard_normal((1, dim)).astype(np.float32)
+    codecs = {name: WireCodec(name == "q80", "numba") for name in cfg["codecs"]}
+
+    # The codec's share of an all-reduce: encode ours, then sum 2 parts into a fresh total.
+    codec_us = {}
+    for name, codec in codecs.items():
+        times = []
+        for _ in range(warmup + iters):
+            t = time.perf_counter()
+            own = codec.encode(x)
+            total = np.zeros((1, dim), dtype=np.float32)
+            codec.add_into(own, total)
+            codec.add_into(own, total)
+            times.append(time.perf_counter() - t)
+        codec_us[name] = statistics.median(times[warmup:]) * 1e6
+
+    ctx = zmq.Context()
+    mesh = Mesh(ctx, index, cfg["net_timeout"], "127.0.0.1")
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    bare_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    print("PORTS " + json.dumps({"mesh": mesh.port, "bare": bare_port}), flush=True)
+    ports = cfg.get("peer") or json.loads(sys.stdin.readline())
+    mesh.connect({peer: f"tcp://127.0.0.1:{ports['mesh']}"})
+    sub.connect(f"tcp://127.0.0.1:{ports['bare']}")
+
+    seen_at: list[float] = []
+
+    def is_done(seen: set[int]) -> bool:
+        # Keep publishing a while after the peer's hello: it may not have seen ours yet.
+        if peer in seen and not seen_at:
+            seen_at.append(time.monotonic())
+        return bool(seen_at) and time.monotonic() - seen_at[0] > cfg["linger"]
+
+    mesh.handshake(is_done)
+    _handshake_bare(pub, sub, cfg["linger"], cfg["net_timeout"])
+
+    out: dict[str, Any] = {"index": index, "codec_us": codec_us, "dllama_us": {}, "bare_us": {},
+                           "frame_bytes": {}, "dllama_us_p90": {}, "bare_us_p90": {}}
+    fwd = 0
+    counter = 0
+    for name, codec in codecs.items():
+        sync = MeshSync(mesh, codec, 2, dim)
+        times = []
+        for _ in range(warmup + iters):
+            fwd += 1
+            sync.fwd = fwd
+            sync.rows = 1
+            t = time.perf_counter()
+            sync.all_reduce(x, 0, "attention")
+            times.append(time.perf_counter() - t)
+        frame = DATA_HEADER.size + codec.nbytes(1, dim)
+        bare = _bare_exchange(pub, sub, frame, warmup + iters, counter)
+        counter += warmup + iters
+        for key, values in (("dllama", times[warmup:]), ("bare", bare[warmup:])):
+            out[f"{key}_us"][name] = statistics.median(values) * 1e6
+            out[f"{key}_us_p90"][name] = sorted(values)[int(0.9 * (len(values) - 1))] * 1e6
+        out["frame_bytes"][name] = frame
+    time.sleep(cfg["linger"])  # our last frames are the peer's last parts: let them leave before closing
+    mesh.close()
+    pub.close(0)
+    sub.close(0)
+    ctx.term()
+    return out
+
+
+def run_allgather(args) -> dict:
+    """Start the 2 processes (node 1 learns node 0's ports from its argv, node 0 node 1's on stdin)."""
+    cfg = {"dim": args.dim, "iters": args.allgather_iters, "warmup": max(20, args.allgather_iters // 10),
+           "codecs": ["f32", "q80"], "net_timeout": 30.0, "linger": 0.5}
+    env = child_env()
+    procs: list[subprocess.Popen] = []
+    outs: list[Lines] = []
+    errs: list[Lines] = []
+
+    def start(index: int, peer: dict | None) -> dict:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "allgather", "--config",
+               json.dumps({**cfg, "index": index, "peer": peer})]
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
+        procs.append(p)
+        outs.append(Lines(p.stdout))
+        errs.append(Lines(p.stderr))
+        return json.loads(outs[-1].wait_for("PORTS ", args.worker_start_timeout, p)[len("PORTS "):])
+
+    try:
+        ports0 = start(0, None)
+        ports1 = start(1, ports0)
+        procs[0].stdin.write(json.dumps(ports1) + "\n")
+        procs[0].stdin.flush()
+        deadline = time.monotonic() + args.timeout
+        for p in procs:
+            p.wait(max(1.0, deadline - time.monotonic()))
+        results = []
+        for p, o, e in zip(procs, outs, errs):
+            o.join()
+            e.join()
+            if p.returncode != 0:
+                raise RuntimeError(f"node exited with {p.returncode}:\n{tail(e.text())}")
+            results.append(json.loads(o.lines[-1][1]))
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError, IndexError, OSError) as e:
+        detail = "\n".join(tail(x.text(), 8) for x in errs if x.text())
+        return {"failed": True, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                "stderr_tail": detail}
+    finally:
+        for p in procs:
+            stop(p, grace=5.0)
+    summary: dict[str, Any] = {"failed": False, "dim": args.dim, "iters": cfg["iters"], "warmup": cfg["warmup"],
+                               "nodes": results, "codecs": {}}
+    for name in cfg["codecs"]:
+        def both(key: str, name: str = name) -> float:
+            return statistics.fmean(r[key][name] for r in results)
+        dllama, bare, codec = both("dllama_us"), both("bare_us"), both("codec_us")
+        summary["codecs"][name] = {"frame_bytes": results[0]["frame_bytes"][name], "dllama_us": dllama,
+                                   "bare_pyzmq_us": bare, "codec_us": codec,
+                                   "mesh_python_us": dllama - bare - codec,
+                                   "zmq_share": bare / dllama if dllama else None}
+    return summary
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def _kb(row: dict) -> str:
+    if row.get("sent_kb_per_token") is None:
+        return "-"
+    return f"{row['sent_kb_per_token']:.1f}+{row['recv_kb_per_token']:.1f}"
+
+
+def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) -> None:
+    print()
+    print(NOTE)
+    print()
+    head = ("| model | nodes | decode tok/s | speedup vs 1 node | prefill tok/s | sync ms/token | kB/token sent+recv "
+            "| weight transfer s | first token s (cold) | warm-cache start s (first token / total) |")
+    print(head)
+    print("|" + "---|" * head.count(" | ") + "---|")
+    for r in rows:
+        lead = f"| {r['model']} | {r['nodes']} |"
+        if r["failed"]:
+            print(f"{lead} FAILED: {r['error']} | | | | | | | |")
+            continue
+        warm = r.get("warm")
+        if r["nodes"] == 1:
+            warm_text = f"(no workers: {_fmt(r['first_token_s'], '.2f')} / {r['wall_s']:.2f})"
+        elif warm is None or warm["failed"]:
+            warm_text = "FAILED" if warm else "-"
+        else:
+            sent = "no weights sent" if not warm["weights_sent_mb"] else f"{warm['weights_sent_mb']:.1f} MB SENT"
+            warm_text = f"{_fmt(warm['first_token_s'], '.2f')} / {warm['wall_s']:.2f} ({sent})"
+        print(f"{lead} {_fmt(r['decode_tok_s'], '.2f')} | {_fmt(r['speedup'], '.2f')}x | "
+              f"{_fmt(r['prefill_tok_s'], '.1f')} | {_fmt(r['sync_ms_per_token'], '.2f')} | {_kb(r)} | "
+              f"{_fmt(r['weight_transfer_s'], '.1f')} | {_fmt(r['first_token_s'], '.2f')} | {warm_text} |")
+    print()
+    print("decode/prefill tok/s: the root's Prediction/Evaluation summary; sync ms, kB: means of the --verbose "
+          "lines after the first (which holds the prompt); weight transfer: the root's 'sent ... in X s' lines, "
+          "summed; first token: root process start to the first --verbose line; warm cache: fresh workers on the "
+          "slice caches the first run filled.")
+    if allgather:
+        print()
+        if allgather["failed"]:
+            print(f"all-gather micro-benchmark FAILED: {allgather['error']}\n{allgather.get('stderr_tail', '')}")
+        else:
+            print(f"one all-gather of a [1, {allgather['dim']}] float32 vector between 2 processes on loopback "
+                  f"(median of {allgather['iters']}, µs):")
+            print()
+            print("| wire | frame bytes | dllama MeshSync.all_reduce | bare pyzmq PUB/SUB exchange | codec "
+                  "(encode + 2 adds) | the rest (mesh Python) | ZeroMQ share |")
+            print("|---|---|---|---|---|---|---|")
+            for name, c in allgather["codecs"].items():
+                print(f"| {name} | {c['frame_bytes']} | {c['dllama_us']:.1f} | {c['bare_pyzmq_us']:.1f} | "
+                      f"{c['codec_us']:.1f} | {c['mesh_python_us']:.1f} | {_fmt(c['zmq_share'], '.0%')} |")
+    for r in rows:
+        for run, label in ((r, ""), (r.get("warm") or {}, ", warm cache")):
+            if run.get("failed"):
+                print(f"\nFAILED {r['model']}, {r['nodes']} node(s){label}: {run['error']}")
+                if run.get("stderr_tail"):
+                    print(run["stderr_tail"])
+                for node, text in (run.get("worker_tails") or {}).items():
+                    print(f"-- {node}:\n{text}")
+    for f in failures:
+        print(f"FAILED {f}")
+    print()
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        x = [r["nodes"] for r in mine]
+        tok = [r["decode_tok_s"] or 0 if not r["failed"] else 0 for r in mine]
+        ax.bar(x, tok, 0.6, color="tab:blue", label="decode tok/s")
+        for xi, r, v in zip(x, mine, tok):
+            label = "failed" if r["failed"] else f"{v:.1f}\n({_fmt(r['speedup'], '.2f')}x)"
+            ax.annotate(label, (xi, v), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, [str(n) for n in x])
+        ax.set_xlabel("nodes (root + workers, 1 thread each, loopback)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_ylim(top=max(tok + [1]) * 1.25)
+        ax.set_title(model)
+        ax.grid(axis="y", alpha=0.3)
+        sync = [(n, r["sync_ms_per_token"]) for n, r in zip(x, mine) if not r["failed"] and r["nodes"] > 1]
+        if sync:
+            ax2 = ax.twinx()
+            ax2.plot([n for n, _ in sync], [s for _, s in sync], "o-", color="tab:red", label="sync ms/token")
+            ax2.set_ylabel("sync ms/token", color="tab:red")
+            ax2.set_ylim(0, max(s for _, s in sync) * 1.8)  # points below the legends
+            ax2.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle("dllama on one machine, nodes over loopback; one run on a noisy machine: ratios", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke test: SmolLM2 only, 1 and 2 nodes, fewer steps")
+    p.add_argument("--models", nargs="+", default=None, choices=["smollm2", "1b"],
+                   help="smollm2, 1b (the synthetic Llama-1B-shaped Q40 model); default both")
+    p.add_argument("--nodes", nargs="+", type=int, default=None, help="node counts (default 1 2 3 4)")
+    p.add_argument("--buffer", choices=["q80", "f32"], default="q80", help="--buffer-float-type of every run")
+    p.add_argument("--steps-smollm2", type=int, default=None,
+                   help="dllama --steps (positions, prompt included) for SmolLM2 (default 64; --quick 24)")
+    p.add_argument("--steps-1b", type=int, default=48, help="dllama --steps for the synthetic 1B (default 48)")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--dim", type=int, default=2048, help="all-gather micro-benchmark: vector length")
+    p.add_argument("--allgather-iters", type=int, default=None, help="timed all-gathers (default 3000; --quick 400)")
+    p.add_argument("--no-allgather", action="store_true", help="skip the all-gather micro-benchmark")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds one root run (or micro-benchmark) may take")
+    p.add_argument("--worker-start-timeout", type=float, default=300.0, help="seconds for workers to listen")
+    p.add_argument("--net-timeout", type=float, default=60.0, help="the root's --net-timeout (busy shared cores)")
+    p.add_argument("--tmp-dir", default=None, help="where the synthetic model and slice caches go")
+    p.add_argument("--output", default=None, help="JSON path (default bench/results/cluster.json, "
+                                                  "--quick cluster_quick.json); the PNG goes next to it")
+    p.add_argument("--child", choices=["allgather"], help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {"models": ["smollm2"] if quick else ["smollm2", "1b"], "nodes": [1, 2] if quick else [1, 2, 3, 4],
+                "steps_smollm2": 24 if quick else 64, "allgather_iters": 400 if quick else 3000,
+                "output": str(RESULTS / ("cluster_quick.json" if quick else "cluster.json"))}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.models = list(dict.fromkeys(args.models))
+    args.nodes = sorted(set(args.nodes))
+    if any(n < 1 for n in args.nodes):
+        p.error("--nodes: counts must be at least 1")
+    if args.dim % 32:
+        p.error("--dim must be a multiple of 32 (Q80 blocks)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(allgather_child(json.loads(args.config))), flush=True)
+        return
+    say(NOTE)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    failures: list[str] = []
+    allgather = None
+    workdir = Path(tempfile.mkdtemp(prefix="dllama-cluster-bench-", dir=args.tmp_dir))
+    try:
+        for model in prepare_models(args, workdir):
+            rows += measure_model(model, args, workdir, failures)
+            if model.path.is_relative_to(workdir):
+                model.path.unlink()  # 1.75 GB: gone before the next model runs
+        if not args.no_allgather:
+            say(f"· all-gather micro-benchmark: 2 processes, [1, {args.dim}] float32, {args.allgather_iters} times")
+            allgather = run_allgather(args)
+            if allgather["failed"]:
+                failures.append(f"all-gather micro-benchmark: {allgather['error']}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_report(rows, allgather, failures)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "config", "output", "tmp_dir")}
+    machine = machine_info({})
+    machine.pop("bandwidth_gb_s", None)
+    result = {"note": NOTE, "machine": machine, "settings": settings, "rows": rows, "allgather": allgather,
+              "failures": failures, "seconds": time.perf_counter() - started}
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    png = out.with_suffix(".png")
+    wrote = f"wrote {out}"
+    if rows:
+        try:
+            plot(rows, png)
+            wrote += f" and {png}"
+        except ImportError:
+            wrote += " (no matplotlib: no chart)"
+    print(wrote)
+
+
+if __name__ == "__main__":
+    main()
