@@ -356,3 +356,29 @@ def test_generation_with_workers_equals_one_node_text(smollm2, workers):
         finally:
             session.close()
     assert texts[0] == texts[1]
+
+
+def test_perplexity_with_workers_equals_one_node(smollm2, workers):
+    cmd = [sys.executable, "-m", "dllama", "perplexity", "--model", str(smollm2[0]), "--tokenizer", str(smollm2[1]),
+           "--prompt", PARAGRAPH, "--nthreads", "1"]
+    alone = run_root(cmd)
+    together = run_root(cmd + ["--workers", *[w.address for w in workers]])
+    assert alone.returncode == 0 and together.returncode == 0, together.stderr
+    assert alone.stdout == together.stdout  # four decimals of the same perplexity
+
+
+def test_a_worker_outlives_its_root(tmp_path, smollm2):
+    w = Worker(tmp_path)
+    try:
+        root = subprocess.Popen(root_cmd(smollm2, [w]), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        w.wait_for("node ready", timeout=120)
+        time.sleep(0.5)
+        root.kill()
+        root.wait()
+        w.wait_for("session ended", timeout=10)
+        w.wait_for("waiting for a root", timeout=10)
+        result = run_root(root_cmd(smollm2, [w], steps=12))
+        assert result.returncode == 0, result.stderr
+    finally:
+        w.stop()

@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _check_ranges(parser, args)
     _set_threads(getattr(args, "nthreads", None))
+    if args.command == "worker" or getattr(args, "workers", None):
+        # Nodes may share a machine's cores: kernel threads that wait must sleep, not spin.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if args.command in ("inference", "perplexity"):
             from dllama.commands import run

@@ -93,9 +93,6 @@ def load_session(args: argparse.Namespace) -> "Session":
 
 def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str]):
     """The root's node of a cluster with ``workers``: plan, hand out slices, connect."""
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # nodes may share cores: no spinning threads
     from dllama.engine.cluster import describe_plan, start_cluster
     from dllama.kernels.quants import FloatType
     from dllama.model.forward import Transformer

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from dllama.commands.common import info
 
 
 def main(args: argparse.Namespace) -> int:
-    # Several nodes may share a machine's cores: waiting kernel threads must sleep, not spin.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from dllama.kernels import backend
     from dllama.model.node import NodeFactory
     from dllama.transport.slice_cache import SliceCache
