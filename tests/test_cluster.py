@@ -293,43 +293,124 @@ def test_a_malformed_worker_address_is_one_line(smollm2, address):
     assert result.stderr.strip().splitlines()[-1] == f"error: worker address {address!r} is not HOST:PORT"
 
 
+def _config_for(model_path: Path, **changes) -> dict:
+    """A real node configuration (node 1 of 2) of the model, with some fields changed."""
+    from dllama.model.node import node_config
+
+    m = ModelFile(model_path)
+    config = node_config(m.header, plan_slices(m.header, [1, 1])[1], 64, "f32", "0" * 64)
+    config.update(changes)
+    return config
+
+
+def _hello(version=PROTOCOL_VERSION, root_port=1, **extra) -> list:
+    return pack("hello", {"version": version, "index": 1, "n_nodes": 2, "net_timeout": 2.0, "root_port": root_port,
+                          **extra})
+
+
 def test_garbage_and_strangers_do_not_hurt_a_worker(tmp_path, synthetic):
     w = Worker(tmp_path)
+    ctx = zmq.Context()
     try:
         # Raw bytes that are not ZeroMQ at all.
         for payload in [b"GET / HTTP/1.1\r\n\r\n", os.urandom(5000), b"\xff" * 10 + b"\x00" * 100]:
             with socket.create_connection(("127.0.0.1", w.port)) as s:
                 s.sendall(payload)
                 time.sleep(0.05)
-        # ZeroMQ peers breaking the protocol: unknown kinds, bad JSON, wrong order, a wrong
-        # version, an oversized message.
-        ctx = zmq.Context()
-        d = ctx.socket(zmq.DEALER)
-        d.linger = 0
-        d.connect(f"tcp://{w.address}")
-        replies = []
-        for frames in ([b"nonsense"], [b"hello", b"{not json"], [b"forward", b"{}"], [b"hello", b"[1]"],
-                       pack("hello", {"version": PROTOCOL_VERSION + 1, "index": 1, "n_nodes": 2})):
+
+        def dealer():
+            d = ctx.socket(zmq.DEALER)
+            d.linger = 0
+            d.connect(f"tcp://{w.address}")
+            return d
+
+        def exchange(d, frames):
             d.send_multipart(frames)
-            assert d.poll(5000), f"no reply to {frames}"
-            replies.append(unpack(d.recv_multipart()))
-        assert all(kind == "error" for kind, _, _ in replies)
-        assert f"protocol version {PROTOCOL_VERSION + 1}, this worker {PROTOCOL_VERSION}" in replies[-1][1]["message"]
-        big = ctx.socket(zmq.DEALER)
-        big.linger = 0
-        big.connect(f"tcp://{w.address}")
+            assert d.poll(10000), f"no reply to {str(frames)[:200]}"
+            return unpack(d.recv_multipart())
+
+        # ZeroMQ peers breaking the protocol, each answered with an error: unknown kinds, bad or
+        # deeply nested JSON, wrong order, too many frames, a wrong version.
+        d = dealer()
+        for frames in ([b"nonsense"], [b"hello", b"{not json"], [b"hello", b"[" * 100000], [b"forward", b"{}"],
+                       [b"hello", b"[1]"], [b"hello", b"{}"] + [b"x"] * 50,
+                       _hello(PROTOCOL_VERSION + 1), _hello(net_timeout=7000.0 * 1e9),
+                       _hello(index=True), _hello(n_nodes=10**30)):
+            kind, meta, _ = exchange(d, frames)
+            assert kind == "error", meta
+        assert f"protocol version {PROTOCOL_VERSION + 1}, this worker {PROTOCOL_VERSION}" in \
+            exchange(d, _hello(PROTOCOL_VERSION + 1))[1]["message"]
+        # A stranger that says hello with a data port nobody listens on, then vanishes: the
+        # worker gives up on it within the net timeout and serves the next root.
+        kind, _, _ = exchange(d, _hello(root_port=free_port()))
+        assert kind == "hello"
+        d.close()
+        w.wait_for("cannot reach the root's data port", timeout=10)
+        # Configurations that would crash or exhaust a careless worker; each session ends with
+        # an error reply. (A real data port so that the session lives long enough.)
+        pub = ctx.socket(zmq.PUB)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        bad_configs = [
+            _config_for(synthetic, seq_len=float("inf")),
+            _config_for(synthetic, node={"index": 1, "n_nodes": 2, "q_heads": [3, 6], "kv_heads": [1, 2],
+                                         "hidden": [100, 224], "vocab": [50, 101]}),  # not whole blocks
+            _config_for(synthetic, node={"index": 1e400}),
+            _config_for(synthetic, header="00"),
+            _config_for(synthetic, seq_len=10**6),
+        ]
+        for config in bad_configs:
+            d = dealer()
+            assert exchange(d, _hello(root_port=port))[0] == "hello"
+            kind, meta, _ = exchange(d, pack("config", config))
+            assert kind == "error", meta
+            d.close()
+        # Oversized frames drop the sender's connection.
+        big = dealer()
         big.send_multipart([b"chunk", b"{}", b"\0" * (64 << 20)])
         time.sleep(0.5)
-        d.close()
         big.close()
-        ctx.term()
+        pub.close()
         assert w.proc.poll() is None
+        assert "Traceback" not in w.output()
         # Still serving.
         cluster = cluster_transformer(ModelFile(synthetic), [w])
         greedy(cluster.transformer, [1, 2, 3], 4)
         cluster.close()
     finally:
+        ctx.term()
         w.stop()
+
+
+def test_bad_cache_dir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run_root([sys.executable, "-m", "dllama", "worker", "--cache-dir", str(tmp_path / "file" / "sub"),
+                       "--port", str(free_port())])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot use --cache-dir {tmp_path / 'file' / 'sub'}")
+
+
+def test_ipv6_worker_address(tmp_path, synthetic):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dllama", "worker", "--host", "::1", "--port", str(port),
+                             "--nthreads", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        w = type("W", (), {"address": f"[::1]:{port}"})
+        deadline = time.monotonic() + 60
+        while True:  # the worker is up once it accepts a connection
+            try:
+                socket.create_connection(("::1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        model = ModelFile(synthetic)
+        cluster = cluster_transformer(model, [w])
+        got = greedy(cluster.transformer, [5, 6, 7], 8)[0]
+        cluster.close()
+        assert got == greedy(Transformer(model, seq_len=128), [5, 6, 7], 8)[0]
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_cli_cluster_run_prints_network_summary(smollm2, workers):
@@ -382,3 +463,12 @@ def test_a_worker_outlives_its_root(tmp_path, smollm2):
         assert result.returncode == 0, result.stderr
     finally:
         w.stop()
+
+
+def test_long_net_timeouts_fit_zeromq_heartbeats():
+    from dllama.transport.links import new_socket
+
+    ctx = zmq.Context()
+    for timeout in (0.1, 10.0, 7000.0, 86400.0):
+        new_socket(ctx, zmq.DEALER, timeout, server=False).close()
+    ctx.term()

@@ -23,7 +23,10 @@ def test_proportional_split(total, weights):
     counts = proportional(total, weights)
     assert sum(counts) == total and min(counts) >= 1
     ideal = [total * w / sum(weights) for w in weights]
-    assert all(abs(c - i) < 1 + 1e-9 or c == 1 for c, i in zip(counts, ideal))
+    # Within one unit of the ideal share, but the units that nodes under one unit are lifted
+    # to must come from someone.
+    forced = sum(max(0.0, 1 - i) for i in ideal)
+    assert all(abs(c - i) < 1 + forced + 1e-9 for c, i in zip(counts, ideal))
 
 
 @settings(max_examples=200, deadline=None)

@@ -52,26 +52,33 @@ def encode_text(tokenizer: "Tokenizer", text: str) -> list[int]:
 
 def load_session(args: argparse.Namespace) -> "Session":
     """A ready Session for --model/--tokenizer (or the default model) with the user's settings."""
-    from dllama.engine.generate import Session
+    from dllama.engine.generate import Session, check_pair
     from dllama.formats.mfile import ModelFile
     from dllama.kernels import backend
     from dllama.kernels.quants import FloatType
     from dllama.model.forward import Transformer
     from dllama.model.weights import physical_memory
 
+    workers = getattr(args, "workers", None) or []
+    for address in workers:  # before anything slow: a typo is a one-line error at once
+        from dllama.transport.links import parse_address
+        try:
+            parse_address(address)
+        except ValueError as e:
+            raise DllamaError(str(e)) from None
     model_path, tokenizer_path = resolve_paths(args)
     if not model_path.exists():
         raise DllamaError(f"{model_path}: no such model file")
     tokenizer = load_tokenizer(tokenizer_path)
     model = ModelFile(model_path)
     h = model.header
+    check_pair(tokenizer, h.vocab_size)  # before any weights travel to workers
     seq_len = min(args.max_seq_len or DEFAULT_MAX_SEQ_LEN, h.seq_len)
     kv_bytes = 2 * h.n_layers * seq_len * h.kv_dim * 4
-    if kv_bytes > physical_memory():
+    if kv_bytes > physical_memory() * (1 + len(workers)):
         raise DllamaError(f"a KV cache of {seq_len} positions needs {kv_bytes / 2**30:.1f} GiB, more than this "
                           f"machine's memory: lower --max-seq-len")
     buffer_type = FloatType.parse(args.buffer_float_type)
-    workers = getattr(args, "workers", None) or []
     try:
         backend.backend()
         backend.set_threads(args.nthreads)
@@ -81,14 +88,19 @@ def load_session(args: argparse.Namespace) -> "Session":
             transformer, cluster = Transformer(model, seq_len=seq_len, buffer_type=buffer_type), None
     except ValueError as e:  # DLLAMA_BACKEND / DLLAMA_CPU_PATH
         raise DllamaError(str(e)) from None
-    transformer.prepare()
-    info(f"💡 Model: {model_path.name} ({h.arch.name.lower()}, {h.n_layers} layers, dim {h.dim}, "
-         f"{h.n_heads} heads, {h.n_kv_heads} KV heads, {h.weight_type.name} weights, "
-         f"{model.weight_bytes / 1e6:.0f} MB)")
-    info(f"💡 SeqLen: {seq_len} (model: {h.seq_len}; --max-seq-len changes it), KV cache "
-         f"{transformer.kv_cache.nbytes / 1e6:.0f} MB, buffers {args.buffer_float_type}")
-    info(f"💡 Kernels: {backend.describe()}")
-    return Session(transformer, tokenizer, cluster=cluster)
+    try:
+        transformer.prepare()
+        info(f"💡 Model: {model_path.name} ({h.arch.name.lower()}, {h.n_layers} layers, dim {h.dim}, "
+             f"{h.n_heads} heads, {h.n_kv_heads} KV heads, {h.weight_type.name} weights, "
+             f"{model.weight_bytes / 1e6:.0f} MB)")
+        info(f"💡 SeqLen: {seq_len} (model: {h.seq_len}; --max-seq-len changes it), KV cache "
+             f"{transformer.kv_cache.nbytes / 1e6:.0f} MB, buffers {args.buffer_float_type}")
+        info(f"💡 Kernels: {backend.describe()}")
+        return Session(transformer, tokenizer, cluster=cluster)
+    except BaseException:
+        if cluster is not None:
+            cluster.close()
+        raise
 
 
 def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str]):
@@ -98,6 +110,8 @@ def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[
     from dllama.model.forward import Transformer
     from dllama.model.slicing import plan_slices
 
+    if args.buffer_float_type == "q80" and model.header.dim % 32:
+        raise DllamaError("--buffer-float-type q80 on a cluster needs a model dimension that is a multiple of 32")
     plan = plan_slices(model.header, args.split or [1.0] * (1 + len(workers)))
     for line in describe_plan(model, plan, workers, seq_len):
         info(line)

@@ -7,9 +7,9 @@ from typing import Iterator
 
 import numpy as np
 
-from dllama.errors import DllamaError
 from dllama.engine.sampler import Sampler
 from dllama.engine.tokenizer import Tokenizer
+from dllama.errors import DllamaError
 from dllama.model.forward import MAX_BATCH, Transformer
 
 
@@ -21,13 +21,17 @@ class Stats:
     pred_seconds: float = 0.0
 
 
+def check_pair(tokenizer: Tokenizer, vocab_size: int) -> None:
+    if tokenizer.vocab_size != vocab_size:
+        raise DllamaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                          f"has {vocab_size}: they do not belong together")
+
+
 class Session:
     """A transformer, its tokenizer and the position reached in the KV cache."""
 
     def __init__(self, transformer: Transformer, tokenizer: Tokenizer, cluster=None):
-        if tokenizer.vocab_size != transformer.header.vocab_size:
-            raise DllamaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                              f"has {transformer.header.vocab_size}: they do not belong together")
+        check_pair(tokenizer, transformer.header.vocab_size)
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.cluster = cluster  # engine.cluster.Cluster when workers compute too

@@ -14,9 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from dllama.errors import DllamaError, FormatError
-from dllama.formats.mfile import (ArchType, HiddenAct, ModelHeader, ModelWriter, RopeType, tensor_plan,
-                                  validate_header)
 from dllama.formats.gguf_tokenizer import gguf_field
+from dllama.formats.mfile import (
+    ArchType,
+    HiddenAct,
+    ModelHeader,
+    ModelWriter,
+    RopeType,
+    tensor_plan,
+    validate_header,
+)
 from dllama.kernels.quants import FloatType
 from dllama.kernels.reference import rope_frequencies
 

@@ -7,12 +7,15 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.formats.mfile import ModelHeader, encode_header, parse_header
-from dllama.kernels.quants import FloatType
+from dllama.kernels.quants import BLOCK_SIZE, FloatType
 from dllama.model.forward import MAX_BATCH, LocalSync, Transformer
-from dllama.model.slicing import NodeModel, NodeSlice, node_specs
+from dllama.model.slicing import NodeModel, NodeSlice, node_kv_bytes, node_specs
+from dllama.model.weights import physical_memory
 from dllama.model.wire import WireCodec
 
 MAX_SEQ_LEN = 1 << 20
+# Bounds the tensor list a configuration can make a worker build (real models: ~10^4).
+MAX_LAYER_TENSORS = 1 << 16
 
 
 def node_config(h: ModelHeader, node: NodeSlice, seq_len: int, buffer_type: str, cache_key: str) -> dict:
@@ -22,21 +25,36 @@ def node_config(h: ModelHeader, node: NodeSlice, seq_len: int, buffer_type: str,
 
 
 def _parse(config: dict) -> tuple[ModelHeader, NodeSlice, int, str]:
+    """A node's configuration, checked as untrusted input: whatever it says, the worker either
+    builds a node that fits its memory or refuses with one line."""
     try:
         h = parse_header(bytes.fromhex(config["header"]))
         node = NodeSlice.from_json(config["node"])
         seq_len = int(config["seq_len"])
         buffer_type = str(config["buffer_float_type"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, DllamaError) as e:
         raise DllamaError(f"malformed node configuration ({e})") from None
+    group = h.n_heads // h.n_kv_heads
+    hidden = h.moe_hidden_dim if h.is_moe else h.hidden_dim
+    quantized = h.weight_type.is_quantized
     plan_ok = (0 < node.index < node.n_nodes and 0 <= node.q_heads[0] < node.q_heads[1] <= h.n_heads
                and 0 <= node.kv_heads[0] < node.kv_heads[1] <= h.n_kv_heads
-               and node.kv_heads[0] * (h.n_heads // h.n_kv_heads) <= node.q_heads[0]
-               and node.q_heads[1] <= node.kv_heads[1] * (h.n_heads // h.n_kv_heads)
-               and 0 <= node.hidden[0] < node.hidden[1] <= (h.moe_hidden_dim if h.is_moe else h.hidden_dim)
-               and 0 <= node.vocab[0] < node.vocab[1] <= h.vocab_size)
+               and node.kv_heads[0] * group <= node.q_heads[0] and node.q_heads[1] <= node.kv_heads[1] * group
+               and 0 <= node.hidden[0] < node.hidden[1] <= hidden
+               and 0 <= node.vocab[0] < node.vocab[1] <= h.vocab_size
+               # w2 and o are cut by columns: whole quantized blocks
+               and not (quantized and (node.hidden[0] % BLOCK_SIZE or node.hidden[1] % BLOCK_SIZE
+                                       or h.head_dim % BLOCK_SIZE)))
     if not plan_ok or not 0 < seq_len <= min(h.seq_len, MAX_SEQ_LEN) or buffer_type not in ("f32", "q80"):
         raise DllamaError("node configuration out of range")
+    if buffer_type == "q80" and h.dim % BLOCK_SIZE:
+        raise DllamaError(f"q80 buffers need a model dimension that is a multiple of {BLOCK_SIZE}")
+    if h.n_layers * max(1, h.n_experts) > MAX_LAYER_TENSORS:
+        raise DllamaError("node configuration out of range (layers x experts)")
+    need = sum(s.nbytes for s in node_specs(h, node)) + node_kv_bytes(h, node, seq_len)
+    if need > physical_memory():
+        raise DllamaError(f"this node's slice needs {need / 2**30:.1f} GiB, more than this worker's "
+                          f"{physical_memory() / 2**30:.1f} GiB of memory: add nodes or lower --max-seq-len")
     return h, node, seq_len, buffer_type
 
 

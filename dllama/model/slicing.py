@@ -74,7 +74,7 @@ class NodeSlice:
         try:
             ranges = {k: (int(d[k][0]), int(d[k][1])) for k in ("q_heads", "kv_heads", "hidden", "vocab")}
             return cls(index=int(d["index"]), n_nodes=int(d["n_nodes"]), **ranges)
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError):
             raise DllamaError("malformed node slice") from None
 
 

@@ -31,6 +31,8 @@ class WireCodec:
 
     def encode(self, x: np.ndarray) -> bytes:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.q80 and x.shape[-1] % BLOCK_SIZE:
+            raise ValueError(f"Q80 needs rows of a multiple of {BLOCK_SIZE} values, got {x.shape[-1]}")
         if not self.q80:
             return x.tobytes()
         if self._jit is None:
@@ -41,7 +43,7 @@ class WireCodec:
 
     def add_into(self, data: bytes | memoryview, total: np.ndarray) -> None:
         """``total`` [rows, dim] += an encoded part; ValueError when its size does not fit."""
-        if len(data) != self.nbytes(*total.shape):
+        if len(data) != self.nbytes(*total.shape) or (self.q80 and total.shape[1] % BLOCK_SIZE):
             raise ValueError(f"a part of {len(data)} bytes does not hold {total.shape[0]} x {total.shape[1]} values")
         if not self.q80:
             total += np.frombuffer(data, dtype=np.float32).reshape(total.shape)

@@ -28,13 +28,34 @@ class LinkSecurity:
 
 
 PLAINTEXT = LinkSecurity()
+MAX_HEARTBEAT_MS = 6_553_500
+
+
+def endpoint(host: str, port: int) -> str:
+    """``tcp://host:port``, with IPv6 addresses in brackets."""
+    host = host.strip("[]")
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (or [IPV6]:PORT) as users write a worker's address."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or any(c.isspace() or c in "/[]" for c in host) or not port.isdecimal() \
+            or not 0 < int(port) < 65536:
+        raise ValueError(f"worker address {address!r} is not HOST:PORT")
+    return host, int(port)
 
 
 def new_socket(ctx: zmq.Context, kind: int, net_timeout: float, server: bool,
                security: LinkSecurity = PLAINTEXT) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.linger = 0
-    timeout_ms = max(100, int(net_timeout * 1000))
+    sock.setsockopt(zmq.IPV6, 1)  # IPv4 and IPv6 both
+    # ZeroMQ's TTL field holds at most 6553.5 s; a longer net timeout keeps that.
+    timeout_ms = min(MAX_HEARTBEAT_MS, max(100, int(net_timeout * 1000)))
     sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, min(1000, timeout_ms // 4)))
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, timeout_ms)
@@ -42,9 +63,12 @@ def new_socket(ctx: zmq.Context, kind: int, net_timeout: float, server: bool,
     sock.sndhwm = 1000
     sock.rcvhwm = 1000
     if kind in (zmq.ROUTER, zmq.SUB):
-        # Whatever a stranger sends cannot grow our memory past one message of this size.
+        # A frame larger than this drops the sender's connection. ZeroMQ bounds frames, not
+        # frames per message: the ROUTER also queues few messages per peer, and every message
+        # with more frames than the protocol's is dropped as soon as it is read.
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.rcvhwm = 8
     (security.server if server else security.client)(sock)
     return sock

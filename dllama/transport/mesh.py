@@ -22,6 +22,7 @@ from dllama.transport.protocol import HELLO_FWD, ProtocolError, data_frame, pars
 
 # Parts buffered ahead of the step being gathered; lockstep needs at most one step per peer.
 MAX_PENDING = 256
+HELLO_INTERVAL = 0.02
 
 
 class PeerFailed(DllamaError):
@@ -60,14 +61,22 @@ class Mesh:
             self.sub.connect(endpoint)
 
     def handshake(self, is_done) -> None:
-        """Publish hellos until ``is_done(seen)`` says every needed subscription is live
-        (``seen``: the peers whose hello arrived). Covers ZeroMQ's slow joiner: a part published
-        before a subscription is in place would be lost."""
+        """Publish hellos (one per ``HELLO_INTERVAL``) until ``is_done(seen)`` says every needed
+        subscription is live (``seen``: the peers whose hello arrived). Covers ZeroMQ's slow
+        joiner: a part published before a subscription is in place would be lost. Other parts
+        that arrive meanwhile (a peer that finished first may already have started) are kept."""
         seen: set[int] = set()
         deadline = time.monotonic() + self.net_timeout
+        next_hello = 0.0
         while not is_done(seen):
-            self.pub.send(data_frame(HELLO_FWD, 0, self.index, b""))
-            if self.sub.poll(20):
+            now = time.monotonic()
+            if now >= next_hello:
+                self.pub.send(data_frame(HELLO_FWD, 0, self.index, b""))
+                next_hello = now + HELLO_INTERVAL
+            if now > deadline:
+                missing = sorted(self.peer_nodes - seen)
+                raise PeerFailed(missing, f"did not join the data plane within {self.net_timeout:g} s")
+            if self.sub.poll(max(1, int((next_hello - now) * 1000))):
                 while self.sub.poll(0):
                     frame = self.sub.recv()
                     fwd, step, node, payload = parse_data(frame)
@@ -75,13 +84,10 @@ class Mesh:
                         continue
                     if fwd == HELLO_FWD:
                         seen.add(node)
-                    elif len(self.pending) < MAX_PENDING:  # a peer that finished first already started
+                    elif len(self.pending) < MAX_PENDING:
                         self.bytes_received += len(frame)
                         self.pending[(fwd, step, node)] = payload
             self._check_monitor()
-            if time.monotonic() > deadline:
-                missing = sorted(set(self.peers.values()) - seen)
-                raise PeerFailed(missing, f"did not join the data plane within {self.net_timeout:g} s")
 
     def publish(self, fwd: int, step: int, payload: bytes) -> None:
         frame = data_frame(fwd, step, self.index, payload)
@@ -113,6 +119,9 @@ class Mesh:
             self.bytes_received += len(frame)
             f, s, node, payload = parse_data(frame)
             if f == HELLO_FWD:
+                if time.monotonic() > deadline:  # a peer that only says hello is not answering
+                    missing = [n for n in sources if n not in parts]
+                    raise PeerFailed(missing, f"sent nothing for {self.net_timeout:g} s (--net-timeout)")
                 continue  # a late handshake message
             if node not in self.peer_nodes:
                 raise ProtocolError(f"a part from node {node}, which is not a peer")

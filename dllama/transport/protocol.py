@@ -40,6 +40,7 @@ KINDS = frozenset({"hello", "error", "config", "chunk", "ack", "build", "built",
 CHUNK_BYTES = 8 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
 MAX_META_BYTES = 1 << 20
+MAX_FRAMES = 3  # kind, meta, at most one blob
 
 DATA_MAGIC = b"DLD1"
 DATA_HEADER = struct.Struct("<4sIHH")  # magic, fwd, step, node
@@ -57,8 +58,8 @@ def pack(kind: str, meta: dict | None = None, *blobs: bytes | memoryview) -> lis
 
 def unpack(frames: list) -> tuple[str, dict, list]:
     """(kind, meta, blobs) of a control message; ProtocolError when it is malformed."""
-    if len(frames) < 2:
-        raise ProtocolError(f"a message needs at least 2 frames, got {len(frames)}")
+    if not 2 <= len(frames) <= MAX_FRAMES:
+        raise ProtocolError(f"a message has 2 to {MAX_FRAMES} frames, got {len(frames)}")
     kind = bytes(frames[0]).decode("ascii", "replace")
     if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {kind[:32]!r}")
@@ -66,7 +67,7 @@ def unpack(frames: list) -> tuple[str, dict, list]:
         raise ProtocolError("message metadata too large")
     try:
         meta = json.loads(bytes(frames[1]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError(f"{kind}: metadata is not JSON") from None
     if not isinstance(meta, dict):
         raise ProtocolError(f"{kind}: metadata is not a JSON object")

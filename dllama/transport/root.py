@@ -15,7 +15,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from dllama.errors import DllamaError
-from dllama.transport.links import PLAINTEXT, LinkSecurity, new_socket
+from dllama.transport.links import (
+    PLAINTEXT,
+    LinkSecurity,
+    endpoint,
+    new_socket,
+    parse_address,
+)
 from dllama.transport.mesh import Mesh, PeerFailed
 from dllama.transport.protocol import (
     CHUNK_BYTES,
@@ -40,6 +46,7 @@ class WorkerFailed(DllamaError):
 @dataclass
 class WorkerLink:
     address: str  # host:port as the user gave it
+    host: str
     index: int  # node index (the root is 0)
     sock: zmq.Socket
     monitor: zmq.Socket
@@ -47,20 +54,13 @@ class WorkerLink:
     weight_bytes_sent: int = 0
     info: dict = dc_field(default_factory=dict)
 
-    @property
-    def host(self) -> str:
-        return self.address.rsplit(":", 1)[0].strip("[]")
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DllamaError(f"worker address {address!r} is not HOST:PORT")
-    return host, int(port)
-
 
 class RootLink:
     def __init__(self, addresses: list[str], net_timeout: float, security: LinkSecurity = PLAINTEXT):
+        try:
+            parsed = [parse_address(a) for a in addresses]
+        except ValueError as e:
+            raise DllamaError(str(e)) from None
         self.net_timeout = net_timeout
         self.security = security
         self.ctx = zmq.Context()
@@ -68,23 +68,37 @@ class RootLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.mesh = Mesh(self.ctx, 0, net_timeout, security=security)
-        for i, address in enumerate(addresses, start=1):
-            host, port = parse_address(address)
+        for i, (address, (host, port)) in enumerate(zip(addresses, parsed), start=1):
             sock = new_socket(self.ctx, zmq.DEALER, net_timeout, server=False, security=security)
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            self.workers.append(WorkerLink(address, i, sock, monitor))
+            self.workers.append(WorkerLink(address, host, i, sock, monitor))
             try:
-                sock.connect(f"tcp://{host if ':' not in host else '[' + host + ']'}:{port}")
+                sock.connect(endpoint(host, port))
             except zmq.ZMQError as e:
-                raise WorkerFailed(f"worker {address}: cannot connect: {e}") from None
+                self.close()
+                raise WorkerFailed(f"worker {address}: cannot connect: {e.strerror}") from None
 
     def worker(self, node: int) -> WorkerLink:
         return self.workers[node - 1]
 
     def failed(self, err: PeerFailed) -> WorkerFailed:
-        """A data-plane failure, told by worker address."""
-        names = ", ".join(self.worker(n).address for n in err.nodes if n >= 1) or "the root"
-        return WorkerFailed(f"worker {names} {err.reason}")
+        """A data-plane failure, told by worker address. A worker that saw another one fail
+        says so before it hangs up (its own disconnect may reach us first): that is the cause."""
+        deadline = time.monotonic() + min(0.5, self.net_timeout)
+        blamed: list[int] = []
+        for w in self.workers:
+            while not blamed and w.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                try:
+                    kind, meta, _ = unpack(w.sock.recv_multipart())
+                except ProtocolError:
+                    continue
+                failed = meta.get("failed") if kind == "error" else None
+                if isinstance(failed, list):
+                    blamed = [n for n in failed if isinstance(n, int) and 1 <= n <= len(self.workers)]
+                    if blamed:
+                        err = PeerFailed(blamed, f"stopped answering (noticed by worker {w.address})")
+        names = ", ".join(self.worker(n).address for n in err.nodes if 1 <= n <= len(self.workers))
+        return WorkerFailed(f"worker {names or '?'} {err.reason}")
 
     # -- messages -----------------------------------------------------------------------------
     def send(self, w: WorkerLink, kind: str, meta: dict | None = None, *blobs) -> None:
@@ -143,7 +157,7 @@ class RootLink:
     def configure(self, w: WorkerLink, config: dict) -> bool:
         """Send a worker its configuration; True when it already has the weights cached."""
         self.send(w, "config", config)
-        meta, _ = self.recv(w, "config")
+        meta, _ = self.recv(w, "config", timeout=BUILD_TIMEOUT)  # it checks its slice cache first
         return bool(meta.get("cached"))
 
     def send_weights(self, w: WorkerLink, tensors: Iterable[tuple[str, np.ndarray]],
@@ -159,17 +173,23 @@ class RootLink:
                 seq += 1
                 in_flight += 1
                 if in_flight == WINDOW:
-                    self.recv(w, "ack")
+                    self._ack(w, seq - in_flight)
                     in_flight -= 1
                 progress(len(chunk))
         for _ in range(in_flight):
-            self.recv(w, "ack")
+            self._ack(w, seq - in_flight)
+            in_flight -= 1
+
+    def _ack(self, w: WorkerLink, seq: int) -> None:
+        meta, _ = self.recv(w, "ack")
+        if meta.get("seq") != seq:
+            raise WorkerFailed(f"worker {w.address} acknowledged chunk {meta.get('seq')} where {seq} was due")
 
     def start_mesh(self) -> None:
         """Connect the data plane: every node subscribes to every other, proven by hellos."""
         mesh = self.mesh
         endpoints = {0: None}
-        endpoints.update({w.index: f"tcp://{w.host}:{w.data_port}" for w in self.workers})
+        endpoints.update({w.index: endpoint(w.host, w.data_port) for w in self.workers})
         mesh.connect({i: e for i, e in endpoints.items() if i != 0})
         for w in self.workers:
             self.send(w, "mesh", {"peers": {str(i): e for i, e in endpoints.items() if i != w.index}})
@@ -186,7 +206,9 @@ class RootLink:
         try:
             mesh.handshake(all_ready)
         except PeerFailed as e:
-            raise self.failed(e) from None
+            silent = [w.address for w in self.workers if w.index in e.nodes or w.index not in ready]
+            raise WorkerFailed(f"worker {', '.join(silent)} did not join the data plane within "
+                               f"{self.net_timeout:g} s (can every node reach every other's data port?)") from None
 
     def send_all(self, kind: str) -> None:
         for w in self.workers:
@@ -204,14 +226,18 @@ class RootLink:
         out = []
         for w in self.workers:
             meta, blobs = self.recv(w, "logits")
-            if meta.get("fwd") != fwd or len(blobs) != 1:
+            if meta.get("fwd") != fwd:
                 raise WorkerFailed(f"worker {w.address} sent logits of forward {meta.get('fwd')} in "
                                    f"forward {fwd}")
+            if len(blobs) != 1:
+                raise WorkerFailed(f"worker {w.address} sent logits without data")
             out.append(blobs[0])
         return out
 
     def close(self) -> None:
         """Tell every worker the session is over (so it frees its memory), then hang up."""
+        if self.ctx.closed:
+            return
         for w in self.workers:
             try:
                 w.sock.send_multipart(pack("stop"), flags=zmq.NOBLOCK)

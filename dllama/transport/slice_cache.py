@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-_KEY = re.compile(r"^[0-9a-f]{64}$")
+from dllama.errors import DllamaError
+
+_KEY = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 16 << 20
 
 
@@ -32,10 +34,16 @@ def _sha256(path: Path) -> str:
 class SliceCache:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise DllamaError(f"cannot use --cache-dir {directory}: {e.strerror or e}") from None
 
     def _entry(self, key: str) -> Path | None:
-        return self.dir / key if _KEY.match(key) else None
+        return self.dir / key if _KEY.fullmatch(key) else None
 
     def load(self, key: str, specs: list[tuple[str, int]]) -> dict[str, np.ndarray] | None:
         """The tensors of entry ``key`` (memory-mapped bytes), or None when it is absent,
@@ -46,12 +54,12 @@ class SliceCache:
         data = entry / "slice.bin"
         try:
             meta = json.loads((entry / "meta.json").read_text())
-            valid = (meta.get("tensors") == [list(s) for s in specs]
-                     and data.stat().st_size == sum(n for _, n in specs)
-                     and meta.get("sha256") == _sha256(data))
+            if meta.get("tensors") != [list(s) for s in specs]:
+                return None  # another layout under this key: not ours to judge, leave it
+            valid = data.stat().st_size == sum(n for _, n in specs) and meta.get("sha256") == _sha256(data)
         except (OSError, ValueError, AttributeError):
             valid = False
-        if not valid:
+        if not valid:  # partial or corrupt
             shutil.rmtree(entry, ignore_errors=True)
             return None
         raw = np.memmap(data, dtype=np.uint8, mode="r") if data.stat().st_size else np.zeros(0, np.uint8)
