@@ -130,54 +130,50 @@ def scale_of(logits: np.ndarray) -> float:
 F32_TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("n_nodes", [2, 3, 4])
-def test_synthetic_model_on_n_nodes_equals_one_node(synthetic, workers, n_nodes):
-    model = ModelFile(synthetic)
-    tokens = [3, 17, 42, 5, 5, 79, 0, 23, 61, 8, 11, 2]
-    want_tokens, want = greedy(Transformer(model, seq_len=128), tokens, 64)
-    cluster = cluster_transformer(model, workers[:n_nodes - 1])
+def assert_cluster_equals_one_node(model: ModelFile, tokens: list[int], workers, n_tokens: int = 64,
+                                   split=None, check_plan=None) -> None:
+    """Greedy tokens and prompt logits of the cluster equal those of one node."""
+    want_tokens, want = greedy(Transformer(model, seq_len=128), tokens, n_tokens)
+    cluster = cluster_transformer(model, workers, split=split)
     try:
-        if n_nodes == 4:  # more nodes than KV heads: query heads 2,2,1,1, groups cut in the middle
-            assert [s.q_heads for s in cluster.sync.plan] == [(0, 2), (2, 4), (4, 5), (5, 6)]
-            assert [s.kv_heads for s in cluster.sync.plan] == [(0, 1), (0, 2), (1, 2), (1, 2)]
-        got_tokens, got = greedy(cluster.transformer, tokens, 64)
+        if check_plan is not None:
+            check_plan(cluster)
+        got_tokens, got = greedy(cluster.transformer, tokens, n_tokens)
     finally:
         cluster.close()
     assert np.abs(got - want).max() <= F32_TOLERANCE * scale_of(want)
     assert got_tokens == want_tokens
+
+
+@pytest.mark.parametrize("n_nodes", [2, 3, 4])
+def test_synthetic_model_on_n_nodes_equals_one_node(synthetic, workers, n_nodes):
+    def check_plan(cluster):
+        if n_nodes == 4:  # more nodes than KV heads: query heads 2,2,1,1, groups cut in the middle
+            assert [s.q_heads for s in cluster.sync.plan] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+            assert [s.kv_heads for s in cluster.sync.plan] == [(0, 1), (0, 2), (1, 2), (1, 2)]
+
+    tokens = [3, 17, 42, 5, 5, 79, 0, 23, 61, 8, 11, 2]
+    assert_cluster_equals_one_node(ModelFile(synthetic), tokens, workers[:n_nodes - 1], check_plan=check_plan)
 
 
 @pytest.mark.parametrize("n_nodes", [2, 3, 4])
 def test_smollm2_on_n_nodes_equals_one_node(smollm2, workers, n_nodes):
-    model = ModelFile(smollm2[0])
-    tokenizer = Tokenizer.load(smollm2[1])
-    tokens = tokenizer.encode(PROMPT)
-    want_tokens, want = greedy(Transformer(model, seq_len=128), tokens, 64)
-    cluster = cluster_transformer(model, workers[:n_nodes - 1])
-    try:
-        got_tokens, got = greedy(cluster.transformer, tokens, 64)
-    finally:
-        cluster.close()
-    assert np.abs(got - want).max() <= F32_TOLERANCE * scale_of(want)
-    assert got_tokens == want_tokens
+    tokens = Tokenizer.load(smollm2[1]).encode(PROMPT)
+    assert_cluster_equals_one_node(ModelFile(smollm2[0]), tokens, workers[:n_nodes - 1])
 
 
 def test_split_gives_the_root_twice_the_rows(smollm2, workers):
     model = ModelFile(smollm2[0])
     h = model.header
-    tokens = Tokenizer.load(smollm2[1]).encode(PROMPT)
-    want_tokens, want = greedy(Transformer(model, seq_len=128), tokens, 32)
-    cluster = cluster_transformer(model, workers[:1], split=[2, 1])
-    try:
+
+    def check_plan(cluster):
         root, worker = cluster.sync.plan
         assert root.hidden_dim == 2 * worker.hidden_dim == 2 * h.hidden_dim // 3
         assert root.vocab_size == 2 * h.vocab_size // 3
         assert cluster.transformer.layers[0].ffn.w1.out_features == root.hidden_dim  # what it holds
-        got_tokens, got = greedy(cluster.transformer, tokens, 32)
-    finally:
-        cluster.close()
-    assert np.abs(got - want).max() <= F32_TOLERANCE * scale_of(want)
-    assert got_tokens == want_tokens
+
+    tokens = Tokenizer.load(smollm2[1]).encode(PROMPT)
+    assert_cluster_equals_one_node(model, tokens, workers[:1], n_tokens=32, split=[2, 1], check_plan=check_plan)
 
 
 # q80 sync: each part is rounded to Q80 blocks before the sum (as distributed-llama does): at
