@@ -87,7 +87,7 @@ class Mesh:
                     elif len(self.pending) < MAX_PENDING:
                         self.bytes_received += len(frame)
                         self.pending[(fwd, step, node)] = payload
-            self._check_monitor()
+            self.check_peers()
 
     def publish(self, fwd: int, step: int, payload: bytes) -> None:
         frame = data_frame(fwd, step, self.index, payload)
@@ -114,7 +114,7 @@ class Mesh:
                     missing = [n for n in sources if n not in parts]
                     raise PeerFailed(missing, f"sent nothing for {self.net_timeout:g} s (--net-timeout)")
                 if self.monitor in dict(self._poller.poll(left * 1000)):
-                    self._check_monitor()
+                    self.check_peers()
                 continue
             self.bytes_received += len(frame)
             f, s, node, payload = parse_data(frame)
@@ -138,10 +138,8 @@ class Mesh:
         return parts
 
     def check_peers(self) -> None:
-        """Raise PeerFailed when a peer's connection dropped (it died, or stopped answering heartbeats)."""
-        self._check_monitor()
-
-    def _check_monitor(self) -> None:
+        """Note new connections; raise PeerFailed when a peer's connection dropped (it died, or
+        stopped answering heartbeats)."""
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
             node = self.peers.get(event["endpoint"].decode(errors="replace"))
