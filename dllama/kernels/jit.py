@@ -175,13 +175,19 @@ def q80_wire_encode(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def q80_wire_add(data: np.ndarray, table: np.ndarray, total: np.ndarray) -> None:
-    """``total`` (flat float32) += the values of the Q80 block bytes in ``data``."""
-    for b in range(total.shape[0] // BLOCK_SIZE):
-        o = b * (BLOCK_SIZE + 2)
-        d = table[np.uint16(data[o]) | (np.uint16(data[o + 1]) << 8)]
-        for j in range(BLOCK_SIZE):
-            total[b * BLOCK_SIZE + j] += np.float32(np.int8(data[o + 2 + j])) * d
+def q80_wire_sum(data: np.ndarray, n_parts: int, table: np.ndarray, total: np.ndarray) -> None:
+    """``total`` (flat float32) = the sum, in order, of ``n_parts`` parts of Q80 block bytes
+    laid end to end in ``data``: one call for the whole all-gather."""
+    n = total.shape[0]
+    part_bytes = n // BLOCK_SIZE * (BLOCK_SIZE + 2)
+    total[:] = 0.0
+    for p in range(n_parts):
+        base = p * part_bytes
+        for b in range(n // BLOCK_SIZE):
+            o = base + b * (BLOCK_SIZE + 2)
+            d = table[np.uint16(data[o]) | (np.uint16(data[o + 1]) << 8)]
+            for j in range(BLOCK_SIZE):
+                total[b * BLOCK_SIZE + j] += np.float32(np.int8(data[o + 2 + j])) * d
 
 
 @njit(cache=True, parallel=True)

@@ -21,8 +21,7 @@ class WireCodec:
 
             self._jit = jit
             self._table = jit.f16_table()
-        zero = np.zeros((1, BLOCK_SIZE), dtype=np.float32)
-        self.add_into(self.encode(zero), zero)  # compiles (or loads) the kernels now
+        self.sum_parts([self.encode(np.zeros((1, BLOCK_SIZE), dtype=np.float32))], 1, BLOCK_SIZE)  # compile now
 
     def nbytes(self, rows: int, dim: int) -> int:
         if self.q80:
@@ -41,13 +40,22 @@ class WireCodec:
         self._jit.q80_wire_encode(x.reshape(-1), out)
         return out.data
 
-    def add_into(self, data: bytes | memoryview, total: np.ndarray) -> None:
-        """``total`` [rows, dim] += an encoded part; ValueError when its size does not fit."""
-        if len(data) != self.nbytes(*total.shape) or (self.q80 and total.shape[1] % BLOCK_SIZE):
-            raise ValueError(f"a part of {len(data)} bytes does not hold {total.shape[0]} x {total.shape[1]} values")
+    def sum_parts(self, parts: list, rows: int, dim: int) -> np.ndarray:
+        """The sum, in the given order, of encoded parts of ``rows x dim`` values (starting from
+        zero, so every node that sums the same parts gets the same bits); ValueError when a
+        part's size does not fit."""
+        size = self.nbytes(rows, dim)
+        for part in parts:
+            if len(part) != size or (self.q80 and dim % BLOCK_SIZE):
+                raise ValueError(f"a part of {len(part)} bytes does not hold {rows} x {dim} values")
+        total = np.zeros((rows, dim), dtype=np.float32)
         if not self.q80:
-            total += np.frombuffer(data, dtype=np.float32).reshape(total.shape)
+            for part in parts:
+                total += np.frombuffer(part, dtype=np.float32).reshape(rows, dim)
         elif self._jit is None:
-            total += quants.dequantize_q80(np.frombuffer(data, dtype=Q80_BLOCK)).reshape(total.shape)
+            for part in parts:
+                total += quants.dequantize_q80(np.frombuffer(part, dtype=Q80_BLOCK)).reshape(rows, dim)
         else:
-            self._jit.q80_wire_add(np.frombuffer(data, dtype=np.uint8), self._table, total.reshape(-1))
+            data = np.frombuffer(b"".join(parts), dtype=np.uint8)
+            self._jit.q80_wire_sum(data, len(parts), self._table, total.reshape(-1))
+        return total
