@@ -37,6 +37,7 @@ WINDOW = 4
 # Building a node (packing weights, compiling kernels on a cold cache) may take minutes; a
 # worker that dies or freezes meanwhile is still caught by its connection dropping.
 BUILD_TIMEOUT = 1800.0
+STOP_LINGER_MS = 200
 
 
 class WorkerFailed(DllamaError):
@@ -87,6 +88,8 @@ class RootLink:
         deadline = time.monotonic() + min(0.5, self.net_timeout)
         blamed: list[int] = []
         for w in self.workers:
+            if w.index in err.nodes:
+                continue  # its own report cannot be trusted to come
             while not blamed and w.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 try:
                     kind, meta, _ = unpack(w.sock.recv_multipart())
@@ -243,11 +246,6 @@ class RootLink:
                 w.sock.send_multipart(pack("stop"), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-        deadline = time.monotonic() + min(1.0, self.net_timeout)
-        for w in self.workers:
-            left = deadline - time.monotonic()
-            if left > 0 and w.sock.poll(left * 1000):
-                w.sock.recv_multipart()
         self.mesh.close()
         for w in self.workers:
             try:
@@ -255,5 +253,7 @@ class RootLink:
             except zmq.ZMQError:
                 pass
             w.monitor.close(linger=0)
-            w.sock.close(linger=0)
+            # A moment for "stop" to leave (not for a dead worker to take it): live workers
+            # free their memory at once, the others when they notice the root is gone.
+            w.sock.close(linger=STOP_LINGER_MS)
         self.ctx.term()
