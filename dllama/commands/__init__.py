@@ -62,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     _cluster_flags(p)
 
+    p = sub.add_parser("chat", help="chat with the model in the terminal")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="answer length limit (default: the context)")
+    _model_flags(p)
+    _cluster_flags(p)
+    _sampling_flags(p)
+
+    p = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9990, help="port (default 9990)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
+    p.add_argument("--model-id", default=None, help="the model's id in the API (default: the model file's name)")
+    _model_flags(p)
+    _cluster_flags(p)
+
     p = sub.add_parser("worker", help="serve a root: compute a slice of its model")
     p.add_argument("--port", type=int, default=9998, help="port to listen on (default 9998)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
@@ -85,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag, minimum in (("steps", 1), ("nthreads", 1), ("max_seq_len", 1)):
+    for flag, minimum in (("steps", 1), ("nthreads", 1), ("max_seq_len", 1), ("max_tokens", 1)):
         value = getattr(args, flag, None)
         if value is not None and value < minimum:
             parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
@@ -134,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             from dllama.commands import run
 
             return run.main(args)
+        if args.command == "chat":
+            from dllama.commands import chat
+
+            return chat.main(args)
+        if args.command == "api":
+            from dllama.commands import api
+
+            return api.main(args)
         if args.command == "worker":
             from dllama.commands import worker
 

@@ -124,6 +124,15 @@ class Cluster:
         self.sync = sync
         self.weight_bytes_sent = weight_bytes_sent
 
+    def alive(self) -> bool:
+        """Whether every worker is still connected (between generations: it reads the sockets
+        the generation uses)."""
+        try:
+            self.link.mesh.check_peers()
+        except PeerFailed:
+            return False
+        return True
+
     def close(self) -> None:
         self.link.close()
 

@@ -1,0 +1,67 @@
+"""``api``: the OpenAI-compatible HTTP server (Starlette on uvicorn) around one loaded model."""
+from __future__ import annotations
+
+import argparse
+import socket
+
+from dllama.commands.common import info, load_session
+from dllama.errors import DllamaError
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Our own listening socket, so that a busy port is a one-line error before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        raise DllamaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dllama.commands.openai_app import Api
+    from dllama.engine.chat_template import (
+        ChatTemplateError,
+        end_of_turn_ids,
+        template_for,
+    )
+    from dllama.engine.completion import Completer
+
+    sock = _listen(args.host, args.port)
+    session = load_session(args)
+    try:
+        try:
+            template = template_for(session.tokenizer, args.chat_template)
+        except ChatTemplateError as e:
+            if args.chat_template:
+                raise
+            template = None  # /v1/completions still works; chat requests get a clear 400
+            info(f"⚠️  {e}")
+        completer = Completer(session, end_of_turn_ids(session.tokenizer))
+        cluster = session.cluster
+        api = Api(completer, template, args.model_id or _model_id(args, session), args.api_key,
+                  nodes=1 + (len(cluster.link.workers) if cluster else 0),
+                  cluster_alive=cluster.alive if cluster else None)
+        info(f"🌐 OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {api.model_id!r})")
+        config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=2, lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        session.close()
+        sock.close()
+    return 0
+
+
+def _model_id(args: argparse.Namespace, session) -> str:
+    from pathlib import Path
+
+    from dllama.commands.common import resolve_paths
+
+    model_path, _ = resolve_paths(args)
+    return Path(model_path).stem

@@ -1,0 +1,75 @@
+"""``chat``: a conversation in the terminal (or through a pipe), kept in the KV cache so each
+turn evaluates only its new tokens."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dllama.commands.common import info, load_session
+
+
+def _read(prompt: str) -> str | None:
+    """A line of input; None at end of input (Ctrl-D, or the pipe is done)."""
+    if sys.stdin.isatty():
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\n")
+
+
+def main(args: argparse.Namespace) -> int:
+    from dllama.engine.chat_template import end_of_turn_ids, template_for
+    from dllama.engine.completion import Completer, Outcome, Request
+
+    session = load_session(args)
+    try:
+        template = template_for(session.tokenizer, args.chat_template)
+        completer = Completer(session, end_of_turn_ids(session.tokenizer))
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        messages = list(system)
+        out = sys.stdout
+        info("💬 Type a message and press Enter; Ctrl-C stops an answer, Ctrl-D (end of input) quits.")
+        while True:
+            try:
+                line = _read("\n👱 You: ")
+            except KeyboardInterrupt:
+                out.write("\n")
+                continue
+            if line is None:
+                out.write("\n")
+                return 0
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            prompt = session.tokenizer.encode(template.render(messages), add_bos=False, allow_special=True)
+            if len(prompt) >= completer.seq_len:
+                messages.pop()
+                out.write(f"\n⚠️  The conversation ({len(prompt)} tokens) no longer fits the context of "
+                          f"{completer.seq_len} tokens. Start over? [Y/n] ")
+                out.flush()
+                answer = _read("")
+                if answer is None:
+                    return 0
+                if answer.strip().lower() in ("", "y", "yes"):
+                    messages = list(system)
+                    out.write("🔄 Started a new conversation.\n")
+                continue
+            request = Request(prompt, args.max_tokens, args.temperature, args.topp, args.seed)
+            outcome = Outcome()
+            out.write("\n🤖 Assistant: ")
+            out.flush()
+            answer = []
+            try:
+                for text in completer.complete(request, outcome):
+                    answer.append(text)
+                    out.write(text)
+                    out.flush()
+            except KeyboardInterrupt:
+                out.write(" [stopped]")
+            out.write("\n")
+            out.flush()
+            messages.append({"role": "assistant", "content": "".join(answer)})
+    finally:
+        session.close()

@@ -1,0 +1,38 @@
+"""`python -m dllama chat` driven through a pipe, as a script or another program would."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def chat(stdin: str, *flags: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dllama", "chat", "--temperature", "0", "--nthreads", "1", *flags],
+                          input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_two_turns_then_end_of_input():
+    result = chat("What is the capital of France?\nAnd of Italy?\n", "--max-tokens", "24", "--max-seq-len", "512")
+    assert result.returncode == 0, result.stderr
+    answers = [a.strip() for a in result.stdout.split("🤖 Assistant:")[1:]]
+    assert len(answers) == 2 and all(answers)
+    assert "Paris" in answers[0]
+    assert "Rome" in answers[1]  # the second turn saw the first: "And of Italy?" alone means nothing
+    assert "Traceback" not in result.stderr
+
+
+def test_a_conversation_that_outgrows_the_context_offers_to_start_over():
+    long_line = "Tell me about the sea and the sky and the mountains. " * 8
+    result = chat(f"{long_line}\ny\nHello!\n", "--max-tokens", "8", "--max-seq-len", "64")
+    assert result.returncode == 0, result.stderr
+    assert "no longer fits the context of 64 tokens. Start over?" in result.stdout
+    assert "Started a new conversation" in result.stdout
+    assert result.stdout.count("🤖 Assistant:") == 1  # the short message after starting over
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_chat_template_file_is_one_line(tmp_path):
+    result = chat("hi\n", "--chat-template", str(tmp_path / "nope.jinja"))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "nope.jinja" in last
