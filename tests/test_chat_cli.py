@@ -36,3 +36,25 @@ def test_a_missing_chat_template_file_is_one_line(tmp_path):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "nope.jinja" in last
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_conversation():
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dllama", "chat", "--temperature", "0", "--nthreads", "1",
+                             "--max-seq-len", "1024"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc.stdin.write("Write a very long story about a dragon.\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "🤖 Assistant:" not in seen or len(seen.split("🤖 Assistant:")[1]) < 20:
+        seen += proc.stdout.read(1)
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("What is the capital of France?\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert "[stopped]" in seen + out
+    assert (seen + out).count("🤖 Assistant:") == 2
+    assert "Traceback" not in err

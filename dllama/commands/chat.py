@@ -3,7 +3,9 @@ turn evaluates only its new tokens."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from dllama.commands.common import info, load_session
 
@@ -17,6 +19,21 @@ def _read(prompt: str) -> str | None:
             return None
     line = sys.stdin.readline()
     return None if line == "" else line.rstrip("\n")
+
+
+class _ctrl_c_stops:
+    """While an answer streams, Ctrl-C asks the generation to stop after the current token,
+    instead of interrupting a forward pass (on a cluster that would leave the workers
+    mid-step)."""
+
+    def __init__(self, cancel: threading.Event):
+        self.cancel = cancel
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGINT, lambda *_: self.cancel.set())
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -61,12 +78,12 @@ def main(args: argparse.Namespace) -> int:
             out.write("\n🤖 Assistant: ")
             out.flush()
             answer = []
-            try:
-                for text in completer.complete(request, outcome):
+            with _ctrl_c_stops(cancel := threading.Event()):
+                for text in completer.complete(request, outcome, cancel):
                     answer.append(text)
                     out.write(text)
                     out.flush()
-            except KeyboardInterrupt:
+            if outcome.cancelled:
                 out.write(" [stopped]")
             out.write("\n")
             out.flush()
