@@ -229,20 +229,15 @@ class Api:
         return JSONResponse(self._model_object())
 
     async def chat_completions(self, request: HttpRequest) -> Response:
-        try:
-            self._check_key(request)
-            body = await self._body(request)
-            job = self._chat_job(body)
-            self._check_up_if_free()
-        except ApiError as e:
-            return e.response()
-        return await self._run(request, job)
+        return await self._generate(request, self._chat_job)
 
     async def completions(self, request: HttpRequest) -> Response:
+        return await self._generate(request, self._completion_job)
+
+    async def _generate(self, request: HttpRequest, make_job: Callable[[dict], Job]) -> Response:
         try:
             self._check_key(request)
-            body = await self._body(request)
-            job = self._completion_job(body)
+            job = make_job(await self._body(request))
             self._check_up_if_free()
         except ApiError as e:
             return e.response()

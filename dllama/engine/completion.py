@@ -75,14 +75,14 @@ class StopStrings:
 
 
 class Completer:
-    """The model behind chat and the API. Not thread-safe: callers take turns (``lock``)."""
+    """The model behind chat and the API. Not thread-safe: callers take turns (the API queues
+    requests)."""
 
     def __init__(self, session: Session, end_ids: frozenset[int]):
         self.session = session
         self.tokenizer = session.tokenizer
         self.end_ids = frozenset(end_ids) | self.tokenizer.eos_ids
         self.cached: list[int] = []  # tokens whose keys and values are in the KV cache, in order
-        self.lock = threading.Lock()
 
     @property
     def seq_len(self) -> int:
