@@ -50,8 +50,13 @@ def main(args: argparse.Namespace) -> int:
                   nodes=1 + (len(cluster.link.workers) if cluster else 0),
                   cluster_alive=cluster.alive if cluster else None)
         info(f"🌐 OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {api.model_id!r})")
-        config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=2, lifespan="off")
-        uvicorn.Server(config).run(sockets=[sock])
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:  # Ctrl-C, SIGTERM
+                api.shutdown()
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=30, lifespan="off")
+        Server(config).run(sockets=[sock])
     finally:
         session.close()
         sock.close()

@@ -123,6 +123,7 @@ class Api:
         self.down: str | None = None  # why the model can no longer run (a worker failed)
         self.turn = asyncio.Lock()
         self.waiting = 0
+        self.generations: set[threading.Event] = set()  # the cancel events of running generations
         self.created = int(time.time())
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -151,6 +152,13 @@ class Api:
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    def shutdown(self) -> None:
+        """The server is stopping: running generations end after their current token, so that
+        their clients get a complete (shortened) reply instead of a cut connection."""
+        self.down = "the server is shutting down"
+        for cancel in list(self.generations):
+            cancel.set()
 
     def _check_up(self) -> None:
         """503 once the model cannot run. The cluster's sockets are only probed while no
@@ -303,6 +311,7 @@ class Api:
         cancel = threading.Event()
         async with self._my_turn():
             watcher = asyncio.create_task(self._watch(request, cancel))
+            self.generations.add(cancel)
             try:
                 self._check_up()
                 text = await anyio.to_thread.run_sync(
@@ -313,6 +322,7 @@ class Api:
                 return self._fail(e).response()
             finally:
                 watcher.cancel()
+                self.generations.discard(cancel)
         if job.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": outcome.finish_reason, "logprobs": None}
@@ -369,6 +379,7 @@ class Api:
                     loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
             thread = threading.Thread(target=produce, name="dllama-generation", daemon=True)
+            self.generations.add(cancel)
             thread.start()
             try:
                 if job.chat:
@@ -396,3 +407,4 @@ class Api:
                 cancel.set()
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(thread.join)
+                self.generations.discard(cancel)
