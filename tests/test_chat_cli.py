@@ -21,13 +21,17 @@ def test_two_turns_then_end_of_input():
     assert "Traceback" not in result.stderr
 
 
-def test_a_conversation_that_outgrows_the_context_offers_to_start_over():
+def test_a_conversation_that_outgrows_the_context_starts_over():
+    """Through a pipe the next line is a message, not an answer: the chat starts over by itself
+    and retries the message; one that cannot fit even alone is refused with a notice."""
     long_line = "Tell me about the sea and the sky and the mountains. " * 8
-    result = chat(f"{long_line}\ny\nHello!\n", "--max-tokens", "8", "--max-seq-len", "64")
+    medium = "Tell me about the sea and the sky. " * 2
+    result = chat(f"{long_line}\nHello!\n{medium}\n{medium}\n", "--max-tokens", "8", "--max-seq-len", "96")
     assert result.returncode == 0, result.stderr
-    assert "no longer fits the context of 64 tokens. Start over?" in result.stdout
+    assert "does not fit the context" in result.stdout  # the long line, even alone
+    assert "no longer fits the context of 96 tokens. Starting over." in result.stdout
     assert "Started a new conversation" in result.stdout
-    assert result.stdout.count("🤖 Assistant:") == 1  # the short message after starting over
+    assert result.stdout.count("🤖 Assistant:") == 3  # Hello!, then each medium message
     assert "Traceback" not in result.stderr
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import time
 
 from dllama.commands.common import info, load_session
 from dllama.errors import DllamaError
@@ -54,9 +55,16 @@ def main(args: argparse.Namespace) -> int:
             def handle_exit(self, sig, frame) -> None:  # Ctrl-C, SIGTERM
                 api.shutdown()
                 super().handle_exit(sig, frame)
+                # uvicorn would raise the signal again once it has stopped, which (for SIGTERM)
+                # kills the process before the cluster hears that the session is over.
+                self._captured_signals.clear()
 
         config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=30, lifespan="off")
         Server(config).run(sockets=[sock])
+        deadline = time.monotonic() + 30
+        while api.generations and time.monotonic() < deadline:  # each stops after its current token
+            time.sleep(0.05)
+        info("👋 API server stopped")
     finally:
         session.close()
         sock.close()

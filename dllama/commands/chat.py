@@ -36,8 +36,24 @@ class _ctrl_c_stops:
         signal.signal(signal.SIGINT, self.previous)
 
 
+def _start_over(out, tokens: int, seq_len: int) -> bool:
+    """Whether to drop the conversation: asked on a terminal; with piped input (where the next
+    line is a message, not an answer) always."""
+    out.write(f"\n⚠️  The conversation ({tokens} tokens) no longer fits the context of {seq_len} tokens. ")
+    if not sys.stdin.isatty():
+        out.write("Starting over.\n")
+        return True
+    out.write("Start over? [Y/n] ")
+    out.flush()
+    try:
+        answer = _read("")
+    except KeyboardInterrupt:
+        return False
+    return answer is not None and answer.strip().lower() in ("", "y", "yes")
+
+
 def main(args: argparse.Namespace) -> int:
-    from dllama.engine.chat_template import end_of_turn_ids, template_for
+    from dllama.engine.chat_template import ChatTemplateError, end_of_turn_ids, template_for
     from dllama.engine.completion import Completer, Outcome, Request
 
     session = load_session(args)
@@ -45,8 +61,13 @@ def main(args: argparse.Namespace) -> int:
         template = template_for(session.tokenizer, args.chat_template)
         completer = Completer(session, end_of_turn_ids(session.tokenizer))
         system = [{"role": "system", "content": args.system}] if args.system else []
+        template.render(system + [{"role": "user", "content": "hi"}])  # a template that refuses --system says so now
         messages = list(system)
         out = sys.stdout
+
+        def tokens_of(conversation: list[dict]) -> list[int]:
+            return session.tokenizer.encode(template.render(conversation), add_bos=False, allow_special=True)
+
         info("💬 Type a message and press Enter; Ctrl-C stops an answer, Ctrl-D (end of input) quits.")
         while True:
             try:
@@ -59,20 +80,25 @@ def main(args: argparse.Namespace) -> int:
                 return 0
             if not line.strip():
                 continue
-            messages.append({"role": "user", "content": line})
-            prompt = session.tokenizer.encode(template.render(messages), add_bos=False, allow_special=True)
-            if len(prompt) >= completer.seq_len:
-                messages.pop()
-                out.write(f"\n⚠️  The conversation ({len(prompt)} tokens) no longer fits the context of "
-                          f"{completer.seq_len} tokens. Start over? [Y/n] ")
-                out.flush()
-                answer = _read("")
-                if answer is None:
-                    return 0
-                if answer.strip().lower() in ("", "y", "yes"):
+            try:
+                prompt = tokens_of(messages + [{"role": "user", "content": line}])
+                if len(prompt) >= completer.seq_len:
+                    if not _start_over(out, len(prompt), completer.seq_len):
+                        continue
                     messages = list(system)
+                    prompt = tokens_of(messages + [{"role": "user", "content": line}])
+                    if len(prompt) >= completer.seq_len:
+                        out.write(f"⚠️  This message alone ({len(prompt)} tokens) does not fit the context: "
+                                  f"write a shorter one, or raise --max-seq-len.\n")
+                        continue
                     out.write("🔄 Started a new conversation.\n")
+            except ChatTemplateError as e:
+                out.write(f"⚠️  {e}\n")
                 continue
+            except KeyboardInterrupt:
+                out.write("\n")
+                continue
+            messages.append({"role": "user", "content": line})
             request = Request(prompt, args.max_tokens, args.temperature, args.topp, args.seed)
             outcome = Outcome()
             out.write("\n🤖 Assistant: ")
@@ -85,6 +111,8 @@ def main(args: argparse.Namespace) -> int:
                     out.flush()
             if outcome.cancelled:
                 out.write(" [stopped]")
+            elif outcome.finish_reason == "length" and args.max_tokens is None:
+                out.write(" [the context is full]")
             out.write("\n")
             out.flush()
             messages.append({"role": "assistant", "content": "".join(answer)})

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -27,9 +28,27 @@ from starlette.routing import Route
 from dllama.engine.chat_template import ChatTemplate, ChatTemplateError
 from dllama.engine.completion import Completer, ContextFull, Outcome, Request
 from dllama.errors import DllamaError
+from dllama.transport.mesh import PeerFailed
+from dllama.transport.protocol import ProtocolError
+from dllama.transport.root import WorkerFailed
+
+ClusterFailure = (WorkerFailed, PeerFailed, ProtocolError)
 
 MAX_BODY_BYTES = 4 << 20
 MAX_STOPS = 4
+
+
+class _ClosingStream(StreamingResponse):
+    """Closes its generator however the response ends (a client that stops reading may cancel
+    us inside ``send``, where the generator would otherwise wait for garbage collection to run
+    its cleanup: stopping the generation and freeing the model)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 class ApiError(Exception):
@@ -49,13 +68,12 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 
 # -- parameters ------------------------------------------------------------------------------------
-def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or not (lo < value if lo_open else lo <= value) or value > hi:
-        raise ApiError(400, f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}]", param=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:  # nan fails too
+        raise ApiError(400, f"{name} must be a number in [{lo}, {hi}]", param=name)
     return float(value)
 
 
@@ -90,9 +108,10 @@ def _sampling(body: dict) -> dict:
     if options is not None and not (isinstance(options, dict)
                                     and isinstance(options.get("include_usage", False), bool)):
         raise ApiError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     return {
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        "temperature": 0.0 if top_p == 0 else _number(body, "temperature", 1.0, 0.0, 2.0),  # top_p 0: the top token
+        "top_p": top_p or 1.0,
         "seed": None if (seed := _integer(body, "seed", -(2**63), 2**64 - 1)) is None else seed % 2**64,
         "stop": _stop(body),
         "stream": bool(stream),
@@ -125,6 +144,8 @@ class Api:
         self.waiting = 0
         self.generations: set[threading.Event] = set()  # the cancel events of running generations
         self.created = int(time.time())
+        tokenizer = completer.tokenizer
+        self.max_piece_bytes = max(1, max(len(tokenizer.piece(i)) for i in range(tokenizer.vocab_size)))
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -245,11 +266,18 @@ class Api:
     async def _generate(self, request: HttpRequest, make_job: Callable[[dict], Job]) -> Response:
         try:
             self._check_key(request)
-            job = make_job(await self._body(request))
+            body = await self._body(request)
+            # Templates and tokenization of a large body take a while: not on the event loop,
+            # which keeps streaming the answer being generated meanwhile.
+            job = await anyio.to_thread.run_sync(make_job, body)
             self._check_up_if_free()
+            return await self._run(request, job)
         except ApiError as e:
             return e.response()
-        return await self._run(request, job)
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening any more
+        except Exception as e:  # noqa: BLE001 - an error object, not a traceback in the log
+            return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     # -- requests ------------------------------------------------------------------------------
     def _limit(self, body: dict, default: int | None) -> int | None:
@@ -257,9 +285,21 @@ class Api:
         legacy = _integer(body, "max_tokens", 1, 1 << 30)
         return limit if limit is not None else legacy if legacy is not None else default
 
+    def _tokens(self, text: str, chat: bool) -> list[int]:
+        """The prompt's tokens; a text too long for the context is refused before the (slow)
+        tokenization: no token spans more than the longest piece's bytes."""
+        if len(text.encode("utf-8", "replace")) >= self.completer.seq_len * self.max_piece_bytes:
+            raise ApiError(400, f"the prompt does not fit the context of {self.completer.seq_len} tokens "
+                                f"(the server's --max-seq-len)", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        tokenizer = self.completer.tokenizer
+        return tokenizer.encode(text, add_bos=False, allow_special=True) if chat else tokenizer.encode(text)
+
     def _job(self, prompt: list[int], body: dict, chat: bool, default_limit: int | None) -> Job:
         params = _sampling(body)
         limit = self._limit(body, default_limit)
+        if not prompt:
+            raise ApiError(400, "the prompt has no tokens", param="messages" if chat else "prompt")
         if len(prompt) >= self.completer.seq_len:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; the context holds {self.completer.seq_len} "
                                 f"(the server's --max-seq-len)", param="messages" if chat else "prompt",
@@ -277,8 +317,7 @@ class Api:
             text = self.template.render(messages, add_generation_prompt=True)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
-        prompt = self.completer.tokenizer.encode(text, add_bos=False, allow_special=True)
-        return self._job(prompt, body, chat=True, default_limit=None)
+        return self._job(self._tokens(text, chat=True), body, chat=True, default_limit=None)
 
     def _completion_job(self, body: dict) -> Job:
         prompt = body.get("prompt")
@@ -286,7 +325,7 @@ class Api:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-        return self._job(self.completer.tokenizer.encode(prompt), body, chat=False, default_limit=16)
+        return self._job(self._tokens(prompt, chat=False), body, chat=False, default_limit=16)
 
     def _usage(self, outcome: Outcome) -> dict:
         return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
@@ -296,20 +335,25 @@ class Api:
     def _fail(self, e: BaseException) -> ApiError:
         if isinstance(e, ContextFull):
             return ApiError(400, str(e), code="context_length_exceeded")
-        if isinstance(e, DllamaError):  # the model cannot run any more: a worker failed
+        # Called once the generation thread is done with the cluster's sockets.
+        if self.cluster_alive is not None and (isinstance(e, ClusterFailure) or not self.cluster_alive()):
             self.down = str(e)
             return ApiError(503, f"the model is unavailable: {e}", "server_error", code="unavailable")
+        if isinstance(e, DllamaError):
+            return ApiError(400, str(e))
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     async def _run(self, request: HttpRequest, job: Job) -> Response:
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if job.stream:
-            return StreamingResponse(self._stream(request, job, rid, created), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _ClosingStream(self._stream(request, job, rid, created), media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         outcome = Outcome()
         cancel = threading.Event()
         async with self._my_turn():
+            if await request.is_disconnected():
+                return Response(status_code=400)  # left while waiting its turn
             watcher = asyncio.create_task(self._watch(request, cancel))
             self.generations.add(cancel)
             try:

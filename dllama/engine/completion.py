@@ -11,6 +11,7 @@ from typing import Iterator
 from dllama.engine.generate import Session
 from dllama.engine.sampler import Sampler
 from dllama.errors import DllamaError
+from dllama.model.forward import MAX_BATCH
 
 
 class ContextFull(DllamaError):
@@ -88,10 +89,11 @@ class Completer:
     def seq_len(self) -> int:
         return self.session.seq_len
 
-    def _evaluate_prompt(self, prompt: list[int]) -> int:
-        """Bring the KV cache to ``prompt`` and return how many of its tokens were reused. The
-        last token is always evaluated alone, so that a repeated request computes the same
-        logits whether its prefix was cached or not (batches round differently)."""
+    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None) -> int | None:
+        """Bring the KV cache to ``prompt`` and return how many of its tokens were reused (None
+        when cancelled first; a long prompt is cancellable between batches). The last token is
+        always evaluated alone, so that a repeated request computes the same logits whether
+        its prefix was cached or not (batches round differently)."""
         common = 0
         for a, b in zip(self.cached, prompt[:-1]):
             if a != b:
@@ -100,9 +102,12 @@ class Completer:
         self.cached = self.cached[:common]
         self.session.pos = common
         try:
-            if common < len(prompt) - 1:
-                self.session.evaluate(prompt[common:-1])
-            self.cached = list(prompt[:-1])
+            for start in range(common, len(prompt) - 1, MAX_BATCH):
+                if cancel is not None and cancel.is_set():
+                    return None
+                batch = prompt[start:min(start + MAX_BATCH, len(prompt) - 1)]
+                self.session.evaluate(batch)
+                self.cached.extend(batch)
             logits = self.session.evaluate(prompt[-1:])
         except BaseException:
             self.cached = []  # the cache holds an unknown state now
@@ -122,7 +127,11 @@ class Completer:
                               f"and needs room for at least one more")
         t0 = time.perf_counter()
         outcome.prompt_tokens = len(prompt)
-        outcome.cached_tokens = self._evaluate_prompt(prompt)
+        cached = self._evaluate_prompt(prompt, cancel)
+        if cached is None:
+            outcome.cancelled = True
+            return
+        outcome.cached_tokens = cached
         limit = self.seq_len - len(prompt)
         if request.max_tokens is not None:
             limit = min(limit, request.max_tokens)
