@@ -672,3 +672,50 @@ def test_a_cluster_answers_like_one_node_and_a_dead_worker_is_503(client, cluste
         assert http.get("/v1/models").status_code == 200
         time.sleep(0.5)
         assert server.alive(), server.output()
+
+
+def test_a_huge_prompt_is_refused_at_once_while_another_answer_streams(server, http):
+    """The cheap length bound refuses a 3 MB prompt without tokenizing it, and prompt work runs
+    off the event loop: a stream in progress keeps flowing meanwhile."""
+    stream = http.stream("POST", "/v1/completions", json={"model": MODEL_ID, "prompt": "1, 2, 3,", "max_tokens": 200,
+                                                          "temperature": 0, "stream": True})
+    with stream as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        t0 = time.monotonic()
+        big = http.post("/v1/chat/completions", json={"model": MODEL_ID, "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": "word " * 600_000}]})
+        assert time.monotonic() - t0 < 5
+        assert_error(big, 400, code="context_length_exceeded")
+        assert any(line.startswith("data: ") for line in lines)  # still streaming
+    wait_idle(http)
+
+
+def test_a_request_whose_client_left_while_queued_does_not_run(server, http):
+    """Three clients queue behind a long request and give up; once it is done, the model
+    serves the next request at once, not the three abandoned ones first."""
+    body = json.dumps({"model": MODEL_ID, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 300, "temperature": 0}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    t0 = time.monotonic()
+    first = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    first.sendall(head + body)
+    time.sleep(0.3)
+    quitters = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(3)]
+    for s in quitters:
+        s.sendall(head + body)
+    time.sleep(0.3)
+    for s in quitters:
+        s.close()
+    reader = first.makefile("rb")
+    assert reader.readline().startswith(b"HTTP/1.1 200")
+    while reader.readline() not in (b"\r\n", b""):
+        pass  # headers
+    reader.read1(1 << 16)
+    first_seconds = time.monotonic() - t0
+    first.close()
+    t1 = time.monotonic()
+    r = http.post("/v1/completions", json={"model": MODEL_ID, "prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200
+    assert time.monotonic() - t1 < first_seconds / 2  # one abandoned request would take about first_seconds
+    wait_idle(http)
