@@ -129,9 +129,9 @@ def sse_data(text: str) -> list[str]:
     events = [e for e in text.split("\n\n") if e.strip()]
     assert text.endswith("\n\n")
     out = []
-    for event in events:
-        assert event.startswith("data: "), event
-        out.append(event[len("data: "):])
+    for line in events:
+        assert line.startswith("data: "), line
+        out.append(line[len("data: "):])
     return out
 
 

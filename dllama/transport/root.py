@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from dataclasses import field as dc_field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -53,7 +52,6 @@ class WorkerLink:
     monitor: zmq.Socket
     data_port: int = 0
     weight_bytes_sent: int = 0
-    info: dict = dc_field(default_factory=dict)
 
 
 class RootLink:
@@ -155,7 +153,6 @@ class RootLink:
             if version != PROTOCOL_VERSION:
                 raise WorkerFailed(f"worker {w.address} speaks protocol version {version}, this root "
                                    f"{PROTOCOL_VERSION}: install the same dllama on both")
-            w.info = meta
 
     def configure(self, w: WorkerLink, config: dict) -> bool:
         """Send a worker its configuration; True when it already has the weights cached."""
