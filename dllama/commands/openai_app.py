@@ -13,7 +13,6 @@ import json
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -39,9 +38,13 @@ MAX_STOPS = 4
 
 
 class _ClosingStream(StreamingResponse):
-    """Closes its generator however the response ends (a client that stops reading may cancel
-    us inside ``send``, where the generator would otherwise wait for garbage collection to run
-    its cleanup: stopping the generation and freeing the model)."""
+    """A stream that holds the model's turn: it closes its generator however the response ends
+    (a client that stops reading may cancel us inside ``send``, where the generator would
+    otherwise wait for garbage collection to stop the generation), then gives the turn back."""
+
+    def __init__(self, content, release: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self.release = release
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -49,6 +52,7 @@ class _ClosingStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+            self.release()
 
 
 class ApiError(Exception):
@@ -210,18 +214,21 @@ class Api:
             raise ApiError(400, "the request body must be a JSON object")
         return data
 
-    @asynccontextmanager
-    async def _my_turn(self) -> AsyncIterator[None]:
-        """Wait for the model; ``waiting`` counts who is queued (for /health)."""
+    async def _take_turn(self, request: HttpRequest) -> None:
+        """Wait for the model (``waiting`` counts who is queued, for /health). A client that
+        left meanwhile, or a model that went down, gets its answer now, turn given back."""
         self.waiting += 1
         try:
             await self.turn.acquire()
         finally:
             self.waiting -= 1
         try:
-            yield
-        finally:
+            if await request.is_disconnected():
+                raise ApiError(400, "the client left while waiting")
+            self._check_up()
+        except BaseException:
             self.turn.release()
+            raise
 
     # -- routes --------------------------------------------------------------------------------
     async def health(self, request: HttpRequest) -> Response:
@@ -346,27 +353,24 @@ class Api:
     async def _run(self, request: HttpRequest, job: Job) -> Response:
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
+        await self._take_turn(request)  # before any byte of the reply: a 503 is still a 503
         if job.stream:
-            return _ClosingStream(self._stream(request, job, rid, created), media_type="text/event-stream",
+            return _ClosingStream(self._stream(job, rid, created), self.turn.release,
+                                  media_type="text/event-stream",
                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         outcome = Outcome()
         cancel = threading.Event()
-        async with self._my_turn():
-            if await request.is_disconnected():
-                return Response(status_code=400)  # left while waiting its turn
-            watcher = asyncio.create_task(self._watch(request, cancel))
-            self.generations.add(cancel)
-            try:
-                self._check_up()
-                text = await anyio.to_thread.run_sync(
-                    lambda: "".join(self.completer.complete(job.request, outcome, cancel)))
-            except ApiError as e:
-                return e.response()
-            except Exception as e:  # noqa: BLE001 - reported as an error object
-                return self._fail(e).response()
-            finally:
-                watcher.cancel()
-                self.generations.discard(cancel)
+        watcher = asyncio.create_task(self._watch(request, cancel))
+        self.generations.add(cancel)
+        try:
+            text = await anyio.to_thread.run_sync(
+                lambda: "".join(self.completer.complete(job.request, outcome, cancel)))
+        except Exception as e:  # noqa: BLE001 - reported as an error object
+            return self._fail(e).response()
+        finally:
+            watcher.cancel()
+            self.generations.discard(cancel)
+            self.turn.release()
         if job.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": outcome.finish_reason, "logprobs": None}
@@ -400,55 +404,49 @@ class Api:
             data["usage"] = usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    async def _stream(self, request: HttpRequest, job: Job, rid: str, created: int) -> AsyncIterator[str]:
+    async def _stream(self, job: Job, rid: str, created: int) -> AsyncIterator[str]:
+        """The reply's events; runs holding the model's turn (``_ClosingStream`` gives it back)."""
         usage_field = None if job.include_usage else False
-        async with self._my_turn():
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        outcome = Outcome()
+
+        def produce() -> None:
             try:
-                self._check_up()
-            except ApiError as e:
-                yield f"data: {json.dumps({'error': json.loads(e.response().body)['error']})}\n\n"
+                for text in self.completer.complete(job.request, outcome, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, ("text", text))
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+            except BaseException as e:  # noqa: BLE001 - handed to the event loop
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        thread = threading.Thread(target=produce, name="dllama-generation", daemon=True)
+        self.generations.add(cancel)
+        thread.start()
+        try:
+            if job.chat:
+                yield self._chunk(job, rid, created, {"role": "assistant", "content": ""}, None, usage_field)
+            while True:
+                kind, value = await queue.get()
+                if kind == "text":
+                    yield self._chunk(job, rid, created, value, None, usage_field)
+                    continue
+                if kind == "done":
+                    yield self._chunk(job, rid, created, None, outcome.finish_reason, usage_field)
+                    if job.include_usage:
+                        data = {"id": rid, "object": "chat.completion.chunk" if job.chat else "text_completion",
+                                "created": created, "model": self.model_id, "choices": [],
+                                "usage": self._usage(outcome)}
+                        yield f"data: {json.dumps(data)}\n\n"
+                else:
+                    error = json.loads(self._fail(value).response().body)
+                    yield f"data: {json.dumps(error)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-            cancel = threading.Event()
-            outcome = Outcome()
-
-            def produce() -> None:
-                try:
-                    for text in self.completer.complete(job.request, outcome, cancel):
-                        loop.call_soon_threadsafe(queue.put_nowait, ("text", text))
-                    loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-                except BaseException as e:  # noqa: BLE001 - handed to the event loop
-                    loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
-
-            thread = threading.Thread(target=produce, name="dllama-generation", daemon=True)
-            self.generations.add(cancel)
-            thread.start()
-            try:
-                if job.chat:
-                    yield self._chunk(job, rid, created, {"role": "assistant", "content": ""}, None, usage_field)
-                while True:
-                    kind, value = await queue.get()
-                    if kind == "text":
-                        yield self._chunk(job, rid, created, value, None, usage_field)
-                        continue
-                    if kind == "done":
-                        yield self._chunk(job, rid, created, None, outcome.finish_reason, usage_field)
-                        if job.include_usage:
-                            data = {"id": rid, "object": "chat.completion.chunk" if job.chat else "text_completion",
-                                    "created": created, "model": self.model_id, "choices": [],
-                                    "usage": self._usage(outcome)}
-                            yield f"data: {json.dumps(data)}\n\n"
-                    else:
-                        error = json.loads(self._fail(value).response().body)
-                        yield f"data: {json.dumps(error)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-            finally:
-                # A client that went away cancels us here: stop the generation and wait for it,
-                # so the next request finds the model free.
-                cancel.set()
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(thread.join)
-                self.generations.discard(cancel)
+        finally:
+            # A client that went away cancels us here: stop the generation and wait for it,
+            # so the next request finds the model free.
+            cancel.set()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(thread.join)
+            self.generations.discard(cancel)
