@@ -193,10 +193,6 @@ class Api:
         if self.down is not None:
             raise ApiError(503, f"the model is unavailable: {self.down}", "server_error", code="unavailable")
 
-    def _check_up_if_free(self) -> None:
-        if self.down is not None or not self.turn.locked():
-            self._check_up()
-
     async def _body(self, request: HttpRequest) -> dict:
         length = request.headers.get("content-length", "")
         if length.isdecimal() and int(length) > MAX_BODY_BYTES:
@@ -217,6 +213,8 @@ class Api:
     async def _take_turn(self, request: HttpRequest) -> None:
         """Wait for the model (``waiting`` counts who is queued, for /health). A client that
         left meanwhile, or a model that went down, gets its answer now, turn given back."""
+        if self.down is not None:
+            self._check_up()  # no point in queueing
         self.waiting += 1
         try:
             await self.turn.acquire()
@@ -277,7 +275,6 @@ class Api:
             # Templates and tokenization of a large body take a while: not on the event loop,
             # which keeps streaming the answer being generated meanwhile.
             job = await anyio.to_thread.run_sync(make_job, body)
-            self._check_up_if_free()
             return await self._run(request, job)
         except ApiError as e:
             return e.response()

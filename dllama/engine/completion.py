@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
+
 from dllama.engine.generate import Session
 from dllama.engine.sampler import Sampler
 from dllama.errors import DllamaError
@@ -89,9 +91,10 @@ class Completer:
     def seq_len(self) -> int:
         return self.session.seq_len
 
-    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None) -> int | None:
-        """Bring the KV cache to ``prompt`` and return how many of its tokens were reused (None
-        when cancelled first; a long prompt is cancellable between batches). The last token is
+    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None) -> tuple[int, np.ndarray] | None:
+        """Bring the KV cache to ``prompt``; return how many of its tokens were reused and the
+        last token's logits (None when cancelled first; a long prompt is cancellable between
+        batches). The last token is
         always evaluated alone, so that a repeated request computes the same logits whether
         its prefix was cached or not (batches round differently)."""
         common = 0
@@ -114,8 +117,7 @@ class Completer:
             self.session.pos = 0
             raise
         self.cached.append(prompt[-1])
-        self._logits = logits
-        return common
+        return common, logits
 
     def complete(self, request: Request, outcome: Outcome, cancel: threading.Event | None = None) -> Iterator[str]:
         """Yield the answer's text as it is generated; ``outcome`` is filled in as it goes."""
@@ -127,18 +129,17 @@ class Completer:
                               f"and needs room for at least one more")
         t0 = time.perf_counter()
         outcome.prompt_tokens = len(prompt)
-        cached = self._evaluate_prompt(prompt, cancel)
-        if cached is None:
+        evaluated = self._evaluate_prompt(prompt, cancel)
+        if evaluated is None:
             outcome.cancelled = True
             return
-        outcome.cached_tokens = cached
+        outcome.cached_tokens, logits = evaluated
         limit = self.seq_len - len(prompt)
         if request.max_tokens is not None:
             limit = min(limit, request.max_tokens)
         sampler = Sampler(request.temperature, request.top_p, request.seed)
         stream = self.tokenizer.stream()
         stops = StopStrings(request.stop)
-        logits = self._logits
         outcome.finish_reason = "length"
         while outcome.completion_tokens < limit:
             if cancel is not None and cancel.is_set():

@@ -50,6 +50,7 @@ class WorkerLink:
     index: int  # node index (the root is 0)
     sock: zmq.Socket
     monitor: zmq.Socket
+    poller: zmq.Poller  # both of the above: what every wait on this worker watches
     data_port: int = 0
     weight_bytes_sent: int = 0
 
@@ -70,7 +71,10 @@ class RootLink:
         for i, (address, (host, port)) in enumerate(zip(addresses, parsed), start=1):
             sock = new_socket(self.ctx, zmq.DEALER, net_timeout, server=False, security=security)
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            self.workers.append(WorkerLink(address, host, i, sock, monitor))
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            self.workers.append(WorkerLink(address, host, i, sock, monitor, poller))
             try:
                 sock.connect(endpoint(host, port))
             except zmq.ZMQError as e:
@@ -111,15 +115,12 @@ class RootLink:
         """The next message of worker ``w``, which must be ``kind``."""
         timeout = self.net_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        poller = zmq.Poller()
-        poller.register(w.sock, zmq.POLLIN)
-        poller.register(w.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WorkerFailed(f"worker {w.address} did not answer within {timeout:g} s "
                                    f"(is `dllama worker` running there? --net-timeout sets the limit)")
-            ready = dict(poller.poll(left * 1000))
+            ready = dict(w.poller.poll(left * 1000))
             if w.monitor in ready:
                 event = recv_monitor_message(w.monitor)
                 if event["event"] == zmq.EVENT_DISCONNECTED:
