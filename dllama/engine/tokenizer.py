@@ -4,14 +4,24 @@ Three kinds (``TokenizerData.kind``):
 
 * ``bpe``: byte-level BPE (GPT-2 family). Text is split by the family's pre-tokenizer regex
   (llama.cpp's ``tokenizer.ggml.pre``), each piece's UTF-8 bytes are merged by rank. Matches
-  HF ``tokenizers`` / llama.cpp.
+  HF ``tokenizers`` / llama.cpp. With ``ignore_merges`` (default: the llama3 family only) a piece
+  that is itself a token is that token.
 * ``sentencepiece``: Llama 2 style. Characters (unknown ones as ``<0xXX>`` byte tokens) are merged
-  pairwise, highest-scoring result first.
+  pairwise, highest-scoring result first; or, when the data has merges (a Hugging Face BPE
+  ``tokenizer.json`` with byte fallback), lowest merge rank first. ``add_space_prefix`` puts a
+  space before the text: at the start and after each special or added token (SentencePiece and
+  llama.cpp), or as HF's Metaspace ``prepend_scheme`` says ("always"/"first": never before text
+  that already starts with a space; "first": only at the very start of the input).
 * ``legacy``: a ``.t`` without sidecar, tokenized as distributed-llama does: shortest byte prefixes
   found in the vocabulary, then score-driven merges over the whole text.
 
 Special (control) tokens come out of ``encode`` only with ``allow_special=True``; typed by a user
-they are ordinary text.
+they are ordinary text. Added tokens (``added_ids``: HF's non-special added tokens, such as Qwen3's
+``<think>``) are cut out of any text, as HF does, the longest first at each position. Tokens in
+``lstrip_ids``/``rstrip_ids`` also take the white space before/after them (HF's ``lstrip`` and
+``rstrip``). The text between such tokens is put in the data's Unicode normal form
+(``normalizer``, e.g. NFC for Qwen) before it is tokenized; Python's ``unicodedata`` does it, so
+characters newer than its Unicode version (14.0 in Python 3.11) may normalize differently from HF.
 """
 from __future__ import annotations
 
@@ -24,7 +34,7 @@ from functools import lru_cache
 from typing import Callable, Iterable
 
 from dllama.errors import FormatError
-from dllama.formats.tfile import KINDS, TokenizerData, read_tokenizer
+from dllama.formats.tfile import KINDS, NORMALIZERS, PREPEND_SCHEMES, TokenizerData, read_tokenizer
 
 # --- Unicode classes -------------------------------------------------------------------------
 # Python's ``re`` has no \p{L}/\p{N}, and its \s (str.isspace) wrongly includes U+001C..U+001F,
@@ -91,7 +101,8 @@ def _char_classes() -> dict[str, str]:
 # {L} letters, {N} numbers, {S} white space, {D} numbers for the digit splitter, {P} punctuation.
 # Each family is a list of regexes applied in turn; text between matches stays a piece too.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
-_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}"
+# HF's files spell the contractions (?i:'s|'t|...): case folding also makes "'ſ" (long s) one.
+_LLAMA3 = (r"(?:'[sSſ]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}"
            r"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
 _QWEN2 = _LLAMA3.replace("[{N}]{{1,3}}", "[{N}]")
 _FAMILIES: dict[str, tuple[str, ...]] = {
@@ -219,6 +230,36 @@ def _encodable(text: str) -> str:
         return _OTHER_SURROGATE.sub("\ufffd", text)
 
 
+_WHITE_SPACE_CHARS = frozenset(chr(c) for a, b in _WHITE_SPACE for c in range(a, b + 1))
+
+
+def _is_white_space(ch: str) -> bool:
+    """Unicode White_Space, as Rust's char::is_whitespace (HF's lstrip/rstrip)."""
+    return ch in _WHITE_SPACE_CHARS
+
+
+def _texts(vocab: list[bytes], ids: Iterable[int]) -> dict[str, int]:
+    """Text -> id for ``ids`` whose bytes are non-empty UTF-8 (the lowest id of equal texts)."""
+    out: dict[str, int] = {}
+    for i in sorted(ids):
+        try:
+            text = vocab[i].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text:
+            out.setdefault(text, i)
+    return out
+
+
+def _splitter(by_text: dict[str, int]) -> tuple[re.Pattern[str] | None, dict[str, int]]:
+    """A pattern whose ``split`` alternates text and token texts, with the text -> id map."""
+    if not by_text:
+        return None, by_text
+    # Longest first, so that the alternation finds the longest token at each position.
+    alternatives = sorted(by_text, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, alternatives)) + ")"), by_text
+
+
 class Tokenizer:
     """Encode and decode like the model's original tokenizer."""
 
@@ -228,7 +269,6 @@ class Tokenizer:
         self.data = data
         self.kind = data.kind
         vocab = data.vocab
-        n = len(vocab)
         self._scores = [float(s) for s in data.scores]
         if data.kind == "legacy":
             special = {i for i, t in enumerate(vocab) if _LEGACY_SPECIAL.fullmatch(t)}
@@ -252,9 +292,11 @@ class Tokenizer:
         self._byte_tokens = byte_tokens
         byte_ids = set(byte_tokens.values())
 
+        # Added tokens are cut out of the text first, so merges never build them.
+        not_regular = special | byte_ids | set(data.added_ids)
         regular: dict[bytes, int] = {}
         for i, t in enumerate(vocab):
-            if i not in special and i not in byte_ids:
+            if i not in not_regular:
                 regular.setdefault(t, i)
         self._regular = regular
 
@@ -263,38 +305,54 @@ class Tokenizer:
         for b, i in byte_tokens.items():
             self._pieces[i] = bytes([b])
 
-        specials_text: dict[str, int] = {}
-        for i in sorted(special):
-            try:
-                text = vocab[i].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            if text:
-                specials_text.setdefault(text, i)
+        added = set(data.added_ids) - special
+        self._added = frozenset(added)
+        if data.normalizer is not None and data.normalizer not in NORMALIZERS:
+            raise FormatError(f"unknown normalizer {data.normalizer!r} (known: {', '.join(NORMALIZERS)})")
+        if data.prepend_scheme is not None and data.prepend_scheme not in PREPEND_SCHEMES:
+            raise FormatError(f"unknown prepend_scheme {data.prepend_scheme!r}")
+        self._normal_form = data.normalizer
+
+        specials_text = _texts(vocab, special)
+        added_text = _texts(vocab, added)
         self._special_by_text = specials_text
-        # Longest first, so that an alternation finds the longest special at each position.
-        alternatives = sorted(specials_text, key=len, reverse=True)
-        self._special_split = (re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
-                               if alternatives else None)
+        # What text becomes a token without (False) and with (True) allow_special.
+        self._splitters = {False: _splitter(added_text), True: _splitter({**added_text, **specials_text})}
+        # Tokens that take the white space before / after them (HF's AddedToken lstrip / rstrip).
+        self._lstrip = frozenset(data.lstrip_ids)
+        self._rstrip = frozenset(data.rstrip_ids)
 
         if data.kind == "bpe":
             self._family = _family(data.pre)
-            self._ignore_merges = self._family == "llama3"  # llama.cpp/HF: a whole-word token wins
-            merge_map: dict[tuple[int, int], tuple[int, int]] = {}
-            for rank, (a, b) in enumerate(data.merges):
-                if not (0 <= a < n and 0 <= b < n):
-                    raise FormatError(f"merge ({a}, {b}) names a token outside the vocabulary of {n}")
-                merged = regular.get(vocab[a] + vocab[b])
-                if merged is not None and (a, b) not in merge_map:
-                    merge_map[(a, b)] = (rank, merged)
+            # llama.cpp/HF: a whole-word token wins; the sidecar may say otherwise (HF's ignore_merges).
+            self._ignore_merges = (self._family == "llama3" if data.ignore_merges is None
+                                   else bool(data.ignore_merges))
+            merge_map = self._merge_map()
             self._merge_rule: PairRule = lambda a, b: merge_map.get((a, b))
             self._byte_ids = [regular.get(bytes([b]), -1) for b in range(256)]
             self._word_cache: dict[str, list[int]] = {}
         else:
-            self._merge_rule = self._score_rule
+            self._ignore_merges = bool(data.ignore_merges)
+            if data.kind == "sentencepiece" and data.merges:
+                merge_map = self._merge_map()
+                self._merge_rule = lambda a, b: merge_map.get((a, b))
+            else:
+                self._merge_rule = self._score_rule
             unk = regular.get(b"<unk>")
             self._unk = unk if unk is not None else next((i for i in special if vocab[i] == b"<unk>"), -1)
             self._max_len = max(map(len, vocab), default=1)
+
+    def _merge_map(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(left, right) -> (rank, merged id); the first of repeated pairs counts."""
+        vocab, regular, n = self.data.vocab, self._regular, len(self.data.vocab)
+        merge_map: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, (a, b) in enumerate(self.data.merges):
+            if not (0 <= a < n and 0 <= b < n):
+                raise FormatError(f"merge ({a}, {b}) names a token outside the vocabulary of {n}")
+            merged = regular.get(vocab[a] + vocab[b])
+            if merged is not None and (a, b) not in merge_map:
+                merge_map[(a, b)] = (rank, merged)
+        return merge_map
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -330,6 +388,11 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         return self._special
 
+    @property
+    def added_ids(self) -> frozenset[int]:
+        """Tokens cut out of any text, even without ``allow_special`` (HF's non-special added tokens)."""
+        return self._added
+
     def is_eos(self, token_id: int) -> bool:
         return token_id in self._eos
 
@@ -350,23 +413,48 @@ class Tokenizer:
         text = _encodable(text)
         if (self.data.add_bos if add_bos is None else add_bos) and self.data.bos_id >= 0:
             out.append(self.data.bos_id)
-        if allow_special and self._special_split is not None:
-            parts = self._special_split.split(text)
-        else:
-            parts = [text]
-        prev_special = True
-        # re.split with one group alternates text, special, text, ...
+        parts = self._split(text, bool(allow_special))
+        by_text = self._splitters[bool(allow_special)][1]
+        after_token = True
+        # _split alternates text, token, text, ...
         for k, part in enumerate(parts):
             if k % 2:
-                out.append(self._special_by_text[part])
-                prev_special = True
+                out.append(by_text[part])
+                after_token = True
                 continue
             if part:
-                self._encode_text(part, out, prev_special)
-                prev_special = False
+                self._encode_text(part, out, after_token, k == 0)
+                after_token = False
         return out
 
-    def _encode_text(self, text: str, out: list[int], after_special: bool) -> None:
+    def _split(self, text: str, allow_special: bool) -> list[str]:
+        """``text`` as text, token, text, ... (token texts as in the vocabulary, white space stripped)."""
+        pattern, by_text = self._splitters[allow_special]
+        if pattern is None:
+            return [text]
+        if not (self._lstrip or self._rstrip):
+            return pattern.split(text)
+        parts: list[str] = []
+        done = 0  # where the text not yet taken starts
+        for m in pattern.finditer(text):
+            start, stop = m.span()
+            if start < done:
+                continue  # inside white space an rstrip token took
+            tid = by_text[m.group()]
+            if tid in self._lstrip:
+                while start > done and _is_white_space(text[start - 1]):
+                    start -= 1
+            if tid in self._rstrip:
+                while stop < len(text) and _is_white_space(text[stop]):
+                    stop += 1
+            parts += [text[done:start], m.group()]
+            done = stop
+        parts.append(text[done:])
+        return parts
+
+    def _encode_text(self, text: str, out: list[int], after_token: bool, at_start: bool) -> None:
+        if self._normal_form is not None:
+            text = unicodedata.normalize(self._normal_form, text)
         if self.kind == "bpe":
             cache = self._word_cache
             if len(cache) > _WORD_CACHE_LIMIT:
@@ -380,9 +468,22 @@ class Tokenizer:
             # Our vocabulary holds spaces where SentencePiece has U+2581; SentencePiece and llama.cpp
             # read a U+2581 typed in the text as the space it stands for, so it becomes one here too.
             text = text.replace("\u2581", " ")
-            # llama.cpp: a space goes before the text at the start and after every special token.
-            if self.data.add_space_prefix and after_special:
-                text = " " + text
+            if self.data.add_space_prefix:
+                scheme = self.data.prepend_scheme
+                if scheme is None:
+                    # llama.cpp: a space goes before the text at the start and after every token
+                    # cut out of the text (HF: the Prepend normalizer, applied to each part).
+                    prefix = after_token
+                else:
+                    # HF's Metaspace: not before a space; "first": only at the start of the input.
+                    prefix = not text.startswith(" ") and (scheme == "always" or at_start)
+                if prefix:
+                    text = " " + text
+            if self._ignore_merges:
+                whole = self._regular.get(text.encode("utf-8", "surrogateescape"))
+                if whole is not None:
+                    out.append(whole)
+                    return
             out.extend(merge_symbols(self._spm_symbols(text), self._merge_rule))
         else:
             raw = text.encode("utf-8", "surrogateescape")

@@ -23,12 +23,33 @@ JSON file next to it, ``<name>.t.json`` (UTF-8)::
       "format": "dllama-tokenizer-sidecar",   # fixed
       "version": 1,                           # readers refuse versions they do not know
       "vocab_size": 49152,                    # must equal the .t's vocab size
-      "kind": "bpe" | "sentencepiece",        # byte-level BPE by merge rank, or SentencePiece by score
+      "kind": "bpe" | "sentencepiece",        # byte-level BPE by merge rank, or SentencePiece
       "pre": "smollm" | null,                 # llama.cpp's tokenizer.ggml.pre (BPE pre-tokenizer)
-      "merges": [[left_id, right_id], ...],   # BPE merges, lowest rank first ([] for sentencepiece)
-      "special_ids": [0, 1, ...],             # control/user-defined tokens: never produced from plain text
-      "add_space_prefix": false               # SentencePiece: prepend a space to the text
+      "merges": [[left_id, right_id], ...],   # merges, lowest rank first; for sentencepiece, when
+                                              # present, they replace the scores (HF's BPE with
+                                              # byte fallback); [] = merge by score
+      "special_ids": [0, 1, ...],             # control tokens (and GGUF user-defined ones): from
+                                              # text only with allow_special
+      "add_space_prefix": false,              # SentencePiece: prepend a space to the text
+      # optional, absent = the default shown, so older sidecars still load:
+      "added_ids": [151665, ...],             # [] - tokens always cut out of text, even plain text
+                                              #      (HF's non-special added tokens)
+      "normalizer": "NFC",                    # null - Unicode normal form applied to text parts
+                                              #      ("NFC", "NFD", "NFKC", "NFKD")
+      "ignore_merges": true,                  # null - a word that is a token is that token; null:
+                                              #      true for the llama3 family only
+      "prepend_scheme": "first",              # null - where add_space_prefix puts its space: null
+                                              #      at the start and after each special or added
+                                              #      token (SentencePiece/llama.cpp); "always" or
+                                              #      "first" as HF's Metaspace (no space before
+                                              #      text that starts with one; "first": only at
+                                              #      the very start of the input)
+      "lstrip_ids": [32007, ...],             # [] - special/added tokens that take the white space
+      "rstrip_ids": [32007, ...]              # [] - before (lstrip) / after (rstrip) them, as HF's
+                                              #      AddedToken lstrip/rstrip (Phi-3)
     }
+
+The optional fields are written only when they differ from their default.
 
 A ``.t`` without a sidecar (written by distributed-llama's own converter) still loads, as kind
 ``legacy``: it is tokenized the way distributed-llama does it, by merge scores.
@@ -51,6 +72,8 @@ OLD_MAGIC = 0x567123
 SIDECAR_FORMAT = "dllama-tokenizer-sidecar"
 SIDECAR_VERSION = 1
 KINDS = ("bpe", "sentencepiece", "legacy")
+NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
+PREPEND_SCHEMES = ("always", "first")
 
 KEY_VERSION = 0
 KEY_VOCAB_SIZE = 1
@@ -86,6 +109,12 @@ class TokenizerData:
     merges: list[tuple[int, int]] = field(default_factory=list)
     special_ids: list[int] = field(default_factory=list)
     add_space_prefix: bool = False
+    added_ids: list[int] = field(default_factory=list)
+    normalizer: str | None = None
+    ignore_merges: bool | None = None
+    prepend_scheme: str | None = None
+    lstrip_ids: list[int] = field(default_factory=list)
+    rstrip_ids: list[int] = field(default_factory=list)
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -271,11 +300,37 @@ def _apply_sidecar(data: TokenizerData, side: Path) -> None:
         raise bad(f"a special id is not a token id below {n}")
     if kind == "bpe" and "merges" not in doc:
         raise bad("a bpe tokenizer needs its merges")
+    added = doc.get("added_ids", [])
+    if not isinstance(added, list) or not all(is_id(a) for a in added):
+        raise bad(f"'added_ids' must be a list of token ids below {n}")
+    if set(added) & set(special):
+        raise bad("a token id is in both 'special_ids' and 'added_ids'")
+    normalizer = doc.get("normalizer")
+    if normalizer is not None and normalizer not in NORMALIZERS:
+        raise bad(f"unknown normalizer {normalizer!r} (known: {', '.join(NORMALIZERS)})")
+    ignore_merges = doc.get("ignore_merges")
+    if ignore_merges is not None and not isinstance(ignore_merges, bool):
+        raise bad("'ignore_merges' is not true/false/null")
+    prepend_scheme = doc.get("prepend_scheme")
+    if prepend_scheme is not None and prepend_scheme not in PREPEND_SCHEMES:
+        raise bad(f"unknown prepend_scheme {prepend_scheme!r} (known: {', '.join(PREPEND_SCHEMES)})")
+    strips = {}
+    for key in ("lstrip_ids", "rstrip_ids"):
+        ids = doc.get(key, [])
+        if not isinstance(ids, list) or not all(is_id(i) for i in ids):
+            raise bad(f"{key!r} must be a list of token ids below {n}")
+        strips[key] = sorted(set(ids))
     data.kind = kind
     data.pre = pre
     data.merges = pairs
     data.special_ids = sorted(set(special))
     data.add_space_prefix = add_space_prefix
+    data.added_ids = sorted(set(added))
+    data.normalizer = normalizer
+    data.ignore_merges = ignore_merges
+    data.prepend_scheme = prepend_scheme
+    data.lstrip_ids = strips["lstrip_ids"]
+    data.rstrip_ids = strips["rstrip_ids"]
 
 
 def _t_bytes(data: TokenizerData) -> bytes:
@@ -320,6 +375,18 @@ def _sidecar_bytes(data: TokenizerData) -> bytes:
         "special_ids": sorted({int(s) for s in data.special_ids}),
         "add_space_prefix": bool(data.add_space_prefix),
     }
+    if data.added_ids:
+        doc["added_ids"] = sorted({int(a) for a in data.added_ids})
+    if data.normalizer is not None:
+        doc["normalizer"] = data.normalizer
+    if data.ignore_merges is not None:
+        doc["ignore_merges"] = bool(data.ignore_merges)
+    if data.prepend_scheme is not None:
+        doc["prepend_scheme"] = data.prepend_scheme
+    for key in ("lstrip_ids", "rstrip_ids"):
+        ids = getattr(data, key)
+        if ids:
+            doc[key] = sorted({int(i) for i in ids})
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
@@ -327,6 +394,16 @@ def write_tokenizer(path: str | os.PathLike, data: TokenizerData) -> None:
     """Write ``path`` (the ``.t``) and ``path + '.json'`` (the sidecar; removed for kind ``legacy``)."""
     if data.kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {data.kind!r}")
+    if data.normalizer is not None and data.normalizer not in NORMALIZERS:
+        raise ValueError(f"unknown normalizer {data.normalizer!r}")
+    if data.prepend_scheme is not None and data.prepend_scheme not in PREPEND_SCHEMES:
+        raise ValueError(f"unknown prepend_scheme {data.prepend_scheme!r}")
+    n = len(data.vocab)
+    for key in ("added_ids", "lstrip_ids", "rstrip_ids"):
+        if not all(0 <= int(a) < n for a in getattr(data, key)):
+            raise ValueError(f"{key}: an id is outside the vocabulary of {n}")
+    if set(map(int, data.added_ids)) & set(map(int, data.special_ids)):
+        raise ValueError("a token id is both special and added")
     path = Path(path)
     t_payload = _t_bytes(data)
     side = sidecar_path(path)
