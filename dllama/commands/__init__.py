@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help=".t tokenizer file (default: the default model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids and pieces")
 
+    p = sub.add_parser("launch", help="download a ready-made model by name, then print or run its command",
+                       allow_abbrev=False,
+                       epilog="Other flags (--workers, --nthreads, --prompt, --port, ...) are passed to the command.")
+    p.add_argument("name", nargs="?", help="the model (see --list); '-' and '_' alike, any case")
+    p.add_argument("--list", action="store_true", help="list the models: size, memory need")
+    p.add_argument("--dir", default=None, help="folder for the model's files (default: $DLLAMA_HOME/models/NAME)")
+    p.add_argument("--run", action="store_true", help="run the command instead of printing it")
+    p.add_argument("--command", dest="launch_command", choices=["chat", "inference", "api"], default="chat",
+                   help="the command to print or run (default chat)")
+
     p = sub.add_parser("convert", help="convert a model into distributed-llama files")
     conv = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser, required=True)
     g = conv.add_parser("gguf", help="from a llama.cpp GGUF file")
@@ -98,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40")
     g.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
     g.add_argument("--name", default=None, help="file name stem (default: the GGUF's)")
+    g = conv.add_parser("hf", help="from a Hugging Face model folder (config.json, *.safetensors, tokenizer)")
+    g.add_argument("folder", help="the folder with config.json, the safetensors shards and tokenizer.json")
+    g.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40")
+    g.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
+    g.add_argument("--name", default=None, help="file name stem (default: the folder's name)")
     return parser
 
 
@@ -137,7 +152,10 @@ def _set_threads(n: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "launch":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.passthrough = extra  # launch hands the flags it does not know to the command it runs
     if args.command is None:
         parser.print_help()
         return 2
@@ -167,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             from dllama.commands import tokenize
 
             return tokenize.main(args)
+        if args.command == "launch":
+            from dllama.commands import launch
+
+            return launch.main(args)
         from dllama.commands import convert
 
         return convert.main(args)

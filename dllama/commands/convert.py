@@ -1,18 +1,27 @@
-"""``convert gguf``: llama.cpp GGUF files to distributed-llama ``.m`` and ``.t`` files."""
+"""``convert gguf`` / ``convert hf``: llama.cpp GGUF files or Hugging Face checkpoints to
+distributed-llama ``.m`` and ``.t`` files."""
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from dllama.commands.common import info
 
 
 def main(args: argparse.Namespace) -> int:
-    from dllama.formats.gguf_import import convert_gguf
     from dllama.kernels.quants import FloatType
 
-    paths = convert_gguf(args.file, args.output_dir, FloatType.parse(args.weights_float_type), name=args.name)
+    weight_type = FloatType.parse(args.weights_float_type)
+    if args.source == "hf":
+        from dllama.formats.hf_import import convert_hf
+
+        paths = convert_hf(args.folder, args.output_dir, weight_type, name=args.name)
+    else:
+        from dllama.formats.gguf_import import convert_gguf
+
+        paths = convert_gguf(args.file, args.output_dir, weight_type, name=args.name)
     info(f"✅ wrote {paths.model}")
     info(f"✅ wrote {paths.tokenizer} (+ {paths.tokenizer.name}.json)")
-    print(f"python -m dllama inference --model {paths.model} --tokenizer {paths.tokenizer} "
-          f"--prompt \"Hello\" --steps 64")
+    print(f"python -m dllama inference --model {shlex.quote(str(paths.model))} "
+          f"--tokenizer {shlex.quote(str(paths.tokenizer))} --prompt \"Hello\" --steps 64")
     return 0

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from dllama.engine.generate import Session
+from dllama.engine.generate import Session, sample_token
 from dllama.engine.sampler import Sampler
 from dllama.errors import DllamaError
 from dllama.model.forward import MAX_BATCH
@@ -145,7 +145,7 @@ class Completer:
             if cancel is not None and cancel.is_set():
                 outcome.cancelled = True
                 break
-            token = sampler.sample(logits)
+            token = sample_token(sampler, logits, self.tokenizer)
             if token in self.end_ids:
                 outcome.finish_reason = "stop"
                 break

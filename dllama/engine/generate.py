@@ -22,9 +22,16 @@ class Stats:
 
 
 def check_pair(tokenizer: Tokenizer, vocab_size: int) -> None:
-    if tokenizer.vocab_size != vocab_size:
+    """A model's vocabulary may be padded past its tokenizer's (Qwen3 pads to a multiple of 128);
+    the extra rows are never sampled (see ``sample_token``). Fewer rows than tokens is a mismatch."""
+    if tokenizer.vocab_size > vocab_size:
         raise DllamaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                           f"has {vocab_size}: they do not belong together")
+
+
+def sample_token(sampler: Sampler, logits: np.ndarray, tokenizer: Tokenizer) -> int:
+    """The next token, from the ids the tokenizer can spell."""
+    return sampler.sample(logits[:tokenizer.vocab_size])
 
 
 class Session:
@@ -72,7 +79,7 @@ class Session:
         stats.eval_tokens += len(prompt)
         stats.eval_seconds += time.perf_counter() - t0
         while True:
-            token = sampler.sample(logits)
+            token = sample_token(sampler, logits, self.tokenizer)
             if self.tokenizer.is_eos(token):
                 return
             yield token
