@@ -162,6 +162,20 @@ def test_smollm2_on_n_nodes_equals_one_node(smollm2, workers, n_nodes):
     assert_cluster_equals_one_node(ModelFile(smollm2[0]), tokens, workers[:n_nodes - 1])
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_converted_qwen3_on_real_workers_equals_one_node(tmp_path, workers, arch):
+    """Qwen3 (q/k norms, NeoX rope, head dim apart from dim/heads) and Qwen3-MoE (experts sliced
+    like the dense feed-forward) from a Hugging Face checkpoint, over ZeroMQ on 2 and 3 nodes."""
+    from dllama.formats.hf_import import convert_hf
+    from tests.hf_checkpoints import write_checkpoint
+
+    write_checkpoint(tmp_path / "hf", arch, num_attention_heads=6, num_key_value_heads=3)
+    model = ModelFile(convert_hf(tmp_path / "hf", tmp_path, FloatType.Q40, progress=False).model)
+    tokens = [3, 17, 42, 5, 5, 79, 0, 23, 61, 8, 11, 2]
+    for n_nodes in (2, 3):
+        assert_cluster_equals_one_node(model, tokens, workers[:n_nodes - 1], n_tokens=16)
+
+
 def test_split_gives_the_root_twice_the_rows(smollm2, workers):
     model = ModelFile(smollm2[0])
     h = model.header

@@ -6,12 +6,14 @@ header; an optional ``"__metadata__"`` entry holds strings); then the tensors' r
 little-endian, row-major. A checkpoint is one ``model.safetensors`` or several shards listed
 by ``model.safetensors.index.json`` (``{"weight_map": {name: shard_file}}``).
 
-Tensors are returned as float32 copies of one tensor at a time, so converting a model needs
-memory for its largest tensor, not for the model.
+Tensors are returned as float32 copies of one tensor at a time, and the mapped pages of each are
+released once copied, so converting a model needs memory for its largest tensor, not for the
+model (file pages would be reclaimable anyway, but they count as the process's resident memory).
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -108,7 +110,7 @@ class Checkpoint:
                 if name in self.tensors:
                     raise FormatError(f"{shard}: tensor {name} is also in {self.tensors[name].path.name}")
                 self.tensors[name] = info
-        self._maps: dict[Path, np.memmap] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def _shards(self) -> list[Path]:
         index = self.folder / INDEX_FILE
@@ -145,13 +147,28 @@ class Checkpoint:
         if dtype is None:
             raise FormatError(f"{info.path}: tensor {name} is {info.dtype}; only BF16, F16, F32 and F64 "
                               f"weights can be converted")
+        if info.end == info.begin:
+            return np.zeros(info.shape, dtype=np.float32)
         m = self._maps.get(info.path)
         if m is None:
-            m = self._maps[info.path] = np.memmap(info.path, dtype=np.uint8, mode="r")
-        raw = m[info.begin:info.end].view(dtype).reshape(info.shape)
-        if info.dtype == "BF16":
-            return bf16_to_float32(raw)
-        return raw.astype(np.float32)
+            try:
+                with open(info.path, "rb") as f:
+                    m = self._maps[info.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise FormatError(f"{info.path}: cannot map: {e.strerror or e}") from None
+        raw = np.frombuffer(m, dtype=dtype, count=(info.end - info.begin) // dtype.itemsize,
+                            offset=info.begin).reshape(info.shape)
+        out = bf16_to_float32(raw) if info.dtype == "BF16" else raw.astype(np.float32)
+        del raw
+        if hasattr(mmap, "MADV_DONTNEED"):
+            start = info.begin - info.begin % mmap.PAGESIZE
+            m.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        return out
 
     def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # an array still views it; it is unmapped when that array goes
+                pass
         self._maps.clear()
