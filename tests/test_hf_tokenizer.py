@@ -1,7 +1,8 @@
 """Hugging Face tokenizer folders converted to .t + sidecar give exactly the source's token ids.
 
-The references are the real libraries: ``tokenizers`` for tokenizer.json (Llama 3's real file, and
-small Qwen-, SmolLM-, GPT-2- and SentencePiece-style ones trained or built here) and
+The references are the real libraries: ``tokenizers`` for tokenizer.json (Llama 3's, Qwen3's and
+Llama 2's real files, and small Qwen-, SmolLM-, GPT-2- and SentencePiece-style ones trained or
+built here) and
 ``sentencepiece`` for tokenizer.model. Every conversion goes through ``write_tokenizer`` and
 ``Tokenizer.load``, so the sidecar carries everything that matters.
 """
@@ -115,6 +116,48 @@ def test_llama3_special_texts_are_plain_text_without_allow_special(llama3):
     text = "<|start_header_id|>user<|end_header_id|><|eot_id|>"
     ids = tok.encode(text)
     assert not set(ids) & tok.special_ids and tok.decode(ids) == text
+
+
+@pytest.fixture(scope="session", params=["qwen3", "llama2"])
+def real(request, tmp_path_factory) -> tuple[str, Tokenizer, HFTokenizer]:
+    """Qwen3's and Llama 2's real tokenizer.json (NFC + Qwen2 regex + non-special added tokens;
+    SentencePiece-style BPE with byte fallback)."""
+    folder = request.getfixturevalue(f"{request.param}_hf_folder")
+    path = tmp_path_factory.mktemp(request.param) / "t.t"
+    write_tokenizer(path, tokenizer_from_hf(folder))
+    return request.param, Tokenizer.load(path), HFTokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+REAL_EXTRAS = ["<think>\nhmm\n</think>\n\nAnswer", "<|im_start|>user\nhi<|im_end|>\n", "<s> </s> <unk>",
+               "\u2581underscore\u2581 \u2581", " leading", "cafe\u0301 caf\u00e9"]
+
+
+def test_real_metadata(real):
+    name, tok, hf = real
+    assert tok.vocab_size == hf.get_vocab_size()
+    if name == "qwen3":
+        assert (tok.bos_id, tok.add_bos, sorted(tok.eos_ids)) == (-1, False, [151645])
+        assert tok.data.normalizer == "NFC" and tok.data.pre == "qwen2"
+        assert hf.token_to_id("<think>") in tok.added_ids and hf.token_to_id("<|im_end|>") in tok.special_ids
+        assert "<|im_start|>" in tok.chat_template
+    else:
+        assert (tok.bos_id, tok.add_bos, sorted(tok.eos_ids), tok.kind) == (1, True, [2], "sentencepiece")
+        # Llama 2's post-processor adds BOS, as our add_bos does.
+        assert hf.encode("Hello").ids == tok.encode("Hello")
+
+
+@pytest.mark.parametrize("text", TEXTS + REAL_EXTRAS)
+def test_real_same_ids_as_hf(real, text):
+    _, tok, hf = real
+    ids = tok.encode(text, add_bos=False, allow_special=True)
+    assert ids == hf.encode(text, add_special_tokens=False).ids
+
+
+@given(text=tricky_text)
+@settings(max_examples=150, deadline=None)
+def test_real_random_text(real, text):
+    _, tok, hf = real
+    assert tok.encode(text, add_bos=False, allow_special=True) == hf.encode(text, add_special_tokens=False).ids
 
 
 def test_long_s_contraction_like_hf_regex():
