@@ -579,3 +579,97 @@ def test_conversion_memory_stays_near_the_largest_tensor(tmp_path):
     # copies of it while converting, permuting and quantizing); reading whole shards costs more
     # than the checkpoint's size.
     assert growth < checkpoint_bytes / 4, (growth, largest, checkpoint_bytes)
+
+
+def _config_header(config_changes: dict, arch: str = "llama", drop: tuple[str, ...] = ()):
+    from dllama.formats.hf_import import header_from_config
+
+    cfg = dict(hc.make_config(arch), **config_changes)
+    for key in drop:
+        cfg.pop(key, None)
+    return header_from_config(cfg, Path("ckpt"), FloatType.F32)
+
+
+def test_transformers_5_rope_parameters():
+    """transformers 5 moves rope_theta and the scaling into rope_parameters."""
+    params = dict(hc.LLAMA3_ROPE_SCALING, rope_theta=500000.0)
+    h = _config_header({"rope_parameters": params}, drop=("rope_theta", "rope_scaling"))
+    assert h.rope_theta == 500000 and h.rope_type == RopeType.LLAMA3_1 and h.rope_scaling_factor == 8
+    h = _config_header({"rope_parameters": {"rope_type": "default", "rope_theta": 1000000}}, "qwen3",
+                       drop=("rope_theta",))
+    assert h.rope_theta == 1000000 and h.rope_type == RopeType.FALCON
+    for bad, word in (({"rope_parameters": {"rope_type": "default", "rope_theta": 5.0}, "rope_theta": 7.0}, "disagree"),
+                      ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+                      ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial")):
+        with pytest.raises(FormatError, match=word):
+            _config_header(bad)
+
+
+def test_transformers_defaults_for_absent_and_null_values():
+    assert _config_header({"num_key_value_heads": None}).n_kv_heads == 6  # null: as many as heads
+    assert _config_header({"rope_theta": None}).rope_theta == 10000
+    assert _config_header({}, "qwen3", drop=("head_dim",)).head_dim == 128  # Qwen3Config's default
+    assert _config_header({}, "llama", drop=("head_dim",)).head_dim == 96 // 6
+    # Mistral's window defaults to 4096 when the key is absent; null means none.
+    assert _config_header({"max_position_embeddings": 32768}, "mistral", drop=("sliding_window",)).seq_len == 4096
+    assert _config_header({"max_position_embeddings": 32768, "sliding_window": None}, "mistral").seq_len == 32768
+    # Qwen3's window only applies with use_sliding_window (absent: false).
+    qwen = {"max_position_embeddings": 40960, "sliding_window": 4096}
+    assert _config_header(qwen, "qwen3", drop=("use_sliding_window",)).seq_len == 40960
+    assert _config_header(dict(qwen, use_sliding_window=True), "qwen3").seq_len == 4096
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": float("inf")}, {"hidden_size": float("nan")},
+                                    {"model_type": []}, {"max_position_embeddings": 2**40}, {"rope_theta": 3e9},
+                                    {"rms_norm_eps": "small"}, {"rope_scaling": {"rope_type": "llama3"}}])
+def test_bad_config_values_are_one_line(tmp_path, change):
+    ck = hc.write_checkpoint(tmp_path / "ckpt", "llama")
+    cfg = json.loads((ck.folder / "config.json").read_text())
+    (ck.folder / "config.json").write_text(json.dumps(dict(cfg, **change)))
+    with pytest.raises(FormatError) as e:
+        convert_hf(ck.folder, tmp_path / "out", FloatType.Q40, progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # no stray temporary file
+
+
+@pytest.mark.parametrize("weight_map", [{"a": 1}, {"a": None}, {"a": ".."}, {"a": "../x.safetensors"}, []])
+def test_bad_index_is_one_line(tmp_path, weight_map):
+    ck = hc.write_checkpoint(tmp_path / "ckpt", "llama")
+    (ck.folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(FormatError) as e:
+        convert_hf(ck.folder, tmp_path / "out", FloatType.Q40, progress=False)
+    assert "model.safetensors.index.json" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("entry", [{"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": [2**70], "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},
+                                   {"dtype": "F32", "shape": [2], "data_offsets": "0-8"}, ["F32"]])
+def test_malformed_safetensors_headers_are_one_line(tmp_path, entry):
+    from dllama.formats.safetensors import read_header
+
+    text = json.dumps({"x": entry}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(8))
+    with pytest.raises(FormatError) as e:
+        read_header(path)
+    assert "\n" not in str(e.value)
+
+
+def test_unsupported_dtype_is_found_before_writing(tmp_path):
+    ck = hc.write_checkpoint(tmp_path / "ckpt", "llama")
+    _break(ck.folder, "i32")
+    with pytest.raises(FormatError, match="I32"):
+        convert_hf(ck.folder, tmp_path / "out", FloatType.Q40, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_default_name_of_a_hugging_face_cache_snapshot(tmp_path):
+    from dllama.formats.hf_import import default_name
+
+    snapshot = tmp_path / "models--Qwen--Qwen3-0.6B" / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    assert default_name(snapshot) == "Qwen3-0.6B"
+    assert default_name(tmp_path / "models--Qwen--Qwen3-0.6B") == "models--Qwen--Qwen3-0.6B"

@@ -7,21 +7,20 @@ they are (the perplexity test guards this); Qwen3 uses NeoX rope and no permutat
 """
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dllama.errors import DllamaError, FormatError
+from dllama.errors import FormatError
+from dllama.formats.converted import ConvertedPaths, write_converted
 from dllama.formats.gguf_tokenizer import gguf_field
 from dllama.formats.mfile import (
     ArchType,
     HiddenAct,
     ModelHeader,
-    ModelWriter,
     RopeType,
-    tensor_plan,
+    TensorSpec,
+    nearest_norm_epsilon,
     validate_header,
 )
 from dllama.kernels.quants import FloatType
@@ -34,12 +33,6 @@ LLAMA31_HIGH_FREQ_FACTOR = 4.0
 LLAMA31_ORIG_CONTEXT = 8192
 
 
-@dataclass
-class ConvertedPaths:
-    model: Path
-    tokenizer: Path
-
-
 def _open(path: Path):
     import gguf
 
@@ -49,13 +42,6 @@ def _open(path: Path):
         raise FormatError(f"{path}: no such file") from None
     except Exception as e:  # the gguf package raises bare ValueError/struct errors on bad files
         raise FormatError(f"{path}: not a readable GGUF file ({e})") from None
-
-
-def _norm_epsilon(value: float, path: Path) -> float:
-    for eps in (1e-5, 1e-6):
-        if abs(value - eps) <= eps * 1e-3:
-            return eps
-    raise FormatError(f"{path}: norm epsilon {value} is not representable in .m files (1e-5 or 1e-6)")
 
 
 def _llama31_rope(reader, tensors) -> tuple[dict, np.ndarray]:
@@ -97,7 +83,7 @@ def header_from_gguf(reader, path: Path, weight_type: FloatType) -> tuple[ModelH
         vocab_size=vocab, seq_len=int(need("context_length")), weight_type=weight_type,
         hidden_act=HiddenAct.SILU, rope_theta=float(gguf_field(reader, f"{a}.rope.freq_base", 10000.0)),
         head_dim=int(gguf_field(reader, f"{a}.attention.key_length", dim // n_heads)),
-        norm_epsilon=_norm_epsilon(float(need("attention.layer_norm_rms_epsilon")), path),
+        norm_epsilon=nearest_norm_epsilon(float(need("attention.layer_norm_rms_epsilon"))),
         rope_type=RopeType.FALCON if a.startswith("qwen3") else RopeType.LLAMA,
         hidden_dim=int(gguf_field(reader, f"{a}.feed_forward_length", 0)),
     )
@@ -151,10 +137,7 @@ def _tensor_values(t, expert: int | None) -> np.ndarray:
 def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatType,
                  name: str | None = None, progress: bool = True) -> ConvertedPaths:
     """Write ``<name>_<type>.m``, ``<name>.t`` and ``<name>.t.json`` into ``output_dir``."""
-    from tqdm import tqdm
-
     from dllama.formats.gguf_tokenizer import tokenizer_from_gguf
-    from dllama.formats.tfile import write_tokenizer
 
     path = Path(path)
     reader = _open(path)
@@ -166,36 +149,21 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
     tok = tokenizer_from_gguf(reader)
     if len(tok.vocab) != header.vocab_size:
         raise FormatError(f"{path}: the tokenizer has {len(tok.vocab)} tokens, the embedding {header.vocab_size}")
-    name = name or path.stem
-    out_dir = Path(output_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DllamaError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
-    model_path = out_dir / f"{name}_{weight_type.name.lower()}.m"
-    tokenizer_path = out_dir / f"{name}.t"
 
-    plan = tensor_plan(header)
-    try:
-        with ModelWriter(model_path, header) as writer:
-            bar = tqdm(plan, desc=f"converting to {weight_type.name}", unit="tensor", file=sys.stderr,
-                       disable=not progress, leave=False)
-            for spec in bar:
-                src, expert = _source_name(spec.name)
-                if src == "output.weight" and src not in tensors:
-                    src = "token_embd.weight"  # tied output head
-                if src not in tensors:
-                    raise FormatError(f"{path}: GGUF has no tensor {src}")
-                try:
-                    values = _tensor_values(tensors[src], expert)
-                except NotImplementedError:
-                    raise FormatError(f"{path}: tensor {src} is of type {tensors[src].tensor_type.name}, "
-                                      f"which the gguf package cannot dequantize") from None
-                if values.size != spec.n_values:
-                    raise FormatError(f"{path}: tensor {src} has {values.size} values, expected "
-                                      f"{spec.n_values} for shape {spec.shape}")
-                writer.write(spec.name, values.reshape(spec.shape))
-        write_tokenizer(tokenizer_path, tok)
-    except (ValueError, OSError) as e:
-        raise DllamaError(f"{path}: conversion failed: {e}") from None
-    return ConvertedPaths(model_path, tokenizer_path)
+    def values_of(spec: TensorSpec) -> np.ndarray:
+        src, expert = _source_name(spec.name)
+        if src == "output.weight" and src not in tensors:
+            src = "token_embd.weight"  # tied output head
+        if src not in tensors:
+            raise FormatError(f"{path}: GGUF has no tensor {src}")
+        try:
+            values = _tensor_values(tensors[src], expert)
+        except NotImplementedError:
+            raise FormatError(f"{path}: tensor {src} is of type {tensors[src].tensor_type.name}, "
+                              f"which the gguf package cannot dequantize") from None
+        if values.size != spec.n_values:
+            raise FormatError(f"{path}: tensor {src} has {values.size} values, expected "
+                              f"{spec.n_values} for shape {spec.shape}")
+        return values.reshape(spec.shape)
+
+    return write_converted(path, output_dir, name or path.stem, header, tok, values_of, progress)

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dllama.errors import DllamaError, FormatError
+from dllama.errors import FormatError
+from dllama.formats.converted import ConvertedPaths, write_converted
 from dllama.formats.mfile import (
     ArchType,
     HiddenAct,
     ModelHeader,
-    ModelWriter,
     RopeType,
+    TensorSpec,
+    nearest_norm_epsilon,
     tensor_plan,
     validate_header,
 )
@@ -33,13 +33,6 @@ from dllama.kernels.quants import FloatType
 
 ARCHS = {"llama": ArchType.LLAMA, "mistral": ArchType.LLAMA, "qwen3": ArchType.QWEN3,
          "qwen3_moe": ArchType.QWEN3_MOE}
-NORM_EPSILONS = (1e-5, 1e-6)
-
-
-@dataclass
-class ConvertedPaths:
-    model: Path
-    tokenizer: Path
 
 
 def read_config(folder: Path) -> dict:
@@ -55,11 +48,18 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def _value(config: dict, key: str, default=None):
+    """A config value; ``null`` means the default, as in transformers."""
+    value = config.get(key)
+    return default if value is None else value
+
+
 def _int(config: dict, key: str, path: Path, default: int | None = None) -> int:
-    value = config.get(key, default)
+    value = _value(config, key, default)
     if value is None:
         raise FormatError(f"{path}: config has no {key}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value) or value <= 0):
         raise FormatError(f"{path}: {key} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -71,70 +71,105 @@ def _whole(value, what: str, path: Path) -> int:
     return int(value)
 
 
-def _rope(config: dict, path: Path) -> dict:
-    scaling = config.get("rope_scaling")
+def _rope_settings(config: dict, path: Path) -> tuple[object, dict | None]:
+    """(rope theta, scaling dict or None) from transformers 4's ``rope_theta``/``rope_scaling``
+    or transformers 5's ``rope_parameters`` (both may be present; they must then agree)."""
+    theta, scaling = config.get("rope_theta"), config.get("rope_scaling")
+    params = config.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise FormatError(f"{path}: rope_parameters is not an object")
+        if params.get("partial_rotary_factor", 1) != 1:
+            raise FormatError(f"{path}: partial rotary embeddings are not supported")
+        p_theta = params.get("rope_theta")
+        if theta is not None and p_theta is not None and theta != p_theta:
+            raise FormatError(f"{path}: rope_theta {theta!r} and rope_parameters' {p_theta!r} disagree")
+        theta = p_theta if p_theta is not None else theta
+        p_scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        if scaling is not None and p_scaling != {k: v for k, v in scaling.items() if k != "rope_theta"}:
+            raise FormatError(f"{path}: rope_scaling and rope_parameters disagree")
+        scaling = p_scaling
+    return (10000 if theta is None else theta), scaling
+
+
+def _rope(scaling, path: Path) -> dict:
     if scaling is None:
         return {}
     if not isinstance(scaling, dict):
         raise FormatError(f"{path}: rope_scaling is not an object")
     kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
+    if kind in (None, "default"):
         return {}
     if kind != "llama3":
         raise FormatError(f"{path}: rope scaling {kind!r} is not supported (only Llama 3.1's 'llama3')")
     try:
-        return dict(
-            rope_type=RopeType.LLAMA3_1,
-            rope_scaling_factor=float(_whole(scaling["factor"], "rope scaling factor", path)),
-            rope_scaling_low_freq_factor=float(_whole(scaling["low_freq_factor"], "low_freq_factor", path)),
-            rope_scaling_high_freq_factor=float(_whole(scaling["high_freq_factor"], "high_freq_factor", path)),
-            rope_scaling_orig_max_seq_len=_whole(scaling["original_max_position_embeddings"],
-                                                 "original_max_position_embeddings", path))
+        return {
+            "rope_type": RopeType.LLAMA3_1,
+            "rope_scaling_factor": float(_whole(scaling["factor"], "rope scaling factor", path)),
+            "rope_scaling_low_freq_factor": float(_whole(scaling["low_freq_factor"], "low_freq_factor", path)),
+            "rope_scaling_high_freq_factor": float(_whole(scaling["high_freq_factor"], "high_freq_factor", path)),
+            "rope_scaling_orig_max_seq_len": _whole(scaling["original_max_position_embeddings"],
+                                                    "original_max_position_embeddings", path),
+        }
     except KeyError as e:
         raise FormatError(f"{path}: llama3 rope scaling lacks {e.args[0]}") from None
+
+
+def _sliding_window(config: dict, model_type: str, path: Path) -> int | None:
+    """The attention window, with transformers' defaults: Mistral's config defaults to 4096,
+    Qwen3's window applies only with ``use_sliding_window``; Llama has none."""
+    if model_type == "mistral":
+        if "sliding_window" not in config:
+            return 4096
+        return None if config["sliding_window"] is None else _int(config, "sliding_window", path)
+    if model_type.startswith("qwen3") and config.get("use_sliding_window"):
+        return _int(config, "sliding_window", path, 4096)
+    return None
 
 
 def header_from_config(config: dict, folder: Path, weight_type: FloatType) -> ModelHeader:
     """The ``.m`` header of a checkpoint; FormatError for what the engine cannot run exactly."""
     path = folder / "config.json"
     model_type = config.get("model_type")
-    if model_type not in ARCHS:
+    if not isinstance(model_type, str) or model_type not in ARCHS:
         raise FormatError(f"{path}: architecture {model_type!r} is not supported "
                           f"(supported: {', '.join(ARCHS)})")
     arch = ARCHS[model_type]
-    act = config.get("hidden_act", config.get("hidden_activation", "silu"))
+    act = _value(config, "hidden_act", _value(config, "hidden_activation", "silu"))
     if act != "silu":
         raise FormatError(f"{path}: hidden activation {act!r} is not supported for {model_type} (silu)")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise FormatError(f"{path}: {flag} is set; biases are not supported")
-    eps = config.get("rms_norm_eps", 1e-6)
-    match = [e for e in NORM_EPSILONS if isinstance(eps, (int, float)) and abs(eps - e) <= e * 1e-6]
-    if not match:
-        raise FormatError(f"{path}: rms_norm_eps {eps!r} is not supported (.m files hold 1e-5 or 1e-6)")
+    eps = _value(config, "rms_norm_eps", 1e-6)
+    try:
+        norm_epsilon = nearest_norm_epsilon(eps)
+    except ValueError as e:
+        raise FormatError(f"{path}: rms_norm_eps: {e}") from None
     dim = _int(config, "hidden_size", path)
     n_heads = _int(config, "num_attention_heads", path)
     seq_len = _int(config, "max_position_embeddings", path)
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    window = _sliding_window(config, model_type, path)
     if window is not None:
         # Within its window, sliding-window attention is full attention: cap the context there.
-        seq_len = min(seq_len, _int(config, "sliding_window", path))
-    kwargs = dict(
-        arch=arch, dim=dim, hidden_dim=_int(config, "intermediate_size", path),
-        n_layers=_int(config, "num_hidden_layers", path), n_heads=n_heads,
-        n_kv_heads=_int(config, "num_key_value_heads", path, n_heads),
-        vocab_size=_int(config, "vocab_size", path), seq_len=seq_len, weight_type=weight_type,
-        hidden_act=HiddenAct.SILU,
-        rope_theta=float(_whole(config.get("rope_theta", 10000), "rope_theta", path)),
-        rope_type=RopeType.FALCON if arch != ArchType.LLAMA else RopeType.LLAMA,
-        head_dim=_int(config, "head_dim", path) if config.get("head_dim") is not None else 0,
-        norm_epsilon=match[0],
-    )
-    kwargs.update(_rope(config, path))
+        seq_len = min(seq_len, window)
+    theta, scaling = _rope_settings(config, path)
+    # transformers' Qwen3 configs default the head size to 128; the Llama family derives it.
+    head_dim = _int(config, "head_dim", path, 128 if arch != ArchType.LLAMA else dim // n_heads)
+    kwargs = {
+        "arch": arch, "dim": dim, "hidden_dim": _int(config, "intermediate_size", path),
+        "n_layers": _int(config, "num_hidden_layers", path), "n_heads": n_heads,
+        "n_kv_heads": _int(config, "num_key_value_heads", path, n_heads),
+        "vocab_size": _int(config, "vocab_size", path), "seq_len": seq_len, "weight_type": weight_type,
+        "hidden_act": HiddenAct.SILU, "rope_theta": float(_whole(theta, "rope_theta", path)),
+        "rope_type": RopeType.FALCON if arch != ArchType.LLAMA else RopeType.LLAMA,
+        "head_dim": head_dim, "norm_epsilon": norm_epsilon,
+    }
+    kwargs.update(_rope(scaling, path))
     if arch == ArchType.QWEN3_MOE:
         if config.get("norm_topk_prob") is not True:
             raise FormatError(f"{path}: norm_topk_prob must be true (the engine renormalizes the top-k weights)")
-        if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+        if _value(config, "decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
             raise FormatError(f"{path}: dense layers inside a MoE model (decoder_sparse_step, mlp_only_layers) "
                               f"are not supported")
         kwargs.update(n_experts=_int(config, "num_experts", path),
@@ -177,6 +212,15 @@ def _source(spec_name: str) -> str:
     }[parts[2]] + ".weight"
 
 
+def default_name(folder: Path) -> str:
+    """The folder's name; for a Hugging Face cache snapshot (``models--Org--Name/snapshots/<hash>``)
+    the model's name."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.split("--")[-1]
+    return folder.name
+
+
 def _check_unused(ckpt: Checkpoint, used: set[str], folder: Path) -> None:
     """Tensors the plan does not read would be silently dropped: biases change the model."""
     for name in ckpt.tensors:
@@ -190,10 +234,7 @@ def _check_unused(ckpt: Checkpoint, used: set[str], folder: Path) -> None:
 def convert_hf(folder: str | Path, output_dir: str | Path, weight_type: FloatType, name: str | None = None,
                progress: bool = True) -> ConvertedPaths:
     """Write ``<name>_<type>.m``, ``<name>.t`` and ``<name>.t.json`` into ``output_dir``."""
-    from tqdm import tqdm
-
     from dllama.formats.hf_tokenizer import tokenizer_from_hf
-    from dllama.formats.tfile import write_tokenizer
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -208,46 +249,31 @@ def convert_hf(folder: str | Path, output_dir: str | Path, weight_type: FloatTyp
         raise FormatError(f"{folder}: the tokenizer has {len(tokenizer.vocab)} tokens, more than the model's "
                           f"vocabulary of {header.vocab_size}")
 
-    plan = tensor_plan(header)
     sources = {}
-    for spec in plan:
+    for spec in tensor_plan(header):
         src = _source(spec.name)
         if spec.name == "output" and tied:
             src = "model.embed_tokens.weight"
         if src not in ckpt:
             raise FormatError(f"{folder}: the checkpoint has no tensor {src}")
         shape = ckpt.shape(src)
-        if int(np.prod(shape)) != spec.n_values or (len(spec.shape) == 2 and tuple(shape) != spec.shape):
+        if math.prod(shape) != spec.n_values or (len(spec.shape) == 2 and tuple(shape) != spec.shape):
             raise FormatError(f"{folder}: tensor {src} has shape {list(shape)}, the config implies {list(spec.shape)}")
+        ckpt.check_dtype(src)
         sources[spec.name] = src
     _check_unused(ckpt, set(sources.values()), folder)
 
-    name = name or folder.resolve().name
-    out_dir = Path(output_dir)
+    def values_of(spec: TensorSpec) -> np.ndarray:
+        src = sources[spec.name]
+        values = ckpt.float32(src).reshape(spec.shape)
+        if not np.isfinite(values).all():
+            raise FormatError(f"{folder}: tensor {src} holds NaN or infinite values")
+        if header.arch == ArchType.LLAMA and spec.name.endswith((".q", ".k")):
+            values = rope_pairs_from_halves(values, header.n_heads if spec.name.endswith(".q") else header.n_kv_heads)
+        return values
+
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DllamaError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
-    model_path = out_dir / f"{name}_{weight_type.name.lower()}.m"
-    tokenizer_path = out_dir / f"{name}.t"
-    try:
-        with ModelWriter(model_path, header) as writer:
-            bar = tqdm(plan, desc=f"converting to {weight_type.name}", unit="tensor", file=sys.stderr,
-                       disable=None if progress else True, leave=False)  # None: only on a terminal
-            for spec in bar:
-                src = sources[spec.name]
-                bar.set_postfix_str(src, refresh=False)
-                values = ckpt.float32(src).reshape(spec.shape)
-                if not np.isfinite(values).all():
-                    raise FormatError(f"{folder}: tensor {src} holds NaN or infinite values")
-                if header.arch == ArchType.LLAMA and spec.name.endswith((".q", ".k")):
-                    heads = header.n_heads if spec.name.endswith(".q") else header.n_kv_heads
-                    values = rope_pairs_from_halves(values, heads)
-                writer.write(spec.name, values)
-                del values
-        write_tokenizer(tokenizer_path, tokenizer)
-    except (ValueError, OSError) as e:
-        raise DllamaError(f"{folder}: conversion failed: {e}") from None
+        return write_converted(folder, output_dir, name or default_name(folder), header, tokenizer, values_of,
+                               progress)
     finally:
         ckpt.close()
-    return ConvertedPaths(model_path, tokenizer_path)

@@ -70,6 +70,16 @@ class RopeType(IntEnum):
 NORM_EPSILONS = {5: 1e-5, 6: 1e-6}
 
 
+def nearest_norm_epsilon(value: object) -> float:
+    """The norm epsilon a ``.m`` header can hold that ``value`` (read from float32 or JSON) is;
+    ValueError when it is none of them."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for eps in NORM_EPSILONS.values():
+            if abs(value - eps) <= eps * 1e-3:
+                return eps
+    raise ValueError(f"{value!r} is not representable in .m files (1e-5 or 1e-6)")
+
+
 @dataclass(frozen=True)
 class ModelHeader:
     """Everything the header says, with distributed-llama's defaults for absent keys."""
@@ -259,8 +269,17 @@ def _header_from_pairs(pairs: list[tuple[int, int]]) -> ModelHeader:
     )
 
 
+INT32_MAX = 2**31 - 1
+
+
 def validate_header(h: ModelHeader) -> None:
     """Raise ValueError when the header describes a model the forward pass cannot run."""
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "n_experts", "n_active_experts",
+                 "vocab_size", "seq_len", "head_dim", "moe_hidden_dim", "rope_scaling_orig_max_seq_len",
+                 "rope_theta", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+                 "rope_scaling_high_freq_factor"):
+        if abs(getattr(h, name)) > INT32_MAX:
+            raise ValueError(f"{name} {getattr(h, name):g} does not fit a .m header (32-bit integers)")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "head_dim"):
         if getattr(h, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(h, name)}")
@@ -399,9 +418,10 @@ class ModelWriter:
         self.header = header
         self.plan = tensor_plan(header)
         self._next = 0
+        head = encode_header(header)  # a bad header fails before any file exists
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file, self._tmp = open_temporary(self.path)
-        self._file.write(encode_header(header))
+        self._file.write(head)
 
     def __enter__(self) -> "ModelWriter":
         return self

@@ -13,6 +13,7 @@ model (file pages would be reclaimable anyway, but they count as the process's r
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -72,19 +73,24 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in doc.items():
         if name == "__metadata__":
             continue
+        def is_int(x: object) -> bool:
+            return type(x) is int and x >= 0
+
         try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError):
             raise FormatError(f"{path}: tensor {name}: malformed header entry") from None
-        if any(d < 0 for d in shape) or not 0 <= begin <= end:
-            raise FormatError(f"{path}: tensor {name}: invalid shape or offsets")
+        if not (isinstance(dtype, str) and isinstance(shape, list) and all(map(is_int, shape))
+                and isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))):
+            raise FormatError(f"{path}: tensor {name}: malformed header entry")
+        shape, (begin, end) = tuple(shape), offsets
+        if begin > end:
+            raise FormatError(f"{path}: tensor {name}: invalid offsets")
         if data_start + end > size:
             raise FormatError(f"{path}: file is truncated: tensor {name} ends at byte {data_start + end}, "
                               f"the file has {size}")
         itemsize = _DTYPES[dtype].itemsize if dtype in _DTYPES else None
-        if itemsize is not None and end - begin != itemsize * int(np.prod(shape, dtype=np.int64)):
+        if itemsize is not None and end - begin != itemsize * math.prod(shape):
             raise FormatError(f"{path}: tensor {name}: {end - begin} bytes do not hold {dtype} {list(shape)}")
         out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
     # As the safetensors library demands: the tensors tile the data exactly, so no two share bytes.
@@ -117,14 +123,15 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+                files = sorted(set(weight_map.values()), key=str)
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
+                    RecursionError) as e:
                 raise FormatError(f"{index}: unreadable safetensors index ({e})") from None
             shards = []
             for name in files:
+                if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                    raise FormatError(f"{index}: shard {name!r} is not a .safetensors file name in the folder")
                 path = self.folder / name
-                if not isinstance(name, str) or Path(name).name != name:
-                    raise FormatError(f"{index}: shard {name!r} is not a file name in the folder")
                 if not path.exists():
                     raise FormatError(f"{index}: shard {name} is missing")
                 shards.append(path)
@@ -140,13 +147,19 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 
-    def float32(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 array."""
+    def check_dtype(self, name: str) -> np.dtype:
+        """The stored dtype of a tensor we can convert (FormatError for others, e.g. F8_E4M3)."""
         info = self.tensors[name]
         dtype = _DTYPES.get(info.dtype)
         if dtype is None:
             raise FormatError(f"{info.path}: tensor {name} is {info.dtype}; only BF16, F16, F32 and F64 "
                               f"weights can be converted")
+        return dtype
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor as a new float32 array."""
+        info = self.tensors[name]
+        dtype = self.check_dtype(name)
         if info.end == info.begin:
             return np.zeros(info.shape, dtype=np.float32)
         m = self._maps.get(info.path)
