@@ -78,9 +78,14 @@ def llama3(llama3_hf_folder, tmp_path_factory) -> tuple[Tokenizer, HFTokenizer, 
     return Tokenizer.load(path), HFTokenizer.from_file(str(llama3_hf_folder / "tokenizer.json")), data
 
 
-def test_llama3_metadata(llama3):
+def test_llama3_metadata(llama3, tmp_path):
     tok, hf, data = llama3
-    assert (data.kind, data.pre, data.ignore_merges, data.normalizer) == ("bpe", "llama3", True, None)
+    # ignore_merges: true is the llama3 family's default, left to the engine (null).
+    assert (data.kind, data.pre, data.ignore_merges, data.normalizer) == ("bpe", "llama3", None, None)
+    assert tok._ignore_merges
+    # Nothing a version 1 reader would miss: the sidecar stays version 1.
+    write_tokenizer(tmp_path / "t.t", data)
+    assert sidecar(tmp_path / "t.t")["version"] == 1
     assert tok.vocab_size == hf.get_vocab_size() == 128256
     assert tok.bos_id == 128000 and tok.eos_ids == {128001}
     assert tok.special_ids == set(range(128000, 128256)) and not tok.added_ids
@@ -224,7 +229,8 @@ def qwen(tmp_path_factory):
 def test_qwen_metadata(qwen):
     tok, hf, path = qwen
     doc = sidecar(path)
-    assert (doc["pre"], doc["normalizer"]) == ("qwen2", "NFC") and "ignore_merges" in doc
+    assert (doc["pre"], doc["normalizer"]) == ("qwen2", "NFC") and "ignore_merges" not in doc  # family default
+    assert doc["version"] == 2  # normalizer, added_ids
     assert tok.bos_id == -1 and not tok.add_bos and tok.chat_template == QWEN_TEMPLATE
     assert list(tok.data.eos_ids) == [hf.token_to_id("<|im_end|>"), hf.token_to_id("<|endoftext|>")]
     assert tok.added_ids == {hf.token_to_id(t) for t in QWEN_ADDED}
@@ -303,7 +309,7 @@ def test_smollm_and_gpt2_metadata(smollm, gpt2):
     assert tok.eos_ids == {hf.token_to_id("<|im_end|>")}
     tok, hf, path = gpt2
     doc = sidecar(path)
-    assert doc["pre"] == "gpt2" and doc["ignore_merges"] is True
+    assert doc["pre"] == "gpt2" and doc["ignore_merges"] is True and doc["version"] == 2
     # add_bos_token is absent: the post-processor's template puts the BOS first, so it is added.
     assert tok.add_bos and tok.bos_id == hf.token_to_id("<|endoftext|>")
     assert tok.encode("Hello world") == hf.encode("Hello world").ids
@@ -364,7 +370,12 @@ def test_ignore_merges_follows_the_file(tmp_path, family, regex, ignore_merges):
     tok = convert(_write_doc(tmp_path / "hf", doc), tmp_path / "t.t")
     hf = HFTokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
     assert sidecar(tmp_path / "t.t")["pre"] == family
-    assert sidecar(tmp_path / "t.t")["ignore_merges"] is ignore_merges
+    # Written only when it is not the family's default (true for llama3 only).
+    doc = sidecar(tmp_path / "t.t")
+    if ignore_merges == (family == "llama3"):
+        assert "ignore_merges" not in doc and doc["version"] == 1
+    else:
+        assert doc["ignore_merges"] is ignore_merges and doc["version"] == 2
     for text in TEXTS:
         assert tok.encode(text) == hf.encode(text).ids
     for text in ("abc", "abc abcabc", "ab c<|end|>abc"):
@@ -496,8 +507,8 @@ def test_tokenizer_model_alone_uses_its_trainer_ids(sp_model, tmp_path):
     assert (data.bos_id, data.eos_ids, data.add_bos, data.chat_template) == (1, [2], True, None)
 
 
-def _hf_from_sentencepiece(sp) -> HFTokenizer:
-    """A tokenizer.json as transformers' converter makes one from a Llama 2 SentencePiece model."""
+def _hf_bpe_from_sentencepiece(sp) -> HFTokenizer:
+    """The BPE model (with <unk> <s> </s>) transformers' converter makes from a Llama 2 SentencePiece model."""
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     merges = []
     for piece in sorted(vocab, key=vocab.get):
@@ -505,6 +516,12 @@ def _hf_from_sentencepiece(sp) -> HFTokenizer:
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    return hf
+
+
+def _hf_from_sentencepiece(sp) -> HFTokenizer:
+    """A tokenizer.json as transformers' converter makes one from a Llama 2 SentencePiece model."""
+    hf = _hf_bpe_from_sentencepiece(sp)
     # Phi-3's chat tokens take the white space after them.
     hf.add_special_tokens([AddedToken("<|end|>", special=True, normalized=False, rstrip=True),
                            AddedToken("<|user|>", special=True, normalized=False, lstrip=True, rstrip=True)])
@@ -557,11 +574,161 @@ def test_metaspace_scores_follow_merge_ranks(metaspace, sp):
     assert merged and all(scores[a] > scores[b] for a, b in zip(merged, merged[1:], strict=False))
 
 
-def test_bad_tokenizer_json_falls_back_on_tokenizer_model(sp_model, tmp_path):
+def test_bad_tokenizer_json_falls_back_on_tokenizer_model(sp_model, tmp_path, capsys):
     folder = _write_doc(tmp_path / "hf", {"model": {"type": "Unigram", "vocab": [["a", 0.0]]}}, LLAMA2_CONFIG)
     (folder / "tokenizer.model").write_bytes(sp_model.read_bytes())
     data = tokenizer_from_hf(folder)
     assert data.kind == "sentencepiece" and not data.merges and data.bos_id == 1
+    out, err = capsys.readouterr()
+    # One warning line, naming the file and why it was not used.
+    assert out == "" and err.count("\n") == 1 and err.startswith("\u26a0\ufe0f  ")
+    assert str(folder / "tokenizer.json") in err and "model type 'Unigram' is not supported" in err
+    assert str(folder / "tokenizer.model") in err and "may differ" in err
+
+
+def test_usable_tokenizer_json_warns_nothing(sp_model, tmp_path, capsys):
+    folder = _write_doc(tmp_path / "hf", _tiny_doc())
+    (folder / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    assert tokenizer_from_hf(folder).kind == "bpe"
+    assert capsys.readouterr() == ("", "")
+
+
+# --- post-processing that appends a token: refused --------------------------------------------------
+def _template(single: list) -> dict:
+    return {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": {}}
+
+
+_A = {"Sequence": {"id": "A", "type_id": 0}}
+_END = {"SpecialToken": {"id": "<|end|>", "type_id": 0}}
+
+
+@pytest.mark.parametrize("post, what", [
+    (_template([_A, _END]), "TemplateProcessing appends '<|end|>'"),
+    (_template([_END, _A, _END]), "TemplateProcessing appends '<|end|>'"),
+    ({"type": "Sequence", "processors": [{"type": "ByteLevel", "trim_offsets": False}, _template([_A, _END])]},
+     "TemplateProcessing appends '<|end|>'"),
+    ({"type": "RobertaProcessing", "sep": ["<|end|>", 258], "cls": ["<|end|>", 258], "trim_offsets": True,
+      "add_prefix_space": False}, "RobertaProcessing appends '<|end|>'"),
+    ({"type": "BertProcessing", "sep": ["<|end|>", 258], "cls": ["<|end|>", 258]}, "BertProcessing appends"),
+])
+def test_post_processor_appending_a_token_is_refused(tmp_path, sp_model, post, what):
+    doc = _tiny_doc()
+    doc["post_processor"] = post
+    _write_doc(tmp_path, doc)
+    message = _expect_error(tmp_path, what, tmp_path / "tokenizer.json")
+    assert "never appends" in message
+    # Not hidden by falling back on a tokenizer.model either.
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    _expect_error(tmp_path, what, tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("single", [[_END, _A], [_A], []])
+def test_post_processor_prepending_only_is_fine(tmp_path, single):
+    doc = _tiny_doc()
+    doc["post_processor"] = _template(single)
+    _write_doc(tmp_path, doc)
+    assert tokenizer_from_hf(tmp_path).add_bos == (single == [_END, _A])
+
+
+def test_post_processor_appending_eos_like_hf_is_refused(tmp_path):
+    """The template HF writes for add_eos_token (LlamaTokenizerFast.update_post_processor)."""
+    hf = HFTokenizer.from_str(json.dumps(_tiny_doc()))
+    hf.post_processor = processors.TemplateProcessing(single="$A:0 <|end|>:0", special_tokens=[("<|end|>", 258)])
+    assert hf.encode("ab").ids[-1] == 258
+    hf.save(str(tmp_path / "tokenizer.json"))
+    _expect_error(tmp_path, "appends '<|end|>' to every encoding", tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("model", [False, True])
+def test_add_eos_token_is_refused(tmp_path, sp_model, model):
+    if model:
+        (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    else:
+        _write_doc(tmp_path, _tiny_doc())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_eos_token": True}))
+    _expect_error(tmp_path, "add_eos_token true (an eos token appended to every encoding) is not supported",
+                  tmp_path / "tokenizer_config.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_eos_token": False}))
+    tokenizer_from_hf(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_eos_token": 1}))
+    _expect_error(tmp_path, "add_eos_token is not true/false", tmp_path / "tokenizer_config.json")
+
+
+# --- tokenizer.model with legacy: false (transformers' LlamaTokenizer) ----------------------------------
+def _llama2_folder(sp_model: Path, folder: Path, **config) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**LLAMA2_CONFIG, **config}))
+    return folder
+
+
+def _hf_non_legacy(sp) -> HFTokenizer:
+    """What transformers' LlamaConverter builds from the tokenizer.model with legacy=False: no normalizer,
+    Metaspace(prepend_scheme="first", split=False)."""
+    hf = _hf_bpe_from_sentencepiece(sp)
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    return hf
+
+
+LEGACY_TEXTS = SPM_EDGE_CASES + TEXTS + ["Hello <s>.", "<s>Hello</s> world", "a<s>b", "<s> x", "</s>", " <s>  y",
+                                         "<s>", "<s><s>a", "x</s>\n<s>", "\u2581x <s>\u2581y"]
+
+
+def test_legacy_false_is_honoured(sp_model, sp, tmp_path):
+    tok = convert(_llama2_folder(sp_model, tmp_path / "hf", legacy=False), tmp_path / "t.t")
+    assert tok.data.add_space_prefix and tok.data.prepend_scheme == "first"
+    assert sidecar(tmp_path / "t.t")["version"] == 2  # a version 1 reader would tokenize it the legacy way
+    hf = _hf_non_legacy(sp)
+    for text in LEGACY_TEXTS:
+        assert tok.encode(text, add_bos=False, allow_special=True) == hf.encode(text).ids, text
+    # transformers' own example: after a special token no space is added ('.', not ' .'), unlike legacy.
+    dot = sp.piece_to_id(".")
+    assert sp.encode(".") != [dot]  # SentencePiece's dummy prefix
+    assert tok.encode("Hello <s>.", add_bos=False, allow_special=True) == sp.encode("Hello ") + [1, dot]
+    legacy = convert(_llama2_folder(sp_model, tmp_path / "legacy"), tmp_path / "l.t")
+    assert legacy.data.prepend_scheme is None and sidecar(tmp_path / "l.t")["version"] == 1
+    assert legacy.encode("Hello <s>.", add_bos=False, allow_special=True) == sp.encode("Hello ") + [1] + sp.encode(".")
+
+
+@pytest.fixture(scope="module")
+def legacy_false(sp_model, sp, tmp_path_factory):
+    d = tmp_path_factory.mktemp("legacy-false")
+    return convert(_llama2_folder(sp_model, d / "hf", legacy=False), d / "t.t"), _hf_non_legacy(sp)
+
+
+@given(text=texts_with(["<s>", "</s>", "<unk>", " ", "\n", "\u2581"]))
+@settings(max_examples=40, deadline=None)
+def test_legacy_false_random_text(legacy_false, text):
+    tok, hf = legacy_false
+    assert tok.encode(text, add_bos=False, allow_special=True) == hf.encode(text).ids
+
+
+def test_legacy_false_without_prefix_space(sp_model, sp, tmp_path):
+    tok = convert(_llama2_folder(sp_model, tmp_path / "hf", legacy=False, add_prefix_space=False), tmp_path / "t.t")
+    assert not tok.data.add_space_prefix
+    ids = tok.encode("Hello world", add_bos=False)
+    assert not tok.piece(ids[0]).startswith(b" ") and tok.decode(ids) == "Hello world"
+    hf = _hf_non_legacy(sp)
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
+    for text in LEGACY_TEXTS:
+        assert tok.encode(text, add_bos=False, allow_special=True) == hf.encode(text).ids, text
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"legacy": "no"}, "legacy is not true/false"),
+    ({"add_prefix_space": 0}, "add_prefix_space is not true/false"),
+    ({"add_prefix_space": False}, "add_prefix_space false disagrees with"),
+    ({"add_prefix_space": False, "legacy": True}, "add_prefix_space false disagrees with"),
+])
+def test_bad_legacy_settings(sp_model, tmp_path, config, fragment):
+    folder = _llama2_folder(sp_model, tmp_path, **config)
+    _expect_error(folder, fragment, folder / "tokenizer_config.json")
+
+
+def test_legacy_settings_that_change_nothing(sp_model, tmp_path):
+    for config in ({"legacy": True}, {"legacy": None, "add_prefix_space": None}, {"add_prefix_space": True}):
+        data = tokenizer_from_hf(_llama2_folder(sp_model, tmp_path, **config))
+        assert data.add_space_prefix and data.prepend_scheme is None
 
 
 # --- SentencePiece protobufs made by hand -------------------------------------------------------------
@@ -843,7 +1010,7 @@ def test_old_sidecars_still_load(tmp_path):
 def test_bad_new_sidecar_fields(tmp_path, change, problem):
     p = tmp_path / "w.t"
     write_tokenizer(p, _data())
-    doc = {**sidecar(p), **change}
+    doc = {**sidecar(p), **change, "version": 2}
     sidecar_path(p).write_text(json.dumps(doc))
     with pytest.raises(FormatError, match=problem):
         read_tokenizer(p)

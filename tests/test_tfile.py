@@ -160,6 +160,73 @@ def test_sidecar_document(tmp_path):
                    "pre": "gpt2", "merges": [[0, 1]], "special_ids": [3], "add_space_prefix": False}
 
 
+V2_DATA = {"added_ids": [2], "normalizer": "NFC", "ignore_merges": True, "prepend_scheme": "first",
+           "lstrip_ids": [2], "rstrip_ids": [2, 3]}
+
+
+def test_version_2_sidecar_round_trip(tmp_path):
+    p = tmp_path / "w.t"
+    write_tokenizer(p, _data(**V2_DATA))
+    doc = json.loads(sidecar_path(p).read_text("utf-8"))
+    assert doc["version"] == 2 and {k: doc[k] for k in V2_DATA} == V2_DATA
+    back = read_tokenizer(p)
+    assert {k: getattr(back, k) for k in V2_DATA} == V2_DATA
+    assert (back.kind, back.pre, back.merges, back.special_ids) == ("bpe", "gpt2", [(0, 1)], [3])
+
+
+@pytest.mark.parametrize("field, value", list(V2_DATA.items()) + [("ignore_merges", False)])
+def test_one_version_2_field_makes_version_2(tmp_path, field, value):
+    p = tmp_path / "w.t"
+    write_tokenizer(p, _data(**{field: value}))
+    doc = json.loads(sidecar_path(p).read_text("utf-8"))
+    assert doc["version"] == 2 and doc[field] == value
+    assert getattr(read_tokenizer(p), field) == value
+
+
+def test_sentencepiece_merges_make_version_2(tmp_path):
+    p = tmp_path / "w.t"
+    write_tokenizer(p, _data(kind="sentencepiece", pre=None, add_space_prefix=True))
+    assert json.loads(sidecar_path(p).read_text("utf-8"))["version"] == 2
+    assert read_tokenizer(p).merges == [(0, 1)]
+    write_tokenizer(p, _data(kind="sentencepiece", pre=None, merges=[], add_space_prefix=True))
+    assert json.loads(sidecar_path(p).read_text("utf-8"))["version"] == 1  # merged by score, as ever
+
+
+def test_plain_tokenizers_stay_version_1(tmp_path):
+    # What version 1 readers understand is still written as version 1, byte for byte as before.
+    p = tmp_path / "w.t"
+    write_tokenizer(p, _data(added_ids=[], normalizer=None, ignore_merges=None, prepend_scheme=None))
+    assert sidecar_path(p).read_bytes() == (b'{"format":"dllama-tokenizer-sidecar","version":1,"vocab_size":4,'
+                                            b'"kind":"bpe","pre":"gpt2","merges":[[0,1]],"special_ids":[3],'
+                                            b'"add_space_prefix":false}')
+
+
+@pytest.mark.parametrize("field, value", list(V2_DATA.items()) + [("added_ids", []), ("normalizer", None)])
+def test_version_1_sidecar_with_a_version_2_field_is_refused(tmp_path, field, value):
+    p = tmp_path / "w.t"
+    write_tokenizer(p, _data())
+    side = sidecar_path(p)
+    doc = json.loads(side.read_text("utf-8"))
+    assert doc["version"] == 1
+    side.write_text(json.dumps({**doc, field: value}))
+    with pytest.raises(FormatError, match=f"'{field}' is a version 2 field, but the sidecar says version 1"):
+        read_tokenizer(p)
+    side.write_text(json.dumps({**doc, field: value, "version": 2}))  # the same field under version 2 loads
+    assert getattr(read_tokenizer(p), field) == value or value in ([], None)
+
+
+def test_version_1_sentencepiece_sidecar_with_merges_is_refused(tmp_path):
+    p = tmp_path / "w.t"
+    write_tokenizer(p, _data(kind="sentencepiece", pre=None, add_space_prefix=True))
+    side = sidecar_path(p)
+    doc = json.loads(side.read_text("utf-8"))
+    side.write_text(json.dumps({**doc, "version": 1}))
+    with pytest.raises(FormatError, match="merges for kind sentencepiece need sidecar version 2"):
+        read_tokenizer(p)
+    side.write_text(json.dumps({**doc, "version": 1, "merges": []}))
+    assert read_tokenizer(p).merges == []
+
+
 def test_legacy_data_writes_no_sidecar_and_removes_a_stale_one(tmp_path):
     p = tmp_path / "w.t"
     write_tokenizer(p, _data())
@@ -179,7 +246,9 @@ def test_empty_token_cannot_be_written(tmp_path):
     (b"\xff\xfe", "unreadable"),
     (b"[]", "not a tokenizer sidecar"),
     ({"format": "something-else"}, "not a tokenizer sidecar"),
-    ({"version": 2}, "sidecar version 2"),
+    ({"version": 3}, "sidecar version 3 is not supported (expected 1 or 2)"),
+    ({"version": 0}, "sidecar version 0"),
+    ({"version": "2"}, "sidecar version '2'"),
     ({"vocab_size": 5}, "5 tokens"),
     ({"kind": "wordpiece"}, "kind"),
     ({"pre": 3}, "'pre'"),
@@ -213,6 +282,17 @@ def tokenizer_data(draw) -> TokenizerData:
     n = len(vocab)
     ids = st.integers(0, n - 1)
     kind = draw(st.sampled_from(["bpe", "sentencepiece", "legacy"]))
+    special = sorted(draw(st.sets(ids, max_size=5))) if kind != "legacy" else []
+    newer = {}  # version 2 fields, sometimes
+    if kind != "legacy" and draw(st.booleans()):
+        newer = {
+            "added_ids": sorted(draw(st.sets(ids, max_size=3)) - set(special)),
+            "normalizer": draw(st.sampled_from([None, "NFC", "NFKD"])),
+            "ignore_merges": draw(st.sampled_from([None, False, True])),
+            "prepend_scheme": draw(st.sampled_from([None, "always", "first"])),
+            "lstrip_ids": sorted(draw(st.sets(ids, max_size=3))),
+            "rstrip_ids": sorted(draw(st.sets(ids, max_size=3))),
+        }
     return TokenizerData(
         vocab=vocab,
         scores=draw(st.lists(st.floats(width=32, allow_nan=False), min_size=n, max_size=n)),
@@ -222,9 +302,10 @@ def tokenizer_data(draw) -> TokenizerData:
         add_bos=draw(st.booleans()),
         kind=kind,
         pre=draw(st.sampled_from([None, "smollm", "llama3"])) if kind == "bpe" else None,
-        merges=draw(st.lists(st.tuples(ids, ids), max_size=20)) if kind == "bpe" else [],
-        special_ids=sorted(draw(st.sets(ids, max_size=5))) if kind != "legacy" else [],
+        merges=draw(st.lists(st.tuples(ids, ids), max_size=20)) if kind != "legacy" else [],
+        special_ids=special,
         add_space_prefix=draw(st.booleans()) if kind == "sentencepiece" else False,
+        **newer,
     )
 
 
@@ -240,6 +321,12 @@ def test_round_trip(tmp_path, data):
     assert back.chat_template == data.chat_template and back.add_bos == data.add_bos
     assert (back.kind, back.pre, back.merges) == (data.kind, data.pre, data.merges)
     assert (back.special_ids, back.add_space_prefix) == (data.special_ids, data.add_space_prefix)
+    fields = ("added_ids", "normalizer", "ignore_merges", "prepend_scheme", "lstrip_ids", "rstrip_ids")
+    assert [getattr(back, f) for f in fields] == [getattr(data, f) for f in fields]
+    if data.kind != "legacy":
+        needs_2 = any(getattr(data, f) not in (None, []) for f in fields) or (data.kind == "sentencepiece"
+                                                                            and data.merges)
+        assert json.loads(sidecar_path(p).read_text("utf-8"))["version"] == (2 if needs_2 else 1)
 
 
 def test_bpe_sidecar_without_merges(tmp_path):

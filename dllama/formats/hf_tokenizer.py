@@ -10,7 +10,8 @@
     ``Split`` by Llama 3's regex (llama3), by the same with ``\\p{N}`` for ``\\p{N}{1,3}``
     (qwen2) or by GPT-2's regex (gpt2), isolated, then ``ByteLevel(use_regex=false)``. The
     normalizer may be none or one Unicode normal form (NFC for Qwen). The model's
-    ``ignore_merges`` is kept.
+    ``ignore_merges`` is kept (as null, the engine's default, when it is the family's default:
+    true for llama3 only; so a plain file still gets a version 1 sidecar).
   - SentencePiece-style BPE (byte fallback; a ``Metaspace`` pre-tokenizer with ``split=false``,
     or no pre-tokenizer and the normalizers ``Prepend("▁")`` + ``Replace(" ", "▁")``: Llama 2,
     Mistral) becomes kind ``sentencepiece`` with the file's merges (by rank, as HF applies them)
@@ -25,9 +26,18 @@
     ``normalized`` tokens under a normalizer, are refused.
 
 * ``tokenizer.model`` (a SentencePiece ``ModelProto``, Llama 2) when there is no
-  ``tokenizer.json`` or that file is not usable: BPE models with byte fallback, the identity
+  ``tokenizer.json`` or that file is not usable (then a warning on stderr says why: token ids may
+  differ from Hugging Face's fast tokenizer): BPE models with byte fallback, the identity
   normalization and ``remove_extra_whitespaces=false`` (read here with a small protobuf reader;
   the ``sentencepiece`` package is not needed). Its ``add_dummy_prefix`` is kept.
+  ``tokenizer_config.json``'s ``legacy: false`` (transformers' LlamaTokenizer, PR #24565) is
+  honoured: the model's dummy prefix is off, a space goes only before the start of the input
+  (``add_prefix_space``, default true) and text after a special token gets none; that is the
+  fast tokenizer transformers builds from it (Metaspace ``prepend_scheme="first"``), so
+  ``prepend_scheme`` "first" (the slow LlamaTokenizer differs from it only for input that starts
+  with a space, to which it adds a second one). With ``legacy`` true or absent, an
+  ``add_prefix_space`` that disagrees with ``add_dummy_prefix`` is refused (the slow tokenizer
+  follows the model, the fast one the config).
 
 * ``tokenizer_config.json``: ``bos_token``, ``eos_token`` (text or ``{"content": ...}``),
   ``add_bos_token`` (when absent: whether the ``tokenizer.json`` post-processor puts the bos token
@@ -35,6 +45,12 @@
   which "default" is taken); a ``chat_template.jinja`` file in the folder wins over it, a
   ``chat_template.json`` is used when neither has one. ``generation_config.json``'s
   ``eos_token_id`` (one id or a list) adds end-of-sequence ids after the eos token's.
+
+* Post-processing that appends a token to every encoding is refused, as the engine never appends
+  one to a prompt: ``add_eos_token: true`` in ``tokenizer_config.json``, and a ``tokenizer.json``
+  post-processor whose single-sequence template puts a special token after ``$A`` (or a
+  ``BertProcessing``/``RobertaProcessing``, which append their sep token). Such a post-processor
+  is refused even when a ``tokenizer.model`` is there to fall back on.
 
 The vocabulary size is the highest id plus one. Ids nothing names (holes), and tokens whose text
 is empty (a ``.t`` cannot hold them), become special placeholder tokens ``<|dllama_unused_N|>``
@@ -47,12 +63,18 @@ from __future__ import annotations
 import json
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllama.errors import FormatError
 from dllama.formats.gguf_tokenizer import byte_level_to_bytes, gpt2_unicode_to_byte
-from dllama.formats.tfile import MAX_TOKEN_BYTES, MAX_VOCAB_SIZE, NORMALIZERS, TokenizerData
+from dllama.formats.tfile import (
+    MAX_TOKEN_BYTES,
+    MAX_VOCAB_SIZE,
+    NORMALIZERS,
+    TokenizerData,
+)
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_MODEL = "tokenizer.model"
@@ -105,6 +127,10 @@ class _Core:
     from_model: bool = False  # read from a tokenizer.model
 
 
+class _NoFallback(FormatError):
+    """A tokenizer.json problem that falling back on tokenizer.model would hide."""
+
+
 def tokenizer_from_hf(folder: str | Path) -> TokenizerData:
     """The tokenizer of a Hugging Face model folder (see the module docstring)."""
     folder = Path(folder)
@@ -118,18 +144,21 @@ def tokenizer_from_hf(folder: str | Path) -> TokenizerData:
         try:
             core = _from_tokenizer_json(tj)
         except FormatError as e:
-            if not tm.exists():
+            if not tm.exists() or isinstance(e, _NoFallback):
                 raise
             try:
                 core = _from_sentencepiece_model(tm)
             except FormatError as e2:
                 raise FormatError(f"{e}; falling back on {TOKENIZER_MODEL} failed too: {e2}") from None
+            print(f"⚠️  not using {_one_line(str(e))}; using {tm} instead, whose token ids may differ "
+                  f"from Hugging Face's fast tokenizer", file=sys.stderr)
     elif tm.exists():
         core = _from_sentencepiece_model(tm)
     else:
         raise FormatError(f"{folder}: no {TOKENIZER_JSON} or {TOKENIZER_MODEL} in the folder")
     if core.from_model:  # a tokenizer.model: the config may add tokens (tokenizer.json lists its own)
         _apply_added_tokens_decoder(core, config, config_path)
+        _apply_legacy(core, config, config_path, tm)
     return _finish(core, folder, config, config_path)
 
 
@@ -187,6 +216,7 @@ def _from_tokenizer_json(path: Path) -> _Core:
     doc = _load_json(path)
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: expected a JSON object")
+    _refuse_appended_tokens(doc.get("post_processor"), path)
     model = doc.get("model")
     if not isinstance(model, dict):
         raise FormatError(f"{path}: no 'model' object")
@@ -363,8 +393,10 @@ def _byte_level(path: Path, model: dict, id_to_str: dict[int, str], normalizers:
     if missing and (model.get("unk_token") is not None or model.get("byte_fallback")):
         raise FormatError(f"{path}: {len(missing)} bytes have no token and the model has an unk token or "
                           f"byte fallback (not supported)")
-    return _Core(tokens=tokens, scores={}, kind="bpe", by_text={}, pre=family,
-                 normalizer=normalizer, ignore_merges=bool(model.get("ignore_merges", False)))
+    # The family's default (llama3 only) is left to the engine, keeping the sidecar version 1.
+    ignore_merges = bool(model.get("ignore_merges", False))
+    return _Core(tokens=tokens, scores={}, kind="bpe", by_text={}, pre=family, normalizer=normalizer,
+                 ignore_merges=None if ignore_merges == (family == "llama3") else ignore_merges)
 
 
 def _metaspace(path: Path, model: dict, vocab: dict[str, int], id_to_str: dict[int, str],
@@ -407,8 +439,32 @@ def _metaspace(path: Path, model: dict, vocab: dict[str, int], id_to_str: dict[i
         seen[raw] = i
         tokens[i] = raw
     return _Core(tokens=tokens, scores={}, kind="sentencepiece", by_text={}, normalizer=normalizer,
-                 ignore_merges=bool(model.get("ignore_merges", False)), add_space_prefix=add_space_prefix,
+                 ignore_merges=bool(model.get("ignore_merges", False)) or None, add_space_prefix=add_space_prefix,
                  prepend_scheme=scheme)
+
+
+def _refuse_appended_tokens(post, path: Path) -> None:
+    """A post-processor that appends a token (an EOS) to every encoding is refused."""
+    for p in _flatten(post, "processors", path, "post-processor"):
+        appended = None
+        if p["type"] == "TemplateProcessing":
+            single = p.get("single")
+            items = single if isinstance(single, list) else []
+            seen_a = False
+            for item in items:
+                if not isinstance(item, dict):
+                    continue
+                if "Sequence" in item:
+                    seen_a = True
+                elif seen_a and isinstance(item.get("SpecialToken"), dict):
+                    appended = item["SpecialToken"].get("id")
+                    break
+        elif p["type"] in ("BertProcessing", "RobertaProcessing"):
+            sep = p.get("sep")
+            appended = sep[0] if isinstance(sep, list) and sep else sep
+        if appended is not None:
+            raise _NoFallback(f"{path}: post-processor {p['type']} appends {appended!r} to every encoding, which is "
+                              f"not supported (the engine never appends it to a prompt)")
 
 
 def _template_first(post, path: Path) -> str | None:
@@ -611,6 +667,25 @@ def _apply_added_tokens_decoder(core: _Core, config: dict, path: Path) -> None:
         (core.special if t.get("special", False) else core.added).add(i)
 
 
+def _apply_legacy(core: _Core, config: dict, path: Path, model_path: Path) -> None:
+    """tokenizer_config.json's legacy / add_prefix_space over a tokenizer.model (transformers' LlamaTokenizer)."""
+    values = {}
+    for key in ("legacy", "add_prefix_space"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise FormatError(f"{path}: {key} is not true/false")
+        values[key] = value
+    prefix = values["add_prefix_space"]
+    if values["legacy"] is False:
+        # Dummy prefix off; "▁" before the input only, none after special tokens: Metaspace "first".
+        core.add_space_prefix = True if prefix is None else prefix
+        core.prepend_scheme = "first" if core.add_space_prefix else None
+    elif prefix is not None and prefix != core.add_space_prefix:
+        raise FormatError(f"{path}: add_prefix_space {str(prefix).lower()} disagrees with {model_path}'s "
+                          f"add_dummy_prefix {str(core.add_space_prefix).lower()} under legacy behaviour "
+                          f"(transformers' slow and fast tokenizers then differ), which is not supported")
+
+
 # --- the config files --------------------------------------------------------------------------------
 def _finish(core: _Core, folder: Path, config: dict, config_path: Path) -> TokenizerData:
     n = max(core.tokens) + 1
@@ -653,6 +728,12 @@ def _finish(core: _Core, folder: Path, config: dict, config_path: Path) -> Token
             add_bos = core.default_add_bos
     elif not isinstance(add_bos, bool):
         raise FormatError(f"{config_path}: add_bos_token is not true/false")
+    add_eos = config.get("add_eos_token")
+    if add_eos is not None and not isinstance(add_eos, bool):
+        raise FormatError(f"{config_path}: add_eos_token is not true/false")
+    if add_eos:
+        raise FormatError(f"{config_path}: add_eos_token true (an eos token appended to every encoding) is not "
+                          f"supported (the engine never appends it to a prompt)")
 
     eos_ids: list[int] = []
     eos = token_id("eos_token")

@@ -21,17 +21,17 @@ JSON file next to it, ``<name>.t.json`` (UTF-8)::
 
     {
       "format": "dllama-tokenizer-sidecar",   # fixed
-      "version": 1,                           # readers refuse versions they do not know
+      "version": 1 | 2,                       # readers refuse versions they do not know (below)
       "vocab_size": 49152,                    # must equal the .t's vocab size
       "kind": "bpe" | "sentencepiece",        # byte-level BPE by merge rank, or SentencePiece
       "pre": "smollm" | null,                 # llama.cpp's tokenizer.ggml.pre (BPE pre-tokenizer)
-      "merges": [[left_id, right_id], ...],   # merges, lowest rank first; for sentencepiece, when
-                                              # present, they replace the scores (HF's BPE with
-                                              # byte fallback); [] = merge by score
+      "merges": [[left_id, right_id], ...],   # merges, lowest rank first; for sentencepiece (version
+                                              # 2 only), when present, they replace the scores (HF's
+                                              # BPE with byte fallback); [] = merge by score
       "special_ids": [0, 1, ...],             # control tokens (and GGUF user-defined ones): from
                                               # text only with allow_special
       "add_space_prefix": false,              # SentencePiece: prepend a space to the text
-      # optional, absent = the default shown, so older sidecars still load:
+      # version 2 only; optional, absent = the default shown:
       "added_ids": [151665, ...],             # [] - tokens always cut out of text, even plain text
                                               #      (HF's non-special added tokens)
       "normalizer": "NFC",                    # null - Unicode normal form applied to text parts
@@ -49,7 +49,14 @@ JSON file next to it, ``<name>.t.json`` (UTF-8)::
                                               #      AddedToken lstrip/rstrip (Phi-3)
     }
 
-The optional fields are written only when they differ from their default.
+Versions: every field of version 2 changes how text is tokenized, and a reader that knows only
+version 1 would skip the fields it does not know and tokenize differently without a word. So a
+sidecar is written as version 2 when it needs any of them (one of the version 2 fields differs from
+its default, or kind ``sentencepiece`` has merges), and as version 1 otherwise, byte for byte as
+before (plain byte-level BPE and SentencePiece by score, e.g. Llama 3 and Llama 2, stay version 1).
+The optional fields are written only when they differ from their default. Both versions are read;
+a version 1 document that holds a version 2 field, or merges for kind ``sentencepiece``, is refused
+(version 1 means version 1's tokenization), as is any other version.
 
 A ``.t`` without a sidecar (written by distributed-llama's own converter) still loads, as kind
 ``legacy``: it is tokenized the way distributed-llama does it, by merge scores.
@@ -70,7 +77,10 @@ from dllama.formats.atomic import write_bytes_atomic
 MAGIC = 0x567124
 OLD_MAGIC = 0x567123
 SIDECAR_FORMAT = "dllama-tokenizer-sidecar"
-SIDECAR_VERSION = 1
+SIDECAR_VERSIONS = (1, 2)
+SIDECAR_VERSION = SIDECAR_VERSIONS[-1]  # the newest
+# Fields version 1 does not have: each changes how text is tokenized.
+V2_FIELDS = ("added_ids", "normalizer", "ignore_merges", "prepend_scheme", "lstrip_ids", "rstrip_ids")
 KINDS = ("bpe", "sentencepiece", "legacy")
 NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 PREPEND_SCHEMES = ("always", "first")
@@ -269,8 +279,10 @@ def _apply_sidecar(data: TokenizerData, side: Path) -> None:
 
     if not isinstance(doc, dict) or doc.get("format") != SIDECAR_FORMAT:
         raise bad(f"not a tokenizer sidecar (format is not {SIDECAR_FORMAT!r})")
-    if type(doc.get("version")) is not int or doc.get("version") != SIDECAR_VERSION:
-        raise bad(f"sidecar version {doc.get('version')!r} is not supported (expected {SIDECAR_VERSION})")
+    version = doc.get("version")
+    if type(version) is not int or version not in SIDECAR_VERSIONS:
+        raise bad(f"sidecar version {version!r} is not supported (expected "
+                  f"{' or '.join(map(str, SIDECAR_VERSIONS))})")
     n = len(data.vocab)
     if type(doc.get("vocab_size")) is not int or doc.get("vocab_size") != n:
         raise bad(f"sidecar is for {doc.get('vocab_size')!r} tokens, the .t file has {n}")
@@ -300,6 +312,12 @@ def _apply_sidecar(data: TokenizerData, side: Path) -> None:
         raise bad(f"a special id is not a token id below {n}")
     if kind == "bpe" and "merges" not in doc:
         raise bad("a bpe tokenizer needs its merges")
+    if version == 1:
+        newer = [key for key in V2_FIELDS if key in doc]
+        if newer:
+            raise bad(f"{newer[0]!r} is a version 2 field, but the sidecar says version 1")
+        if kind == "sentencepiece" and pairs:
+            raise bad("merges for kind sentencepiece need sidecar version 2 (version 1 merges it by score)")
     added = doc.get("added_ids", [])
     if not isinstance(added, list) or not all(is_id(a) for a in added):
         raise bad(f"'added_ids' must be a list of token ids below {n}")
@@ -367,7 +385,7 @@ def _t_bytes(data: TokenizerData) -> bytes:
 def _sidecar_bytes(data: TokenizerData) -> bytes:
     doc = {
         "format": SIDECAR_FORMAT,
-        "version": SIDECAR_VERSION,
+        "version": 1,  # 2 below when the document needs it
         "vocab_size": len(data.vocab),
         "kind": data.kind,
         "pre": data.pre,
@@ -387,6 +405,8 @@ def _sidecar_bytes(data: TokenizerData) -> bytes:
         ids = getattr(data, key)
         if ids:
             doc[key] = sorted({int(i) for i in ids})
+    if any(key in doc for key in V2_FIELDS) or (data.kind == "sentencepiece" and doc["merges"]):
+        doc["version"] = 2
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
