@@ -65,3 +65,33 @@ def test_summary_format():
     assert text.splitlines() == ["Evaluation", "   nBatches: 32", "    nTokens: 4",
                                  "   tokens/s: 200.00 (5.00 ms/tok)", "Prediction", "    nTokens: 27",
                                  "   tokens/s: 54.00 (18.52 ms/tok)"]
+
+
+def test_padded_vocabulary_rows_are_never_sampled(session_and_values):
+    """A model's vocabulary may be padded past its tokenizer's (Qwen3): those ids have no text,
+    so neither greedy nor random sampling may pick them, however large their logits."""
+    full, _, _ = session_and_values
+    n_tokens = VOCAB - 8
+    tokenizer = Tokenizer(TokenizerData(vocab=full.tokenizer.data.vocab[:n_tokens], scores=[0.0] * n_tokens))
+    session = Session(full.transformer, tokenizer)
+    forward = session.transformer.forward
+
+    def padding_wins(tokens, pos, all_logits=False):
+        logits = forward(tokens, pos, all_logits)
+        logits[..., n_tokens:] += 100.0
+        return logits
+
+    session.transformer.forward = padding_wins
+    for sampler in (Sampler(0.0), Sampler(1.0, 1.0, seed=3)):
+        session.pos = 0
+        got = list(session.generate([1, 2, 3], 40, sampler, Stats()))
+        assert len(got) == 40 - 3 and max(got) < n_tokens
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    h = tiny_header(vocab_size=VOCAB, seq_len=64)
+    write_random_model(tmp_path / "m.m", h)
+    tokenizer = Tokenizer(TokenizerData(vocab=[bytes([48 + i % 40, 65 + i // 40]) for i in range(VOCAB + 1)],
+                                        scores=[0.0] * (VOCAB + 1)))
+    with pytest.raises(DllamaError, match="do not belong together"):
+        Session(Transformer(ModelFile(tmp_path / "m.m")), tokenizer)
