@@ -26,7 +26,7 @@ from dllama.formats.gguf_tokenizer import gpt2_unicode_to_byte
 from dllama.formats.hf_tokenizer import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX, placeholder, tokenizer_from_hf
 from dllama.formats.tfile import TokenizerData, read_tokenizer, sidecar_path, write_tokenizer
 from tests.test_sentencepiece import EDGE_CASES as SPM_EDGE_CASES
-from tests.test_sentencepiece import _corpus
+from tests.test_sentencepiece import _corpus, train_llama2_style
 
 TEXTS = [
     "", " ", "  ", "a", "Hello world", "Hello, World! How are you?", "hello   world", "  leading and trailing  ",
@@ -450,15 +450,7 @@ def test_holes_and_empty_tokens_become_placeholders(tmp_path):
 # --- SentencePiece (Llama 2) ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("spm-train")
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(_corpus()) + "\n", encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(d / "m"), model_type="bpe", vocab_size=600,
-        character_coverage=0.9995, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
-        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentencepiece_length=16, num_threads=1, minloglevel=2)
-    return d / "m.model"
+    return train_llama2_style(tmp_path_factory.mktemp("spm-train"))
 
 
 @pytest.fixture(scope="module")

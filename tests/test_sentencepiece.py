@@ -7,6 +7,7 @@ converter stores a SentencePiece tokenizer in a GGUF, read back by our GGUF impo
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import gguf
 import pytest
@@ -65,18 +66,22 @@ def _corpus(n_lines: int = 400, seed: int = 1234) -> list[str]:
     return lines
 
 
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    d = tmp_path_factory.mktemp("spm")
-    corpus = d / "corpus.txt"
+def train_llama2_style(folder: Path) -> Path:
+    """A small BPE SentencePiece model with Llama 2's trainer settings, trained on _corpus()."""
+    corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(_corpus()) + "\n", encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(d / "m"), model_type="bpe", vocab_size=600,
+        input=str(corpus), model_prefix=str(folder / "m"), model_type="bpe", vocab_size=600,
         character_coverage=0.9995, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentencepiece_length=16, num_threads=1,
         minloglevel=2)
-    return spm.SentencePieceProcessor(model_file=str(d / "m.model"))
+    return folder / "m.model"
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory):
+    return spm.SentencePieceProcessor(model_file=str(train_llama2_style(tmp_path_factory.mktemp("spm"))))
 
 
 def _gguf_of(sp, path) -> None:
