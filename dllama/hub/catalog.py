@@ -85,13 +85,9 @@ class Shape:
 
     def parameters(self) -> int:
         """Weights in the ``.m`` (embedding and output head both counted, even when tied)."""
-        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        attn = self.dim * (2 * q + 2 * kv)
-        if self.n_experts:
-            ffn = self.n_experts * (3 * self.dim * self.moe_hidden_dim + self.dim)
-        else:
-            ffn = 3 * self.dim * self.hidden_dim
-        return 2 * self.vocab_size * self.dim + self.n_layers * (attn + ffn)
+        from dllama.formats.mfile import tensor_plan
+
+        return sum(spec.n_values for spec in tensor_plan(self.header()))
 
     def kv_cache_bytes(self, seq_len: int = SEQ_LEN) -> int:
         """Keys and values of every layer for ``seq_len`` positions, in f32."""
