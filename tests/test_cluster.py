@@ -17,7 +17,7 @@ import zmq
 
 from dllama.default_model import ensure_default_model
 from dllama.engine.cluster import start_cluster
-from dllama.engine.generate import Session, Stats
+from dllama.engine.session import Outcome, Session, tokens_for_steps
 from dllama.engine.sampler import Sampler
 from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.mfile import ModelFile
@@ -105,7 +105,7 @@ def cluster_transformer(model: ModelFile, workers, split=None, buffer="f32", seq
     plan = plan_slices(model.header, split or [1.0] * (1 + len(workers)))
     buffer_type = FloatType.parse(buffer)
     return start_cluster(model, plan, [w.address for w in workers], seq_len, buffer,
-                         timeout, lambda share: Transformer(share, seq_len=seq_len, buffer_type=buffer_type),
+                         timeout, lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync),
                          lambda message: None)
 
 
@@ -149,8 +149,8 @@ def assert_cluster_equals_one_node(model: ModelFile, tokens: list[int], workers,
 def test_synthetic_model_on_n_nodes_equals_one_node(synthetic, workers, n_nodes):
     def check_plan(cluster):
         if n_nodes == 4:  # more nodes than KV heads: query heads 2,2,1,1, groups cut in the middle
-            assert [s.q_heads for s in cluster.sync.plan] == [(0, 2), (2, 4), (4, 5), (5, 6)]
-            assert [s.kv_heads for s in cluster.sync.plan] == [(0, 1), (0, 2), (1, 2), (1, 2)]
+            assert [s.q_heads for s in cluster.plan] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+            assert [s.kv_heads for s in cluster.plan] == [(0, 1), (0, 2), (1, 2), (1, 2)]
 
     tokens = [3, 17, 42, 5, 5, 79, 0, 23, 61, 8, 11, 2]
     assert_cluster_equals_one_node(ModelFile(synthetic), tokens, workers[:n_nodes - 1], check_plan=check_plan)
@@ -181,10 +181,10 @@ def test_split_gives_the_root_twice_the_rows(smollm2, workers):
     h = model.header
 
     def check_plan(cluster):
-        root, worker = cluster.sync.plan
+        root, worker = cluster.plan
         assert root.hidden_dim == 2 * worker.hidden_dim == 2 * h.hidden_dim // 3
         assert root.vocab_size == 2 * h.vocab_size // 3
-        assert cluster.transformer.layers[0].ffn.w1.out_features == root.hidden_dim  # what it holds
+        assert cluster.transformer.weights.layers[0].ffn.w1.rows == root.hidden_dim  # what it holds
 
     tokens = Tokenizer.load(smollm2[1]).encode(PROMPT)
     assert_cluster_equals_one_node(model, tokens, workers[:1], n_tokens=32, split=[2, 1], check_plan=check_plan)
@@ -227,7 +227,7 @@ def test_worker_slice_cache_skips_the_transfer(tmp_path, synthetic):
         outputs = []
         for _ in range(2):
             cluster = cluster_transformer(model, [w])
-            sent.append(cluster.weight_bytes_sent[0])
+            sent.append(cluster.transfers[0].bytes_sent)
             outputs.append(greedy(cluster.transformer, tokens, 8)[0])
             cluster.close()
         assert sent[0] > 0 and sent[1] == 0
@@ -238,7 +238,7 @@ def test_worker_slice_cache_skips_the_transfer(tmp_path, synthetic):
         data[len(data) // 2] ^= 0xFF
         (entry / "slice.bin").write_bytes(bytes(data))
         cluster = cluster_transformer(model, [w])
-        assert cluster.weight_bytes_sent[0] == sent[0]
+        assert cluster.transfers[0].bytes_sent == sent[0]
         assert greedy(cluster.transformer, tokens, 8)[0] == outputs[0]
         cluster.close()
     finally:
@@ -443,7 +443,8 @@ def test_generation_with_workers_equals_one_node_text(smollm2, workers):
         else:
             session = Session(Transformer(model, seq_len=256), tokenizer)
         try:
-            texts.append(list(session.generate(prompt, 96, Sampler(0.7, 0.9, 5), Stats())))
+            texts.append(list(session.generate(prompt, Sampler(0.7, 0.9, 5), Outcome(),
+                                               max_tokens=tokens_for_steps(len(prompt), 96, session.seq_len))))
         finally:
             session.close()
     assert texts[0] == texts[1]

@@ -6,14 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dllama.default_model import ensure_default_model
-from dllama.engine.completion import (
-    Completer,
-    ContextFull,
-    Outcome,
-    Request,
-    StopStrings,
-)
-from dllama.engine.generate import Session
+from dllama.engine.completion import Completer, Request, StopStrings
+from dllama.engine.session import ContextFull, Outcome, Session
 from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.mfile import ModelFile
 from dllama.model.forward import Transformer
@@ -65,7 +59,7 @@ def test_prefix_reuse_changes_nothing_but_the_work(completer):
     first = tok.encode("The Eiffel Tower is in")
     second = tok.encode("The Eiffel Tower is in Paris. The Colosseum is in")
     greedy = dict(max_tokens=12, temperature=0.0)
-    completer.cached = []
+    completer.session.rewind(0)
     cold = run(completer, second, **greedy)
     run(completer, first, **greedy)
     warm_text, warm = run(completer, second, **greedy)
@@ -79,7 +73,7 @@ def test_prefix_reuse_changes_nothing_but_the_work(completer):
 
 def test_seeded_sampling_repeats_with_a_warm_cache(completer):
     prompt = completer.tokenizer.encode("Once upon a time")
-    completer.cached = []
+    completer.session.rewind(0)
     texts = [run(completer, prompt, max_tokens=20, temperature=1.0, top_p=0.95, seed=7)[0] for _ in range(3)]
     assert texts[0] == texts[1] == texts[2]
 
@@ -101,7 +95,7 @@ def test_limits(completer):
 def test_end_of_turn_tokens_end_the_answer(completer):
     prompt = completer.tokenizer.encode("Hello")
     logits_argmax = int(np.argmax(completer.session.transformer.forward(prompt, 0)))
-    completer.cached = []
+    completer.session.rewind(0)
     end = Completer(completer.session, frozenset({logits_argmax}))
     text, outcome = run(end, prompt, temperature=0.0)
     assert text == "" and outcome.finish_reason == "stop" and outcome.completion_tokens == 0

@@ -16,7 +16,7 @@ KERNELS = ["numpy", "numba-avx512", "numba-vnni", "numba-avx2", "numba-portable"
 def kernels(request, monkeypatch) -> str:
     name = request.param
     if name.startswith("numba"):
-        from dllama.kernels import simd
+        from dllama.kernels.jit import simd
         path = name.split("-")[1]
         if not {"avx2": simd.HOST_HAS_AVX2, "vnni": simd.HOST_HAS_VNNI, "avx512": simd.HOST_HAS_AVX512}.get(path, True):
             pytest.skip(f"this CPU lacks the {path} instructions")
@@ -105,7 +105,7 @@ def test_context_full_and_bad_tokens(tmp_path, kernels):
 
 
 def test_dense_budget_zero_gives_the_same_result(tmp_path):
-    from dllama.model.weights import DenseBudget
+    from dllama.model.dense import DenseBudget
 
     h = tiny_header(FloatType.Q40)
     write_random_model(tmp_path / "m.m", h)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dllama.engine.generate import Session, Stats, format_summary
+from dllama.engine.session import Outcome, Session, format_summary, tokens_for_steps
 from dllama.engine.sampler import Sampler
 from dllama.engine.tokenizer import Tokenizer
 from dllama.errors import DllamaError
@@ -35,9 +35,10 @@ def test_greedy_generation_feeds_every_prompt_token(session_and_values):
     prompt = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 38, 4, 6, 26, 4, 33, 8, 32, 7, 9, 50, 2,
               8, 8, 4, 19, 7, 16, 9, 3, 9, 9, 37, 5, 10]  # longer than one batch of 32
     want = greedy_reference(values, h, prompt, 6)
-    stats = Stats()
+    stats = Outcome()
     got = []
-    for t in session.generate(prompt, len(prompt) + 6, Sampler(0.0), stats):
+    for t in session.generate(prompt, Sampler(0.0), stats, max_tokens=tokens_for_steps(len(prompt), len(prompt) + 6,
+                                                                                      session.seq_len)):
         got.append(t)
     # Stops at the EOS id or when the positions run out.
     eos = VOCAB - 1
@@ -51,17 +52,17 @@ def test_greedy_generation_feeds_every_prompt_token(session_and_values):
 def test_steps_count_positions_and_prompt_must_leave_room(session_and_values):
     session, _, _ = session_and_values
     with pytest.raises(DllamaError, match="no room"):
-        list(session.generate([1, 2, 3], 3, Sampler(0.0), Stats()))
+        tokens_for_steps(3, 3, session.seq_len)
 
 
 def test_context_overflow_is_a_clean_error(session_and_values):
     session, _, _ = session_and_values
     with pytest.raises(DllamaError, match="context"):
-        session.evaluate(list(range(10)) * 7)
+        session.step(list(range(10)) * 7)
 
 
 def test_summary_format():
-    text = format_summary(Stats(eval_tokens=4, eval_seconds=0.02, pred_tokens=27, pred_seconds=0.5))
+    text = format_summary(Outcome(prompt_tokens=4, eval_seconds=0.02, pred_tokens=27, pred_seconds=0.5))
     assert text.splitlines() == ["Evaluation", "   nBatches: 32", "    nTokens: 4",
                                  "   tokens/s: 200.00 (5.00 ms/tok)", "Prediction", "    nTokens: 27",
                                  "   tokens/s: 54.00 (18.52 ms/tok)"]
@@ -83,8 +84,8 @@ def test_padded_vocabulary_rows_are_never_sampled(session_and_values):
 
     session.transformer.forward = padding_wins
     for sampler in (Sampler(0.0), Sampler(1.0, 1.0, seed=3)):
-        session.pos = 0
-        got = list(session.generate([1, 2, 3], 40, sampler, Stats()))
+        session.rewind(0)
+        got = list(session.generate([1, 2, 3], sampler, Outcome(), max_tokens=tokens_for_steps(3, 40, session.seq_len)))
         assert len(got) == 40 - 3 and max(got) < n_tokens
 
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dllama.kernels import jit, simd
 from dllama.kernels import reference as ref
-from dllama.kernels.packing import pack, padded_rows
+from dllama.kernels.jit import attention, elementwise, float16, matmul, quantize, sampling, simd
+from dllama.kernels.jit.packing import pack, padded_rows
 from dllama.kernels.quants import (
     BLOCK_SIZE,
     Q40_BLOCK,
@@ -128,7 +128,7 @@ def block_arrays(draw):
 @given(block_arrays())
 def test_quantize_q40_bit_identical(x):
     want = quantize_q40(x)
-    got = jit.quantize_q40(x)
+    got = quantize.quantize_q40(x)
     assert got.dtype == Q40_BLOCK and got.shape == want.shape
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
 
@@ -137,10 +137,10 @@ def test_quantize_q40_bit_identical(x):
 @given(block_arrays())
 def test_quantize_q80_bit_identical(x):
     want = quantize_q80(x)
-    got = jit.quantize_q80(x)
+    got = quantize.quantize_q80(x)
     assert got.dtype == Q80_BLOCK and got.shape == want.shape
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
-    assert_same_floats(jit.round_trip_q80(x), ref.round_trip_q80(x))
+    assert_same_floats(quantize.round_trip_q80(x), ref.round_trip_q80(x))
 
 
 @settings(max_examples=30, **SETTINGS)
@@ -148,8 +148,8 @@ def test_quantize_q80_bit_identical(x):
 def test_dequantizers_identical_on_any_bytes(seed, rows, n_blocks):
     # Random bytes: every float16 scale pattern (subnormal, +-0, inf, NaN) and every nibble/int8.
     rng = np.random.default_rng(seed)
-    for dtype, reference, kernel in ((Q40_BLOCK, dequantize_q40, jit.dequantize_q40),
-                                     (Q80_BLOCK, dequantize_q80, jit.dequantize_q80)):
+    for dtype, reference, kernel in ((Q40_BLOCK, dequantize_q40, quantize.dequantize_q40),
+                                     (Q80_BLOCK, dequantize_q80, quantize.dequantize_q80)):
         raw = rng.integers(0, 256, rows * n_blocks * dtype.itemsize, dtype=np.uint8)
         blocks = raw.view(dtype).reshape(rows, n_blocks)
         assert_same_floats(kernel(blocks), reference(blocks))
@@ -161,16 +161,16 @@ def test_dequantizers_every_scale():
     q40 = np.empty(65536, dtype=Q40_BLOCK)
     q40["d"] = d
     q40["qs"] = (np.arange(16, dtype=np.uint8) * 17)[None, :]  # low and high nibble both j
-    assert_same_floats(jit.dequantize_q40(q40[None, :]), dequantize_q40(q40[None, :]))
+    assert_same_floats(quantize.dequantize_q40(q40[None, :]), dequantize_q40(q40[None, :]))
     q80 = np.empty(65536, dtype=Q80_BLOCK)
     q80["d"] = d
     q80["qs"] = np.array([-128, -127, -1, 0, 1, 127] + list(range(-13, 13)), dtype=np.int8)[None, :]
-    assert_same_floats(jit.dequantize_q80(q80[None, :]), dequantize_q80(q80[None, :]))
+    assert_same_floats(quantize.dequantize_q80(q80[None, :]), dequantize_q80(q80[None, :]))
 
 
 def test_from_float16_every_pattern():
     h = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(256, 256)
-    assert_same_floats(jit.from_float16(h), h.astype(np.float32))
+    assert_same_floats(float16.from_float16(h), h.astype(np.float32))
 
 
 def test_to_float16_every_rounding_boundary():
@@ -186,7 +186,7 @@ def test_to_float16_every_rounding_boundary():
     x = np.concatenate([base, up, down, np.float32([65504, 65519.996, 65520, 65520.004, 1e30, 3.4e38, np.inf,
                                                     np.nan, 1e-45, 2.0 ** -25, 2.0 ** -26, 5.9604645e-08])])
     x = np.concatenate([x, -x])
-    assert_same_floats(jit.to_float16(x), x.astype(np.float16))
+    assert_same_floats(float16.to_float16(x), x.astype(np.float16))
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -194,8 +194,8 @@ def test_to_float16_every_rounding_boundary():
                 max_size=200))
 def test_to_float16_random(values):
     x = np.array(values, dtype=np.float32)
-    assert_same_floats(jit.to_float16(x), x.astype(np.float16))
-    assert_same_floats(jit.to_float16(x.reshape(1, -1)), x.reshape(1, -1).astype(np.float16))
+    assert_same_floats(float16.to_float16(x), x.astype(np.float16))
+    assert_same_floats(float16.to_float16(x.reshape(1, -1)), x.reshape(1, -1).astype(np.float16))
 
 
 # -- linear -------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_linear_matches_reference(ft, q80_input, path, seed, rows, n_blocks, tok
     packed = pack(stored, ft)
     assert packed[0].shape[0] == (padded_rows(rows, ft) // simd.GROUP_ROWS if ft == FloatType.Q40 else rows)
 
-    got = jit.linear(x, packed, rows, ft, q80_input, path)
+    got = matmul.linear(x, packed, rows, ft, q80_input, path)
 
     x_seen = ref.round_trip_q80(x) if (q80_input and ft.is_quantized) else x
     want = ref.matmul(x_seen, w)
@@ -261,7 +261,7 @@ def test_linear_zero_weight_and_activation_give_exact_zeros():
             for path in (simd.PATH_PORTABLE, simd.PATH_AVX2 if simd.HOST_HAS_AVX2 else simd.PATH_PORTABLE,
                          simd.PATH_VNNI if simd.HOST_HAS_VNNI else simd.PATH_PORTABLE,
                          simd.PATH_AVX512 if simd.HOST_HAS_AVX512 else simd.PATH_PORTABLE):
-                out = jit.linear(np.ones((3, 64), np.float32), pack(stored, ft), 5, ft, q80_input, path)
+                out = matmul.linear(np.ones((3, 64), np.float32), pack(stored, ft), 5, ft, q80_input, path)
                 assert out.shape == (3, 5) and np.all(out == 0)
 
 
@@ -272,7 +272,7 @@ def test_matmul(seed, tokens, rows, n):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((tokens, n)).astype(np.float32)
     w = rng.standard_normal((rows, n)).astype(np.float32)
-    got = jit.matmul(x, w)
+    got = matmul.matmul(x, w)
     # Same argument as linear: n products and n - 1 additions per term on either side.
     bound = 2 * gamma(n + 1) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T)
     assert_within(got, ref.matmul(x, w), bound)
@@ -286,7 +286,7 @@ def test_rms_norm(seed, tokens, dim, eps, scale):
     x = (rng.standard_normal((tokens, dim)) * scale).astype(np.float32)
     x[rng.random(tokens) < 0.1] = 0.0
     weight = (1 + 0.5 * rng.standard_normal(dim)).astype(np.float32)
-    got = jit.rms_norm(x, weight, eps)
+    got = elementwise.rms_norm(x, weight, eps)
     want = ref.rms_norm(x, weight, eps)
     # mean(x^2) + eps: n squares and n additions of non-negative terms, so a relative error of
     # gamma(n + 2) per side (underflowed squares are negligible against eps >= 1e-6); the square
@@ -335,8 +335,8 @@ def test_silu_and_gelu(values):
     x = np.array(values, dtype=np.float32).reshape(1, -1)
     with np.errstate(over="ignore"):
         want_silu, want_gelu = ref.silu(x), ref.gelu(x)
-    assert_within(jit.silu(x), want_silu, silu_bound(x, want_silu))
-    assert_within(jit.gelu(x), want_gelu, gelu_bound(x, want_gelu))
+    assert_within(elementwise.silu(x), want_silu, silu_bound(x, want_silu))
+    assert_within(elementwise.gelu(x), want_gelu, gelu_bound(x, want_gelu))
 
 
 @settings(max_examples=30, **SETTINGS)
@@ -346,7 +346,7 @@ def test_swiglu(seed, tokens, hidden, use_gelu):
     gate = (rng.standard_normal((tokens, hidden)) * 4).astype(np.float32)
     up = rng.standard_normal((tokens, hidden)).astype(np.float32)
     act = ref.gelu(gate) if use_gelu else ref.silu(gate)
-    got = jit.swiglu(gate, up, use_gelu=use_gelu)
+    got = elementwise.swiglu(gate, up, use_gelu=use_gelu)
     want = act * up
     # The activation's bound scaled by |up|, plus the final product's rounding on each side.
     act_bound = gelu_bound(gate, act) if use_gelu else silu_bound(gate, act)
@@ -361,7 +361,7 @@ def test_softmax(seed, rows, n, scale, neg_inf_share):
     x = (rng.standard_normal((rows, n)) * scale).astype(np.float32)
     x[rng.random((rows, n)) < neg_inf_share] = -np.inf
     x[np.arange(rows), rng.integers(0, n, rows)] = rng.standard_normal(rows) * scale  # >= 1 finite per row
-    got = jit.softmax(x)
+    got = elementwise.softmax(x)
     want = ref.softmax(x)
     # x - max is the same rounded subtraction on both sides; exp is then off by EXP_REL, the sum
     # of n positive terms by gamma(n), the normalization rounds once or twice (1/total, product):
@@ -371,7 +371,7 @@ def test_softmax(seed, rows, n, scale, neg_inf_share):
     assert_within(got, want, np.abs(want.astype(np.float64)) * rel + 2 * TINY)
     # Other axes go through the same kernel.
     x3 = x.reshape(rows, n, 1)
-    assert_within(jit.softmax(x3, axis=1), ref.softmax(x3, axis=1), (np.abs(want) * rel + 2 * TINY)[..., None])
+    assert_within(elementwise.softmax(x3, axis=1), ref.softmax(x3, axis=1), (np.abs(want) * rel + 2 * TINY)[..., None])
 
 
 # -- rope and attention -------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def rope_inputs(draw):
 @given(rope_inputs(), st.booleans())
 def test_rope(inputs, falcon):
     x, cos, sin = inputs
-    kernel, reference = (jit.rope_falcon, ref.rope_falcon) if falcon else (jit.rope_llama, ref.rope_llama)
+    kernel, reference = (elementwise.rope_falcon, ref.rope_falcon) if falcon else (elementwise.rope_llama, ref.rope_llama)
     before = x.copy()
     got = kernel(x, cos, sin)
     assert np.array_equal(x, before)  # the public form must not rotate its input in place
@@ -436,7 +436,7 @@ def test_attention(inputs):
     q, k, v, pos = inputs
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    got = jit.attention(q, k, v, pos)
+    got = attention.attention(q, k, v, pos)
     want = ref.attention(q, k, v, pos)
     assert got.shape == (tokens, heads * head_dim)
     # Each score is a dot of head_dim terms times 1/sqrt(head_dim): off by gamma(head_dim + 2)
@@ -475,7 +475,7 @@ def test_attention_of_a_head_range(inputs, data):
     part_k, part_v = k[:, kv_first:kv_last], v[:, kv_first:kv_last]
     offset = first - kv_first * group
     cols = slice(first * head_dim, last * head_dim)
-    assert_same_floats(jit.attention(part_q, part_k, part_v, pos, group, offset), jit.attention(q, k, v, pos)[:, cols])
+    assert_same_floats(attention.attention(part_q, part_k, part_v, pos, group, offset), attention.attention(q, k, v, pos)[:, cols])
     # The reference's einsum may sum in another order for other shapes: float32 rounding of
     # sums over at most 80 positions of unit-scale values.
     np.testing.assert_allclose(ref.attention(part_q, part_k, part_v, pos, group, offset),
@@ -489,8 +489,8 @@ def test_embedding(seed, vocab, dim, tokens):
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((vocab, dim)).astype(np.float32)
     ids = rng.integers(0, vocab, tokens)
-    assert_same_floats(jit.embedding(table, ids), table[ids])  # a copy: exact
-    assert_same_floats(jit.embedding(table, list(ids)), table[ids])
+    assert_same_floats(elementwise.embedding(table, ids), table[ids])  # a copy: exact
+    assert_same_floats(elementwise.embedding(table, list(ids)), table[ids])
 
 
 logit_lists = st.lists(st.one_of(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0]), st.floats(-20, 20, width=32)),
@@ -501,7 +501,7 @@ logit_lists = st.lists(st.one_of(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0])
 @given(logit_lists)
 def test_argmax_first_of_ties(values):
     logits = np.array(values, dtype=np.float32)
-    assert jit.argmax(logits) == int(np.argmax(logits))
+    assert sampling.argmax(logits) == int(np.argmax(logits))
 
 
 def sample_topp_numpy(logits: np.ndarray, temperature: float, topp: float, coin: float) -> int:
@@ -532,7 +532,7 @@ def sample_topp_numpy(logits: np.ndarray, temperature: float, topp: float, coin:
 def test_sample_topp(values, temperature, topp, coin):
     logits = np.array(values, dtype=np.float32)
     assume(np.isfinite(logits).any())
-    got = jit.sample_topp(logits, temperature, topp, coin)
+    got = sampling.sample_topp(logits, temperature, topp, coin)
     assert got == sample_topp_numpy(logits, temperature, topp, coin)
 
 
@@ -542,4 +542,4 @@ def test_sample_topp_small_topp_near_uniform():
     logits = np.zeros(2, dtype=np.float32)
     for coin in (0.0, 0.3, 0.7, 0.99):
         # Both tokens weigh 0.5 > topp = 0.3: the nucleus is the first token alone.
-        assert jit.sample_topp(logits, 1.0, 0.3, coin) == sample_topp_numpy(logits, 1.0, 0.3, coin) == 0
+        assert sampling.sample_topp(logits, 1.0, 0.3, coin) == sample_topp_numpy(logits, 1.0, 0.3, coin) == 0

@@ -5,7 +5,7 @@ import pytest
 from dllama.default_model import ensure_default_model
 from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.mfile import ModelFile
-from dllama.kernels import simd
+from dllama.kernels.jit import simd
 from dllama.kernels.quants import FloatType
 from dllama.model.forward import MAX_BATCH, Transformer
 

@@ -529,9 +529,9 @@ def test_inference_gets_a_default_prompt(tiny, hub, capsys):
     assert launch(NAME, "--command", "inference") == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[3] == "inference" and argv[-4:] == ["--steps", "64", "--prompt", "Hello world"]
-    assert launch(NAME, "--command", "inference", "--prompt", "the cat", "--st", "9") == 0  # theirs: no default
+    assert launch(NAME, "--command", "inference", "--prompt", "the cat", "--ste", "9") == 0  # theirs: no default
     argv = shlex.split(capsys.readouterr().out)
-    assert argv.count("--prompt") == 1 and "--steps" not in argv and argv[-4:] == ["--prompt", "the cat", "--st", "9"]
+    assert argv.count("--prompt") == 1 and "--steps" not in argv and argv[-4:] == ["--prompt", "the cat", "--ste", "9"]
     assert launch(NAME, "--command", "inference", "--prompt", "the cat") == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[-4:] == ["--steps", "64", "--prompt", "the cat"] and argv.count("--prompt") == 1

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from dllama.default_model import ensure_default_model, ensure_smollm2_gguf
-from dllama.engine.generate import Session
+from dllama.engine.session import Session
 from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.gguf_import import convert_gguf
 from dllama.formats.mfile import ModelFile
 from dllama.kernels.quants import FloatType
 from dllama.model.forward import Transformer
-from dllama.model.weights import DenseBudget, Linear
+from dllama.model.slicing import NodeModel
 from tests.helpers import forward64
 
 # Three paragraphs of plain English (encyclopedia, science, story), about 200 tokens: one short
@@ -49,12 +49,9 @@ def tokenizer(q40_files):
 
 
 def perplexity(model_path, tokenizer, tokens, transform=None) -> float:
-    m = ModelFile(model_path)
-    # A transform swaps Linear weights after loading: only the NumPy blocks read them at each use
-    # (the JIT blocks repack the weights once, when the model loads).
-    tr = Transformer(m, seq_len=256, backend="numpy" if transform else None)
-    if transform:
-        transform(tr, m)
+    """Perplexity of the model at ``model_path``, its weights changed by ``transform`` first."""
+    share = NodeModel.from_model(ModelFile(model_path))
+    tr = Transformer(transform(share) if transform else share, seq_len=256)
     return Session(tr, tokenizer).perplexity(tokens)
 
 
@@ -86,18 +83,20 @@ def test_f32_perplexity_matches_float64_and_q40_is_close(f32_files, q40_files, t
     assert abs(ppl_q40 / ppl_f32 - 1) < 0.25
 
 
-def _permute_again(tr: Transformer, m: ModelFile) -> None:
-    """Apply llama.cpp's HF-to-interleaved q/k permutation a second time."""
-    h = m.header
+def _permute_again(share: NodeModel) -> NodeModel:
+    """Apply llama.cpp's HF-to-interleaved q/k permutation a second time (F32 weights)."""
+    h = share.header
 
     def permute(w, n_heads):
+        w = np.asarray(w)
         return np.ascontiguousarray(w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1])
                                     .swapaxes(1, 2).reshape(w.shape))
 
-    budget = DenseBudget(0)
-    for i, layer in enumerate(tr.layers):
-        layer.q = Linear(permute(np.asarray(m.tensors[f"layers.{i}.q"]), h.n_heads), FloatType.F32, budget)
-        layer.k = Linear(permute(np.asarray(m.tensors[f"layers.{i}.k"]), h.n_kv_heads), FloatType.F32, budget)
+    tensors = dict(share.tensors)
+    for i in range(h.n_layers):
+        tensors[f"layers.{i}.q"] = permute(tensors[f"layers.{i}.q"], h.n_heads)
+        tensors[f"layers.{i}.k"] = permute(tensors[f"layers.{i}.k"], h.n_kv_heads)
+    return NodeModel(h, share.node, tensors)
 
 
 def test_gguf_qk_layout_is_already_permuted(f32_files, tokenizer):

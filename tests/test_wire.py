@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dllama.kernels import quants
-from dllama.model.wire import WireCodec
+from dllama.transport.wire import WireCodec
 
 shapes = st.tuples(st.integers(1, 8), st.integers(1, 12).map(lambda b: 32 * b))
 

@@ -9,6 +9,7 @@ import numpy as np
 from dllama.kernels import quants
 from dllama.model.forward import Transformer
 from dllama.model.slicing import NodeModel, plan_slices
+from dllama.model.sync import LOCAL
 
 
 class _Hub:
@@ -36,7 +37,7 @@ class _NodeSync:
     def begin(self, x, pos, all_logits):
         self.hub.job = (x, pos, all_logits)
         self.hub.barrier.wait()
-        return x
+        return self
 
     def finish(self, logits):
         self.hub.parts[0] = logits
@@ -53,7 +54,8 @@ class ThreadedCluster:
         h = model.header
         self.plan = plan_slices(h, split)
         self.hub = _Hub(len(split))
-        self.nodes = [Transformer(NodeModel.from_model(model, s), sync=_NodeSync(self.hub, s.index, wire_q80), **kw)
+        self.syncs = [_NodeSync(self.hub, s.index, wire_q80) for s in self.plan]
+        self.nodes = [Transformer(NodeModel.from_model(model, s), sync=self.syncs[0] if s.index == 0 else LOCAL, **kw)
                       for s in self.plan]
         self.threads = [threading.Thread(target=self._serve, args=(tr,), daemon=True) for tr in self.nodes[1:]]
         for t in self.threads:
@@ -65,7 +67,7 @@ class ThreadedCluster:
             if self.hub.job is None:
                 return
             x, pos, all_logits = self.hub.job
-            logits = tr.forward_embedded(x.copy(), pos, all_logits)
+            logits = tr.forward_embedded(x.copy(), pos, all_logits, self.syncs[tr.node.index])
             self.hub.parts[tr.node.index] = logits
             self.hub.barrier.wait()
             self.hub.barrier.wait()

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inference", help="generate text from a prompt")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--steps", type=int, default=256, help="positions to fill, prompt included")
+    p.add_argument("--stats-json", default=None, metavar="FILE",
+                   help="write per-token compute and sync times, bytes and totals to FILE as JSON")
     _model_flags(p)
     _cluster_flags(p)
     _sampling_flags(p)

@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
         completer = Completer(session, end_of_turn_ids(session.tokenizer))
         cluster = session.cluster
         api = Api(completer, template, args.model_id or _model_id(args, session), args.api_key,
-                  nodes=1 + (len(cluster.link.workers) if cluster else 0),
+                  nodes=len(cluster.plan) if cluster else 1,
                   cluster_alive=cluster.alive if cluster else None)
         info(f"🌐 OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {api.model_id!r})")
         class Server(uvicorn.Server):

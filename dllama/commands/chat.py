@@ -54,7 +54,8 @@ def _start_over(out, tokens: int, seq_len: int) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     from dllama.engine.chat_template import ChatTemplateError, end_of_turn_ids, template_for
-    from dllama.engine.completion import Completer, Outcome, Request
+    from dllama.engine.completion import Completer, Request
+    from dllama.engine.session import Outcome
 
     session = load_session(args)
     try:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from dllama.errors import DllamaError
 
 if TYPE_CHECKING:
-    from dllama.engine.generate import Session
+    from dllama.engine.session import Session
     from dllama.engine.tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -52,12 +52,12 @@ def encode_text(tokenizer: "Tokenizer", text: str) -> list[int]:
 
 def load_session(args: argparse.Namespace) -> "Session":
     """A ready Session for --model/--tokenizer (or the default model) with the user's settings."""
-    from dllama.engine.generate import Session, check_pair
+    from dllama.engine.session import Session, check_pair
     from dllama.formats.mfile import ModelFile
     from dllama.kernels import backend
     from dllama.kernels.quants import FloatType
+    from dllama.machine import physical_memory
     from dllama.model.forward import Transformer
-    from dllama.model.weights import physical_memory
 
     workers = getattr(args, "workers", None) or []
     for address in workers:  # before anything slow: a typo is a one-line error at once
@@ -117,5 +117,6 @@ def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[
         info(line)
     buffer_type = FloatType.parse(args.buffer_float_type)
     cluster = start_cluster(model, plan, workers, seq_len, args.buffer_float_type, args.net_timeout,
-                            lambda share: Transformer(share, seq_len=seq_len, buffer_type=buffer_type), info)
+                            lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync),
+                            info)
     return cluster.transformer, cluster

@@ -168,7 +168,7 @@ def _warn_about_resources(entry, folder, extra: list[str]) -> None:
     from dllama.hub.catalog import human_bytes
 
     try:
-        from dllama.model.weights import physical_memory
+        from dllama.machine import physical_memory
 
         nodes = 1 + _count_workers(extra)
         need, have = entry.memory_bytes(), physical_memory() * nodes

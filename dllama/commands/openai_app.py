@@ -25,13 +25,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dllama.engine.chat_template import ChatTemplate, ChatTemplateError
-from dllama.engine.completion import Completer, ContextFull, Outcome, Request
+from dllama.engine.completion import Completer, Request
+from dllama.engine.session import ContextFull, Outcome
+from dllama.engine.cluster import CLUSTER_FAILURES
 from dllama.errors import DllamaError
-from dllama.transport.mesh import PeerFailed
-from dllama.transport.protocol import ProtocolError
-from dllama.transport.root import WorkerFailed
-
-ClusterFailure = (WorkerFailed, PeerFailed, ProtocolError)
 
 MAX_BODY_BYTES = 4 << 20
 MAX_STOPS = 4
@@ -340,7 +337,7 @@ class Api:
         if isinstance(e, ContextFull):
             return ApiError(400, str(e), code="context_length_exceeded")
         # Called once the generation thread is done with the cluster's sockets.
-        if self.cluster_alive is not None and (isinstance(e, ClusterFailure) or not self.cluster_alive()):
+        if self.cluster_alive is not None and (isinstance(e, CLUSTER_FAILURES) or not self.cluster_alive()):
             self.down = str(e)
             return ApiError(503, f"the model is unavailable: {e}", "server_error", code="unavailable")
         if isinstance(e, DllamaError):

@@ -1,60 +1,149 @@
-"""``inference`` and ``perplexity``: one prompt through the model (on one node or a cluster)."""
+"""``inference`` and ``perplexity``: one prompt through the model (on one node or a cluster).
+
+The generated text goes to stdout, everything else (start-up lines, ``--verbose`` per-token
+lines, warnings) to stderr, so the text can be piped. ``--stats-json FILE`` writes the
+per-token numbers and the totals as JSON (what ``bench/`` reads).
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 from dllama.commands.common import encode_text, info, load_session
+from dllama.errors import DllamaError
 
 
-def _sync_counters(session) -> tuple[float, int, int]:
-    if session.cluster is None:
-        return 0.0, 0, 0
-    s = session.cluster.sync.stats()
-    return s.seconds, s.bytes_sent, s.bytes_received
+@dataclass
+class TokenStats:
+    """One generated token: the time since the previous one (the first: since the prompt's
+    evaluation began), split into the cluster's sync and the rest, and the bytes that moved."""
+
+    compute_ms: float
+    sync_ms: float
+    sent_bytes: int
+    recv_bytes: int
+
+
+class TokenMeter:
+    """Differences of the cluster's counters between consecutive tokens."""
+
+    def __init__(self, session):
+        self.cluster = session.cluster
+        self.tokens: list[TokenStats] = []
+        self._last = self._now()
+
+    def _now(self) -> tuple[float, float, int, int]:
+        if self.cluster is None:
+            return time.perf_counter(), 0.0, 0, 0
+        s = self.cluster.stats()
+        return time.perf_counter(), s.sync_seconds, s.bytes_sent, s.bytes_received
+
+    def tick(self) -> TokenStats:
+        now = self._now()
+        (t0, sync0, sent0, recv0), (t1, sync1, sent1, recv1) = self._last, now
+        sync_ms = (sync1 - sync0) * 1000
+        stats = TokenStats((t1 - t0) * 1000 - sync_ms, sync_ms, sent1 - sent0, recv1 - recv0)
+        self.tokens.append(stats)
+        self._last = now
+        return stats
+
+
+def _stats_json(session, outcome, meter: TokenMeter, first_token_unix: float | None, text: str) -> dict:
+    cluster = session.cluster
+    network = None
+    if cluster is not None:
+        s = cluster.stats()
+        network = {"nodes": s.nodes, "forwards": s.forwards, "sync_seconds": s.sync_seconds,
+                   "sent_bytes": s.bytes_sent, "recv_bytes": s.bytes_received,
+                   "weights": [asdict(t) for t in cluster.transfers]}
+
+    def rate(n: int, seconds: float) -> float | None:
+        return n / seconds if n and seconds > 0 else None
+
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "generated_tokens": outcome.completion_tokens,
+        "finish_reason": outcome.finish_reason,
+        # The first entry covers the prompt's evaluation; the others one decode step each.
+        "prompt": asdict(meter.tokens[0]) if meter.tokens else None,
+        "tokens": [asdict(t) for t in meter.tokens[1:]],
+        "totals": {"eval_tokens": outcome.eval_tokens, "eval_seconds": outcome.eval_seconds,
+                   "eval_tok_s": rate(outcome.eval_tokens, outcome.eval_seconds),
+                   "pred_tokens": outcome.pred_tokens, "pred_seconds": outcome.pred_seconds,
+                   "pred_tok_s": rate(outcome.pred_tokens, outcome.pred_seconds),
+                   "seconds_to_first_token": outcome.seconds_to_first_token,
+                   "first_token_unix": first_token_unix},
+        "network": network,
+        "text": text,
+    }
+
+
+def _write_network_summary(out, session, start) -> None:
+    end = session.cluster.stats()
+    forwards = max(1, end.forwards - start.forwards)
+    out.write("Network\n"
+              f"      nodes: {end.nodes}\n"
+              f"   sync ms/forward: {(end.sync_seconds - start.sync_seconds) * 1000 / forwards:.2f}\n"
+              f"    sent kB: {(end.bytes_sent - start.bytes_sent) / 1e3:.1f}\n"
+              f"    recv kB: {(end.bytes_received - start.bytes_received) / 1e3:.1f}\n")
 
 
 def inference(args: argparse.Namespace) -> int:
-    from dllama.engine.generate import Stats, format_summary
     from dllama.engine.sampler import Sampler
+    from dllama.engine.session import Outcome, format_summary, tokens_for_steps
 
+    stats_file = None
+    if args.stats_json:  # before the model loads: a bad path is a one-line error at once
+        try:
+            stats_file = open(args.stats_json, "w", encoding="utf-8")
+        except OSError as e:
+            raise DllamaError(f"cannot write --stats-json {args.stats_json}: {e.strerror or e}") from None
     session = load_session(args)
     try:
         tokenizer = session.tokenizer
         prompt = encode_text(tokenizer, args.prompt)
+        max_tokens = tokens_for_steps(len(prompt), args.steps, session.seq_len)  # before the prompt is echoed
+        if args.steps > session.seq_len:
+            info(f"💡 --steps {args.steps} capped at the context of {session.seq_len} positions "
+                 f"(--max-seq-len raises it, up to the model's length)")
         sampler = Sampler(args.temperature, args.topp, args.seed)
-        stats = Stats()
+        outcome = Outcome()
         out = sys.stdout
         out.write(args.prompt)
         out.flush()
         stream = tokenizer.stream()
-        start = _sync_counters(session)
-        last, t_last = start, time.perf_counter()
-        for token in session.generate(prompt, args.steps, sampler, stats):
+        start = session.cluster.stats() if session.cluster is not None else None
+        meter = TokenMeter(session)
+        first_token_unix = None
+        generated = []
+        for token in session.generate(prompt, sampler, outcome, max_tokens=max_tokens):
+            first_token_unix = first_token_unix or time.time()
             text = stream.push(token)
+            stats = meter.tick()
             if args.verbose:
-                now, t_now = _sync_counters(session), time.perf_counter()
-                sync_ms = (now[0] - last[0]) * 1000
-                info(f"🔶 {(t_now - t_last) * 1000 - sync_ms:7.1f} ms compute {sync_ms:6.1f} ms sync | "
-                     f"sent {(now[1] - last[1]) / 1e3:7.1f} kB | recv {(now[2] - last[2]) / 1e3:7.1f} kB | {text!r}")
-                last, t_last = now, t_now
+                info(f"🔶 {stats.compute_ms:7.1f} ms compute {stats.sync_ms:6.1f} ms sync | "
+                     f"sent {stats.sent_bytes / 1e3:7.1f} kB | recv {stats.recv_bytes / 1e3:7.1f} kB | {text!r}")
             if text:
+                generated.append(text)
                 out.write(text)
                 out.flush()
-        out.write(stream.flush() + "\n\n")
-        out.write(format_summary(stats) + "\n")
-        if session.cluster is not None:
-            end = _sync_counters(session)
-            forwards = max(1, session.cluster.sync.fwd)
-            out.write("Network\n"
-                      f"      nodes: {1 + len(session.cluster.link.workers)}\n"
-                      f"   sync ms/forward: {(end[0] - start[0]) * 1000 / forwards:.2f}\n"
-                      f"    sent kB: {(end[1] - start[1]) / 1e3:.1f}\n"
-                      f"    recv kB: {(end[2] - start[2]) / 1e3:.1f}\n")
+        tail = stream.flush()
+        generated.append(tail)
+        out.write(tail + "\n\n")
+        out.write(format_summary(outcome) + "\n")
+        if start is not None:
+            _write_network_summary(out, session, start)
         out.flush()
+        if stats_file is not None:
+            json.dump(_stats_json(session, outcome, meter, first_token_unix, "".join(generated)), stats_file,
+                      indent=1)
     finally:
         session.close()
+        if stats_file is not None:
+            stats_file.close()
     return 0
 
 

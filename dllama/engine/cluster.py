@@ -1,6 +1,6 @@
 """The root's side of a cluster: plan the slices, hand every worker its share (or let it use
-its slice cache), start the data plane, and run the root's own share with a sync that
-reaches the workers."""
+its slice cache), start the data plane, and build the root's own share with a sync that
+reaches the workers (``transport.sync.RootSync``)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from dllama.default_model import dllama_home
 from dllama.formats.atomic import write_bytes_atomic
 from dllama.formats.mfile import ModelFile
@@ -21,15 +19,21 @@ from dllama.model.node import node_config, warm_up
 from dllama.model.slicing import (
     NodeModel,
     NodeSlice,
+    node_kv_bytes,
     node_tensors,
     node_weight_bytes,
     plan_digest,
 )
-from dllama.model.wire import WireCodec
+from dllama.model.sync import Sync
 from dllama.transport.mesh import PeerFailed
-from dllama.transport.protocol import PROTOCOL_VERSION
-from dllama.transport.root import RootLink
-from dllama.transport.sync import MeshSync
+from dllama.transport.protocol import PROTOCOL_VERSION, ProtocolError
+from dllama.transport.root import RootLink, WorkerFailed
+from dllama.transport.sync import RootSync
+from dllama.transport.wire import WireCodec
+
+
+# What a generation raises when the cluster broke (a worker died, froze or misbehaved).
+CLUSTER_FAILURES = (WorkerFailed, PeerFailed, ProtocolError)
 
 
 def model_digest(path: Path) -> str:
@@ -57,51 +61,6 @@ def model_digest(path: Path) -> str:
     return memo[key]
 
 
-@dataclass
-class SyncStats:
-    seconds: float = 0.0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-
-
-class RootSync:
-    """The root's ``Sync``: starts each forward on the workers, all-gathers, collects logits."""
-
-    def __init__(self, link: RootLink, codec: WireCodec, plan: list[NodeSlice], dim: int):
-        self.link = link
-        self.plan = plan
-        self.mesh_sync = MeshSync(link.mesh, codec, len(plan), dim)
-        self.fwd = 0
-        self.logits_seconds = 0.0
-
-    def begin(self, x: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
-        self.fwd += 1
-        self.link.forward(self.fwd, pos, x.shape[0], all_logits)
-        self.mesh_sync.publish_input(self.fwd, x)
-        return x
-
-    def all_reduce(self, partial: np.ndarray, layer: int, block: str) -> np.ndarray:
-        try:
-            return self.mesh_sync.all_reduce(partial, layer, block)
-        except PeerFailed as e:
-            raise self.link.failed(e) from None
-
-    def finish(self, logits: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
-        parts = [logits]
-        for node, blob in zip(self.plan[1:], self.link.logits(self.fwd)):
-            if len(blob) != logits.shape[0] * node.vocab_size * 4:
-                raise self.link.failed(PeerFailed([node.index], "sent logits of the wrong size"))
-            parts.append(np.frombuffer(blob, dtype=np.float32).reshape(logits.shape[0], node.vocab_size))
-        self.logits_seconds += time.perf_counter() - t0
-        return np.concatenate(parts, axis=1)
-
-    def stats(self) -> SyncStats:
-        mesh = self.link.mesh
-        return SyncStats(self.mesh_sync.seconds + self.logits_seconds,
-                         mesh.bytes_sent + self.link.bytes_sent, mesh.bytes_received + self.link.bytes_received)
-
-
 def _progress(total: int) -> Callable[[int], None]:
     from tqdm import tqdm
 
@@ -115,14 +74,44 @@ def _progress(total: int) -> Callable[[int], None]:
     return step
 
 
-class Cluster:
-    """The root's Transformer of node 0 and the link to the workers."""
+@dataclass
+class WeightTransfer:
+    """How a worker got its slices at the start."""
 
-    def __init__(self, transformer: Transformer, link: RootLink, sync: RootSync, weight_bytes_sent: list[int]):
+    address: str
+    node: int
+    from_cache: bool  # its slice cache had them: configuration only
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ClusterStats:
+    nodes: int
+    forwards: int
+    sync_seconds: float  # all-gathers and logits, encoding and summing included
+    bytes_sent: int
+    bytes_received: int
+
+
+class Cluster:
+    """The root's Transformer of node 0, the link to the workers, and the slice plan."""
+
+    def __init__(self, transformer: Transformer, link: RootLink, sync: RootSync, plan: list[NodeSlice],
+                 transfers: list[WeightTransfer]):
         self.transformer = transformer
         self.link = link
         self.sync = sync
-        self.weight_bytes_sent = weight_bytes_sent
+        self.plan = plan
+        self.transfers = transfers  # one per worker, in node order
+
+    @property
+    def workers(self) -> list[str]:
+        return [w.address for w in self.link.workers]
+
+    def stats(self) -> ClusterStats:
+        s = self.sync.stats()
+        return ClusterStats(len(self.plan), s.forwards, s.seconds, s.bytes_sent, s.bytes_received)
 
     def alive(self) -> bool:
         """Whether every worker is still connected (between generations: it reads the sockets
@@ -138,46 +127,46 @@ class Cluster:
 
 
 def start_cluster(model: ModelFile, plan: list[NodeSlice], addresses: list[str], seq_len: int, buffer_type: str,
-                  net_timeout: float, build_root: Callable[[NodeModel], Transformer],
+                  net_timeout: float, build_root: Callable[[NodeModel, Sync], Transformer],
                   log: Callable[[str], None]) -> Cluster:
+    """Start a session with every worker, hand out the slices of ``plan`` (root first), and
+    build the root's share with ``build_root(share, sync)``."""
     h = model.header
     link = RootLink(addresses, net_timeout)
     try:
         link.hello(len(plan))
         digest = model_digest(model.path)
-        uncached = []
+        transfers = []
         for w, node in zip(link.workers, plan[1:]):
             key = hashlib.sha256(f"{PROTOCOL_VERSION}\n{digest}\n{plan_digest(h, node)}".encode()).hexdigest()
-            if link.configure(w, node_config(h, node, seq_len, buffer_type, key)):
+            cached = link.configure(w, node_config(h, node, seq_len, buffer_type, key))
+            transfers.append(WeightTransfer(w.address, node.index, cached))
+            if cached:
                 log(f"💡 worker {w.address}: node {node.index}, weights from its slice cache")
-            else:
-                uncached.append((w, node))
-        progress = _progress(sum(node_weight_bytes(h, node) for _, node in uncached))
-        for w, node in uncached:
+        uncached = [(w, node, t) for w, node, t in zip(link.workers, plan[1:], transfers) if not t.from_cache]
+        progress = _progress(sum(node_weight_bytes(h, node) for _, node, _ in uncached))
+        for w, node, transfer in uncached:
             t0 = time.perf_counter()
             link.send_weights(w, node_tensors(model.tensors, h, node).items(), progress)
-            seconds = time.perf_counter() - t0
-            log(f"💡 worker {w.address}: node {node.index}, sent {w.weight_bytes_sent / 1e6:.1f} MB of weights "
-                f"in {seconds:.1f} s")
+            transfer.seconds = time.perf_counter() - t0
+            transfer.bytes_sent = w.weight_bytes_sent
+            log(f"💡 worker {w.address}: node {node.index}, sent {transfer.bytes_sent / 1e6:.1f} MB of weights "
+                f"in {transfer.seconds:.1f} s")
         link.start_mesh()
         link.send_all("build")
-        transformer = build_root(NodeModel.from_model(model, plan[0]))  # while the workers build theirs
+        sync = RootSync(link, WireCodec(buffer_type == "q80"), [node.vocab_size for node in plan], h.dim)
+        transformer = build_root(NodeModel.from_model(model, plan[0]), sync)  # while the workers build theirs
         warm_up(transformer)
         link.wait_built()
-        codec = WireCodec(buffer_type == "q80", transformer.backend)
-        sync = RootSync(link, codec, plan, h.dim)
-        transformer.sync = sync
         link.send_all("go")
     except BaseException:
         link.close()
         raise
-    return Cluster(transformer, link, sync, [w.weight_bytes_sent for w in link.workers])
+    return Cluster(transformer, link, sync, plan, transfers)
 
 
 def describe_plan(model: ModelFile, plan: list[NodeSlice], addresses: list[str], seq_len: int) -> list[str]:
     """One line per node: what it holds and the memory it needs."""
-    from dllama.model.slicing import node_kv_bytes
-
     h = model.header
     lines = []
     for node, name in zip(plan, ["root"] + addresses):

@@ -1,56 +1,24 @@
-"""Which kernels run: numba's JIT ones when numba imports, else the NumPy reference.
+"""Which kernels run: numba's JIT ones when numba imports, else the NumPy reference. The one
+place that picks the backend (``backend``) and hands out its operations (``ops``).
 
 ``DLLAMA_BACKEND=numba|numpy`` forces a backend; ``DLLAMA_CPU_PATH=avx512|vnni|avx2|portable`` forces
-the SIMD path of the JIT kernels (default: the best this CPU has, see ``simd``).
+the SIMD path of the JIT kernels (default: the best this CPU has, see ``jit.simd``).
 
-numba's settings (cache folder, threading layer) are applied by ``configure_imported_numba``
-when the kernels are first imported; only the thread count must reach the environment before
-numba itself is imported (``configure_numba_environment``).
+numba's own settings (cache folder, threading layer, threads) are ``numba_config``'s.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 
 NUMBA = "numba"
 NUMPY = "numpy"
 
 _chosen: str | None = None
-# The sources whose compiled code the cache holds: numba only checks a cached function's own
-# file, so a change to a kernel it calls in another file must start a new cache folder.
-_JIT_SOURCES = ("kernels/jit.py", "kernels/simd.py", "model/jit_blocks.py")
-
-
-def cache_dir() -> str:
-    """The compiled-kernel cache for these exact kernel sources."""
-    package = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for rel in _JIT_SOURCES:
-        path = package / rel
-        if path.exists():
-            digest.update(path.read_bytes())
-    # default_model.dllama_home() spells the same default; kernels import nothing of the package.
-    home = os.environ.get("DLLAMA_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "dllama")
-    return os.path.join(home, "numba-cache", digest.hexdigest()[:16])
-
-
-def configure_numba_environment(threads: int) -> None:
-    """The size of numba's thread pool, which numba reads once, when it is imported."""
-    os.environ["NUMBA_NUM_THREADS"] = str(threads)
-
-
-def configure_imported_numba() -> None:
-    """The same settings for a numba that was imported before us (its config is already read).
-
-    Must run before the first cached kernel is defined: numba picks a function's cache folder
-    when it is decorated."""
-    import numba
-    numba.config.CACHE_DIR = os.environ.get("NUMBA_CACHE_DIR") or cache_dir()
-    # omp: a parallel loop launch costs ~3 us there, 76 to 166 us with numba's workqueue.
-    priority = os.environ.get("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
-    numba.config.THREADING_LAYER_PRIORITY = priority.split()
 
 
 def backend() -> str:
@@ -91,7 +59,7 @@ PATH_NAMES = ("portable", "avx2", "vnni", "avx512")  # indexed by simd.PATH_*
 
 def cpu_path() -> int:
     """The SIMD path for this CPU (a simd.PATH_* value), or the one DLLAMA_CPU_PATH forces."""
-    from dllama.kernels import simd
+    from dllama.kernels.jit import simd
     available = {"portable": True, "avx2": simd.HOST_HAS_AVX2, "vnni": simd.HOST_HAS_VNNI,
                  "avx512": simd.HOST_HAS_AVX512}
     wanted = os.environ.get("DLLAMA_CPU_PATH", "").strip().lower()
@@ -112,3 +80,29 @@ def describe() -> str:
     import numba
     path = PATH_NAMES[cpu_path()]
     return f"numba {numba.__version__}, {path} path, {numba.get_num_threads()} threads"
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The operations the engine calls outside the forward's blocks, from one backend; both
+    backends' functions take and return the same things (tests hold them equal)."""
+
+    name: str
+    argmax: Callable[[np.ndarray], int]
+    sample_topp: Callable[[np.ndarray, float, float, float], int]
+    q80_wire_encode: Callable[[np.ndarray], bytes | memoryview]
+    q80_wire_sum: Callable[[list, int, int], np.ndarray]
+
+
+def ops(name: str | None = None) -> Ops:
+    """The operations of backend ``name`` (default: this process's backend)."""
+    name = name or backend()
+    if name == NUMBA:
+        from dllama.kernels.jit import sampling, wire
+
+        return Ops(NUMBA, sampling.argmax, sampling.sample_topp, wire.q80_wire_encode, wire.q80_wire_sum)
+    if name != NUMPY:
+        raise ValueError(f"no kernel backend {name!r} (numba or numpy)")
+    from dllama.kernels import reference
+
+    return Ops(NUMPY, reference.argmax, reference.sample_topp, reference.q80_wire_encode, reference.q80_wire_sum)

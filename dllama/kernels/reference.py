@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dllama.kernels.quants import dequantize_q80, quantize_q80
+from dllama.kernels.quants import Q80_BLOCK, dequantize_q80, quantize_q80
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -111,3 +111,49 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
     probs = softmax(scores, axis=-1).astype(np.float32)
     out = np.einsum("kgts,skd->tkgd", probs, v, optimize=True).reshape(n_tokens, n_kv * group, head_dim)
     return np.ascontiguousarray(out[:, head_offset:head_offset + n_heads]).reshape(n_tokens, n_heads * head_dim)
+
+
+def q80_wire_encode(x: np.ndarray) -> bytes:
+    """float32 values (a multiple of 32 per row) as Q80 blocks' bytes: a part on the wire."""
+    return quantize_q80(x).tobytes()
+
+
+def q80_wire_sum(parts: list, rows: int, dim: int) -> np.ndarray:
+    """The sum, in the given order and starting from zero, of Q80 parts of ``rows x dim``
+    values: every node that sums the same parts gets the same bits."""
+    total = np.zeros((rows, dim), dtype=np.float32)
+    for part in parts:
+        total += dequantize_q80(np.frombuffer(part, dtype=Q80_BLOCK)).reshape(rows, dim)
+    return total
+
+
+def argmax(logits: np.ndarray) -> int:
+    """Index of the largest value, the first one on ties."""
+    return int(np.argmax(logits))
+
+
+def sample_topp(logits: np.ndarray, temperature: float, topp: float, coin: float) -> int:
+    """Temperature + nucleus sampling: a token for a uniform ``coin`` in [0, 1).
+
+    Weights are exp((logit - max) / temperature) in float64. The nucleus is the shortest prefix
+    of the tokens sorted by weight (ties keep id order) whose cumulative weight exceeds
+    ``topp`` of the total; ``coin`` picks within it. While some token weighs at least
+    (1 - topp) / (n - 1) of the total, the lighter ones weigh less than 1 - topp together and
+    cannot be in the nucleus, so only the heavier ones are sorted: a vocabulary of 150k costs a
+    few hundred comparisons, not a full sort.
+    """
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    weights = np.exp(z - z.max())
+    total = float(np.cumsum(weights)[-1])
+    n = len(weights)
+    if topp >= 1:
+        return int(min(np.searchsorted(np.cumsum(weights), coin * total, side="right"), n - 1))
+    cutoff = (1.0 - topp) / (n - 1) * total if n > 1 else 0.0
+    candidates = np.nonzero(weights >= cutoff)[0]
+    if len(candidates) == 0:  # the bound needs one heavier token; near-uniform weights have none
+        candidates = np.arange(n)
+    order = candidates[np.argsort(-weights[candidates], kind="stable")]
+    cumulative = np.cumsum(weights[order])
+    keep = min(int(np.searchsorted(cumulative, topp * total, side="right")) + 1, len(order))
+    chosen = int(np.searchsorted(cumulative[:keep], coin * cumulative[keep - 1], side="right"))
+    return int(order[min(chosen, keep - 1)])

@@ -1,148 +1,85 @@
-"""The forward pass's blocks as single jitted calls (the numba backend).
-
-Each block (start, attention, feed-forward, end) is one call from Python into compiled code:
-RMS norm, the activation's Q80 quantization (once for every product that shares it), the
-matrix products and the rest run without returning to the interpreter. q, k and v are packed
-as one weight, and so are w1 and w3, so that each costs one parallel launch. The blocks return
-partial outputs exactly where the NumPy blocks do, so the cluster's sync points stay the same.
-"""
+"""The forward's blocks on the numba kernels: the weights repacked once for them, then one
+jitted call per block (``kernels.jit.blocks``). MoE layers run their router and expert mixing
+here, in Python, around one jitted call per expert."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-from numba import njit
 
-from dllama.kernels import jit
 from dllama.kernels.backend import cpu_path
-from dllama.kernels.packing import pack, pack_rows, padded_rows
-
-if TYPE_CHECKING:
-    from dllama.model.forward import Transformer
-
-
-@njit(cache=True, parallel=True)
-def attention_block(x, pos, norm, eps, wqkv, qkv_width, q_norm, k_norm, cos, sin, falcon, k_cache, v_cache,
-                    n_heads, n_kv_heads, head_dim, group, head_offset, wo, o_width, q80, path, table):
-    n_tokens, dim = x.shape
-    y = np.empty_like(x)
-    jit.rms_norm_into(x, norm, eps, y)
-    qkv = jit.product(wqkv, qkv_width, y, q80, path, table)
-    q_dim = n_heads * head_dim
-    kv_dim = n_kv_heads * head_dim
-    q = np.ascontiguousarray(qkv[:, :q_dim]).reshape(n_tokens, n_heads, head_dim)
-    k = np.ascontiguousarray(qkv[:, q_dim:q_dim + kv_dim]).reshape(n_tokens, n_kv_heads, head_dim)
-    if q_norm.shape[0] > 0:  # Qwen3: RMS norm of each head's q and k
-        q2 = q.reshape(n_tokens * n_heads, head_dim)
-        jit.rms_norm_into(q2.copy(), q_norm, eps, q2)
-        k2 = k.reshape(n_tokens * n_kv_heads, head_dim)
-        jit.rms_norm_into(k2.copy(), k_norm, eps, k2)
-    jit.rope_into(q, cos[pos:pos + n_tokens], sin[pos:pos + n_tokens], falcon)
-    jit.rope_into(k, cos[pos:pos + n_tokens], sin[pos:pos + n_tokens], falcon)
-    for t in range(n_tokens):
-        for h in range(n_kv_heads):
-            for d in range(head_dim):
-                k_cache[pos + t, h, d] = k[t, h, d]
-                v_cache[pos + t, h, d] = qkv[t, q_dim + kv_dim + h * head_dim + d]
-    z = np.empty((n_tokens, q_dim), dtype=np.float32)
-    jit.attention_into(q, k_cache, v_cache, pos, z, group, head_offset)
-    return jit.product(wo, o_width, z, q80, path, table)[:, :dim]
-
-
-@njit(cache=True, parallel=True)
-def expert_ffn(y, w13, w13_width, hidden, w2, w2_width, use_gelu, q80, path, table):
-    """act(y @ w1.T) * (y @ w3.T) @ w2.T for a normalized input y."""
-    gate_up = jit.product(w13, w13_width, y, q80, path, table)
-    d = np.empty((y.shape[0], hidden), dtype=np.float32)
-    jit.gated_into(gate_up, hidden, use_gelu, d)
-    return jit.product(w2, w2_width, d, q80, path, table)[:, :y.shape[1]]
-
-
-@njit(cache=True, parallel=True)
-def ffn_block(x, norm, eps, w13, w13_width, hidden, w2, w2_width, use_gelu, q80, path, table):
-    y = np.empty_like(x)
-    jit.rms_norm_into(x, norm, eps, y)
-    return expert_ffn(y, w13, w13_width, hidden, w2, w2_width, use_gelu, q80, path, table)
-
-
-@njit(cache=True, parallel=True)
-def start_block(embedding, tokens):
-    out = np.empty((tokens.shape[0], embedding.shape[1]), dtype=np.float32)
-    jit.embedding_into(embedding, tokens, out)
-    return out
-
-
-@njit(cache=True, parallel=True)
-def end_block(x, norm, eps, w, width, vocab, q80, path, table):
-    y = np.empty_like(x)
-    jit.rms_norm_into(x, norm, eps, y)
-    return jit.product(w, width, y, q80, path, table)[:, :vocab]
+from dllama.kernels.jit import blocks as fused
+from dllama.kernels.jit import elementwise, matmul
+from dllama.kernels.jit.float16 import f16_table
+from dllama.kernels.jit.packing import pack_rows, padded_rows
+from dllama.model.kv_cache import KVCache
+from dllama.model.moe import mix_experts
+from dllama.model.shape import NodeShape
+from dllama.model.weights import FeedForwardWeights, NodeWeights, Weight
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _packed(weights: list[Weight]) -> tuple[tuple, int]:
+    """Weights stacked by rows and packed as one (one parallel launch for all), and the padded
+    width of its product."""
+    ft = weights[0].float_type
+    return pack_rows([w.stored for w in weights], ft), padded_rows(sum(w.rows for w in weights), ft)
+
+
 class JitBlocks:
-    """The blocks of a Transformer with its weights repacked for the JIT kernels."""
-
-    def __init__(self, tr: Transformer):
-        h = tr.header
-        self.tr = tr
-        wt = h.weight_type
-        self.q80 = bool(tr.q80_buffers and wt.is_quantized)
-        self.path = cpu_path()
-        self.table = jit.f16_table()
-        self.eps = np.float32(h.norm_epsilon)
-        self.falcon = tr.rope_is_falcon
-        self.use_gelu = tr.uses_gelu
-        self.embedding = _f32(tr.embedding) if tr.embedding is not None else None
-        node = tr.node
+    def __init__(self, weights: NodeWeights, shape: NodeShape, kv_cache: KVCache, rope_cos: np.ndarray,
+                 rope_sin: np.ndarray):
+        self.shape = shape
+        q80 = bool(shape.q80_buffers and weights.output.float_type.is_quantized)
+        products = dict(q80=q80, path=cpu_path(), f16_table=f16_table())
+        eps = np.float32(shape.norm_eps)
+        self.embedding = _f32(weights.embedding) if weights.embedding is not None else None
         empty = np.zeros(0, dtype=np.float32)
-        self.attn_args = []
-        self.ffn_args = []
-        self.moe = []
-        cache = tr.kv_cache
-        for i, layer in enumerate(tr.layers):
-            wqkv = pack_rows([layer.q.stored, layer.k.stored, layer.v.stored], wt)
-            qkv_rows = layer.q.out_features + 2 * layer.k.out_features
-            q_norm = _f32(layer.q_norm) if layer.q_norm is not None else empty
-            k_norm = _f32(layer.k_norm) if layer.k_norm is not None else empty
-            # Everything but the input and the position, ready for one call per block.
-            self.attn_args.append((
-                _f32(layer.attn_norm), self.eps, wqkv, padded_rows(qkv_rows, wt), q_norm, k_norm,
-                tr.rope_cos, tr.rope_sin, self.falcon, cache.k[i], cache.v[i], node.n_heads, node.n_kv_heads, h.head_dim,
-                tr.group, tr.head_offset,
-                pack(layer.o.stored, wt), padded_rows(layer.o.out_features, wt), self.q80, self.path, self.table))
-            ffns = layer.experts if layer.experts is not None else [layer.ffn]
-            packed = [self._ffn_args(f, wt) for f in ffns]
-            if layer.experts is None:
-                self.ffn_args.append((_f32(layer.ffn_norm), self.eps) + packed[0])
-            else:
-                self.ffn_args.append((_f32(layer.ffn_norm), _f32(layer.router)))
-            self.moe.append(packed if layer.experts is not None else None)
-        self.end_args = (_f32(tr.final_norm), self.eps, pack(tr.output.stored, wt),
-                         padded_rows(tr.output.out_features, wt), node.vocab_size, self.q80, self.path, self.table)
 
-    def _ffn_args(self, f, wt) -> tuple:
-        hidden = f.w1.out_features
-        return (pack_rows([f.w1.stored, f.w3.stored], wt), padded_rows(2 * hidden, wt), hidden,
-                pack(f.w2.stored, wt), padded_rows(f.w2.out_features, wt), self.use_gelu, self.q80, self.path,
-                self.table)
+        def expert(f: FeedForwardWeights) -> fused.ExpertArgs:
+            (w13, w13_rows), (w2, w2_rows) = _packed([f.w1, f.w3]), _packed([f.w2])
+            return fused.ExpertArgs(w13=w13, w13_rows=w13_rows, hidden=f.w1.rows, w2=w2, w2_rows=w2_rows,
+                                    gelu=shape.gelu, **products)
+
+        self.attention_args: list[fused.AttentionArgs] = []
+        self.ffn_args: list[fused.FeedForwardArgs | None] = []  # dense layers
+        self.moe: list[tuple[np.ndarray, np.ndarray, list[fused.ExpertArgs]] | None] = []  # (norm, router, experts)
+        for i, layer in enumerate(weights.layers):
+            (qkv, qkv_rows), (o, o_rows) = _packed([layer.q, layer.k, layer.v]), _packed([layer.o])
+            self.attention_args.append(fused.AttentionArgs(
+                norm=_f32(layer.attn_norm), eps=eps, qkv=qkv, qkv_rows=qkv_rows,
+                q_norm=_f32(layer.q_norm) if layer.q_norm is not None else empty,
+                k_norm=_f32(layer.k_norm) if layer.k_norm is not None else empty,
+                cos=rope_cos, sin=rope_sin, falcon=shape.rope_falcon, k_cache=kv_cache.k[i], v_cache=kv_cache.v[i],
+                n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim, group=shape.group,
+                head_offset=shape.head_offset, o=o, o_rows=o_rows, **products))
+            if layer.experts is None:
+                self.ffn_args.append(fused.FeedForwardArgs(_f32(layer.ffn_norm), eps, *expert(layer.ffn)))
+                self.moe.append(None)
+            else:
+                self.ffn_args.append(None)
+                self.moe.append((_f32(layer.ffn_norm), _f32(layer.router), [expert(f) for f in layer.experts]))
+        output, output_rows = _packed([weights.output])
+        self.end_args = fused.EndArgs(norm=_f32(weights.final_norm), eps=eps, w=output, rows=output_rows,
+                                      vocab=shape.vocab_size, **products)
+
+    def prepare(self) -> None:
+        """Nothing to do: the weights were packed when the blocks were made."""
 
     def start(self, tokens: np.ndarray) -> np.ndarray:
-        return start_block(self.embedding, tokens)
+        return fused.start_block(self.embedding, tokens)
 
-    def attention_block(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:
-        return attention_block(x, pos, *self.attn_args[i])
+    def attention(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:
+        return fused.attention_block(x, pos, *self.attention_args[i])
 
-    def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
+    def feed_forward(self, i: int, x: np.ndarray) -> np.ndarray:
         if self.moe[i] is None:
-            return ffn_block(x, *self.ffn_args[i])
-        norm, router = self.ffn_args[i]
-        y = jit.rms_norm(x, norm, float(self.eps))
-        return self.tr.mix_experts(y, jit.softmax(jit.matmul(y, router), axis=-1),
-                                   lambda e, rows: expert_ffn(rows, *self.moe[i][e]))
+            return fused.ffn_block(x, *self.ffn_args[i])
+        norm, router, experts = self.moe[i]
+        y = elementwise.rms_norm(x, norm, self.shape.norm_eps)
+        probs = elementwise.softmax(matmul.matmul(y, router), axis=-1)
+        return mix_experts(y, probs, self.shape.n_active_experts, lambda e, rows: fused.expert_ffn(rows, *experts[e]))
 
     def end(self, x: np.ndarray) -> np.ndarray:
-        return end_block(x, *self.end_args)
+        return fused.end_block(np.ascontiguousarray(x), *self.end_args)

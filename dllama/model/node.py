@@ -8,10 +8,10 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.formats.mfile import ModelHeader, encode_header, parse_header
 from dllama.kernels.quants import BLOCK_SIZE, FloatType
-from dllama.model.forward import MAX_BATCH, LocalSync, Transformer
+from dllama.machine import physical_memory
+from dllama.model.forward import MAX_BATCH, Transformer
 from dllama.model.slicing import NodeModel, NodeSlice, node_kv_bytes, node_specs
-from dllama.model.weights import physical_memory
-from dllama.model.wire import WireCodec
+from dllama.model.sync import BlockSync
 
 MAX_SEQ_LEN = 1 << 20
 # Bounds the tensor list a configuration can make a worker build (real models: ~10^4).
@@ -59,31 +59,25 @@ def _parse(config: dict) -> tuple[ModelHeader, NodeSlice, int, str]:
 
 
 class WorkerNode:
-    def __init__(self, transformer: Transformer, codec: WireCodec, weight_bytes: int):
+    """A worker's share of the model (``transport.worker.Node``)."""
+
+    def __init__(self, transformer: Transformer, wire_q80: bool, weight_bytes: int):
         self.transformer = transformer
         self.dim = transformer.header.dim
+        self.wire_q80 = wire_q80
         self.weight_bytes = weight_bytes
         self.kv_bytes = transformer.kv_cache.nbytes
-        self._codec = codec
 
-    def codec(self) -> WireCodec:
-        return self._codec
-
-    def forward(self, x: np.ndarray, pos: int, all_logits: bool, sync) -> np.ndarray:
+    def forward(self, x: np.ndarray, pos: int, all_logits: bool, sync: BlockSync) -> np.ndarray:
         tr = self.transformer
         if not (0 < x.shape[0] <= MAX_BATCH and 0 <= pos and pos + x.shape[0] <= tr.seq_len):
             raise DllamaError(f"positions {pos}..{pos + x.shape[0] - 1} exceed the sequence length {tr.seq_len}")
-        tr.sync = sync
-        return tr.forward_embedded(x, pos, all_logits)
+        return tr.forward_embedded(x, pos, all_logits, sync)
 
 
 def warm_up(tr: Transformer) -> None:
     """Run every block once alone, so kernels compile now and not inside the first timed sync."""
-    sync, tr.sync = tr.sync, LocalSync()
-    try:
-        tr.forward_embedded(np.zeros((1, tr.header.dim), dtype=np.float32), 0, False)
-    finally:
-        tr.sync = sync
+    tr.forward_embedded(np.zeros((1, tr.header.dim), dtype=np.float32), 0, False)
 
 
 class NodeFactory:
@@ -102,6 +96,5 @@ class NodeFactory:
         tr = Transformer(NodeModel(h, node, typed), seq_len=seq_len, buffer_type=FloatType.parse(buffer_type))
         tr.prepare()
         warm_up(tr)
-        codec = WireCodec(buffer_type == "q80", tr.backend)
-        return WorkerNode(tr, codec, sum(s.nbytes for s in node_specs(h, node)))
+        return WorkerNode(tr, buffer_type == "q80", sum(s.nbytes for s in node_specs(h, node)))
 

@@ -1,87 +1,84 @@
-"""Weights as the forward pass uses them: memory-mapped stored elements, made dense on demand.
-
-The NumPy path multiplies by float32 matrices. Dequantizing a Q40 matrix costs far more than
-the product itself, so dense copies are kept for as many weights as the dense budget allows
-(``DLLAMA_DENSE_BUDGET_MB``, default 40 % of physical memory); the rest are dequantized again in
-row chunks at every use, which keeps models larger than memory/4 runnable.
-"""
+"""A node's weights as plain data: the stored elements (memory-mapped from the ``.m`` file, or
+received from the root) and their type. Both kernel backends read these; each keeps its own
+working form (the NumPy blocks float32 copies, the JIT blocks packed layouts)."""
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import numpy as np
 
-from dllama.errors import DllamaError
-from dllama.kernels import reference as ref
-from dllama.kernels.quants import FloatType, to_float32
-
-# Rows dequantized at once when a weight has no dense copy: bounds the temporary memory.
-_CHUNK_ROWS = 4096
+from dllama.kernels.quants import FloatType
+from dllama.model.slicing import NodeModel
 
 
-def physical_memory() -> int:
-    """Bytes of RAM on this machine (8 GiB when the system does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a backend's copies are keyed by it
+class Weight:
+    """A matrix ``[out, in]`` as stored: rows of floats, or of Q40/Q80 blocks of 32 values."""
 
-
-def _default_budget() -> int:
-    env = os.environ.get("DLLAMA_DENSE_BUDGET_MB")
-    if env is not None:
-        try:
-            return max(0, int(float(env) * (1 << 20)))
-        except (ValueError, OverflowError):
-            raise DllamaError(f"DLLAMA_DENSE_BUDGET_MB must be a number of megabytes, got {env!r}") from None
-    return int(physical_memory() * 0.4)
-
-
-class DenseBudget:
-    """Bytes of float32 copies that weights may still keep."""
-
-    def __init__(self, nbytes: int | None = None):
-        self.left = _default_budget() if nbytes is None else nbytes
-
-    def take(self, nbytes: int) -> bool:
-        if nbytes > self.left:
-            return False
-        self.left -= nbytes
-        return True
-
-
-class Linear:
-    """A weight matrix ``[out, in]`` in its stored type; ``__call__`` computes ``x @ W.T``."""
-
-    def __init__(self, stored: np.ndarray, float_type: FloatType, budget: DenseBudget):
-        self.stored = stored
-        self.float_type = float_type
-        self.budget = budget
-        self._dense: np.ndarray | None = None
-        if float_type == FloatType.F32:
-            self._dense = stored  # the memory map itself: no copy
-        self._tried = self._dense is not None
+    stored: np.ndarray
+    float_type: FloatType
 
     @property
-    def out_features(self) -> int:
+    def rows(self) -> int:
         return self.stored.shape[0]
 
-    def dense(self) -> np.ndarray | None:
-        if not self._tried:
-            self._tried = True
-            nbytes = self.stored.shape[0] * self.stored.shape[1] * self.float_type.values_per_element * 4
-            if self.budget.take(nbytes):
-                self._dense = to_float32(self.stored, self.float_type)
-        return self._dense
 
-    def __call__(self, x: np.ndarray, q80_input: bool = False) -> np.ndarray:
-        if q80_input and self.float_type.is_quantized:
-            x = ref.round_trip_q80(x)
-        w = self.dense()
-        if w is not None:
-            return ref.matmul(x, w)
-        out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
-        for r in range(0, self.out_features, _CHUNK_ROWS):
-            chunk = to_float32(self.stored[r:r + _CHUNK_ROWS], self.float_type)
-            out[:, r:r + chunk.shape[0]] = ref.matmul(x, chunk)
-        return out
+@dataclass
+class FeedForwardWeights:
+    w1: Weight  # gate
+    w2: Weight  # down
+    w3: Weight  # up
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    q: Weight
+    k: Weight
+    v: Weight
+    o: Weight
+    ffn_norm: np.ndarray
+    ffn: FeedForwardWeights | None = None  # dense models
+    router: np.ndarray | None = None  # MoE models: the router and the experts
+    experts: list[FeedForwardWeights] | None = None
+    q_norm: np.ndarray | None = None  # Qwen3: per-head norms of q and k
+    k_norm: np.ndarray | None = None
+
+    def feed_forwards(self) -> list[FeedForwardWeights]:
+        return self.experts if self.experts is not None else [self.ffn]
+
+
+@dataclass
+class NodeWeights:
+    embedding: np.ndarray | None  # the root's only: it embeds the input for every node
+    layers: list[LayerWeights]
+    final_norm: np.ndarray
+    output: Weight
+
+
+def node_weights(share: NodeModel) -> NodeWeights:
+    """The weights of a node's share, named by their role (no copies)."""
+    h, t = share.header, share.tensors
+
+    def weight(name: str) -> Weight:
+        return Weight(t[name], h.weight_type)
+
+    def feed_forward(prefix: str) -> FeedForwardWeights:
+        return FeedForwardWeights(weight(prefix + "w1"), weight(prefix + "w2"), weight(prefix + "w3"))
+
+    layers = []
+    for i in range(h.n_layers):
+        p = f"layers.{i}."
+        layer = LayerWeights(attn_norm=np.asarray(t[p + "attn_norm"]), q=weight(p + "q"), k=weight(p + "k"),
+                             v=weight(p + "v"), o=weight(p + "o"), ffn_norm=np.asarray(t[p + "ffn_norm"]))
+        if h.is_moe:
+            layer.router = np.asarray(t[p + "router"])
+            layer.experts = [feed_forward(f"{p}experts.{e}.") for e in range(h.n_experts)]
+        else:
+            layer.ffn = feed_forward(p)
+        if h.has_qk_norm:
+            layer.q_norm = np.asarray(t[p + "q_norm"])
+            layer.k_norm = np.asarray(t[p + "k_norm"])
+        layers.append(layer)
+    return NodeWeights(embedding=t.get("embedding"), layers=layers, final_norm=np.asarray(t["final_norm"]),
+                       output=weight("output"))

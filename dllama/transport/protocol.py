@@ -22,8 +22,8 @@ frames (a weight chunk, logits). A session goes:
                                       <-   bye {}
 
 Data plane (PUB/SUB): one frame per part: ``DATA_HEADER`` then the payload. ``fwd`` counts the
-forwards of a session; ``step`` 0 is the root's embedded input, step ``1 + 2 * layer + block``
-the partial output of a block (block 0 attention, 1 feed-forward). ``HELLO_FWD`` marks the
+forwards of a session; ``step`` 0 is the root's embedded input, step ``data_step(layer, block)``
+the partial output of a block. ``HELLO_FWD`` marks the
 handshake that proves every subscription is live before the first forward.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ MAX_FRAMES = 3  # kind, meta, at most one blob
 DATA_MAGIC = b"DLD1"
 DATA_HEADER = struct.Struct("<4sIHH")  # magic, fwd, step, node
 HELLO_FWD = 0xFFFFFFFF
+INPUT_STEP = 0  # the root's embedded input
 
 
 class ProtocolError(DllamaError):
@@ -82,6 +83,14 @@ def field(meta: dict, name: str, kind: type, minimum: int | None = None):
     if minimum is not None and value < minimum:
         raise ProtocolError(f"field {name!r} is {value}, below {minimum}")
     return value
+
+
+def data_step(layer: int, block: int) -> int:
+    """The data-plane step of a block's partial outputs: ``block`` 0 is a layer's attention,
+    1 its feed-forward (``model.sync.ATTENTION``, ``FEED_FORWARD``)."""
+    if block not in (0, 1) or layer < 0:
+        raise ValueError(f"no data step for layer {layer}, block {block}")
+    return 1 + 2 * layer + block
 
 
 def data_frame(fwd: int, step: int, node: int, payload: bytes) -> bytes:

@@ -28,17 +28,18 @@ from dllama.transport.protocol import (
     unpack,
 )
 from dllama.transport.slice_cache import SliceCache
-from dllama.transport.sync import MeshSync
+from dllama.transport.sync import ForwardSync, MeshSync
+from dllama.transport.wire import WireCodec
 
 
 class Node(Protocol):
-    dim: int
+    dim: int  # values per activation row
+    wire_q80: bool  # activations travel as Q80 blocks
     weight_bytes: int
     kv_bytes: int
 
-    def forward(self, x: np.ndarray, pos: int, all_logits: bool, sync: MeshSync) -> np.ndarray: ...
-
-    def codec(self): ...
+    def forward(self, x: np.ndarray, pos: int, all_logits: bool, sync: ForwardSync) -> np.ndarray:
+        """This node's slice of the logits of forward ``x`` at ``pos``, meeting the others at ``sync``."""
 
 
 class NodeFactory(Protocol):
@@ -260,10 +261,11 @@ class WorkerServer:
                 self.log(f"⚠️  cannot write the slice cache: {e.strerror or e}")
         node = self.factory.build(config, tensors)
         del tensors
+        codec = WireCodec(node.wire_q80)  # compiles its kernels now, not in the first timed sync
         self._reply(owner, "built", {"weight_bytes": node.weight_bytes, "kv_bytes": node.kv_bytes})
         self.log(f"💡 node ready: {node.weight_bytes / 1e6:.1f} MB of weights, KV cache {node.kv_bytes / 1e6:.1f} MB")
         self._expect(owner, mesh, "go")
-        sync = MeshSync(mesh, node.codec(), n_nodes, node.dim)
+        sync = MeshSync(mesh, codec, n_nodes, node.dim)
         last_fwd = 0
         while True:
             meta, _ = self._expect(owner, mesh, "forward")
@@ -272,8 +274,8 @@ class WorkerServer:
             rows = field(meta, "rows", int, 1)
             all_logits = bool(meta.get("all_logits"))
             last_fwd = fwd
-            x = sync.receive_input(fwd, rows)
-            logits = node.forward(x, pos, all_logits, sync)
+            x, steps = sync.receive_input(fwd, rows)
+            logits = node.forward(x, pos, all_logits, steps)
             self._reply(owner, "logits", {"fwd": fwd}, np.ascontiguousarray(logits, dtype=np.float32).data)
 
     def _receive_weights(self, owner, mesh, sizes) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from dllama.kernels.quants import BLOCK_SIZE, Q40_BLOCK, FloatType
-from dllama.kernels.simd import GROUP_ROWS, Q40_RECORD
+from dllama.kernels.jit.simd import GROUP_ROWS, Q40_RECORD
 
 
 def padded_rows(rows: int, float_type: FloatType) -> int:

@@ -1,0 +1,206 @@
+"""A model in use: the transformer, its tokenizer, and the tokens its KV cache holds.
+
+Every command goes through the same three functions: ``step`` evaluates tokens at the next
+positions (in batches of ``MAX_BATCH``) and returns their logits, ``rewind`` forgets positions,
+and ``generate`` is the one decode loop (prompt, sampling, stop conditions, timing and
+cancellation) behind ``inference``, ``chat`` and the API; ``perplexity`` scores a text with
+``step``. A prompt that starts with what the cache already holds is evaluated from where they
+differ (chat turns, API conversations).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from dllama.engine.sampler import Sampler
+from dllama.engine.tokenizer import Tokenizer
+from dllama.errors import DllamaError
+from dllama.model.forward import MAX_BATCH, Transformer
+
+
+class ContextFull(DllamaError):
+    """The prompt leaves no room to generate in the context."""
+
+
+@dataclass
+class Outcome:
+    """What one generation did, filled in as it runs: usage, why it ended, timings."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # the prompt's first tokens already in the KV cache: not evaluated again
+    completion_tokens: int = 0
+    finish_reason: str = "length"  # "stop": an end token (or a stop string, see completion); "length": a limit
+    cancelled: bool = False
+    eval_seconds: float = 0.0  # evaluating the prompt's new tokens
+    pred_tokens: int = 0  # generated tokens fed back to the model
+    pred_seconds: float = 0.0
+    seconds_to_first_token: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def eval_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+def check_pair(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """A model's vocabulary may be padded past its tokenizer's (Qwen3 pads to a multiple of 128);
+    the extra rows are never sampled (see ``Session.sample``). Fewer rows than tokens is a mismatch."""
+    if tokenizer.vocab_size > vocab_size:
+        raise DllamaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                          f"has {vocab_size}: they do not belong together")
+
+
+def tokens_for_steps(prompt_tokens: int, steps: int, seq_len: int) -> int:
+    """How many tokens ``--steps`` leaves to generate: it counts positions, prompt included, as in
+    distributed-llama (and no more than the context holds)."""
+    if prompt_tokens == 0:
+        raise DllamaError("the prompt is empty")
+    limit = min(steps, seq_len)
+    if prompt_tokens >= limit:
+        raise DllamaError(f"the prompt has {prompt_tokens} tokens, so {limit} positions leave no room to "
+                          f"generate (raise --steps or --max-seq-len)")
+    return limit - prompt_tokens
+
+
+class Session:
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer, cluster=None):
+        check_pair(tokenizer, transformer.header.vocab_size)
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.cluster = cluster  # engine.cluster.Cluster when workers compute too
+        self.tokens: list[int] = []  # what the KV cache holds, one token per position
+
+    def close(self) -> None:
+        """End the cluster session: the workers free their memory and wait for the next root."""
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.transformer.seq_len
+
+    @property
+    def pos(self) -> int:
+        """The next position to evaluate."""
+        return len(self.tokens)
+
+    def step(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Evaluate ``tokens`` at the next positions, ``MAX_BATCH`` per forward; the logits of
+        the last token (or of every one)."""
+        if self.pos + len(tokens) > self.seq_len:
+            raise DllamaError(f"{self.pos + len(tokens)} tokens do not fit the context of {self.seq_len} "
+                              f"(raise --max-seq-len, up to the model's length)")
+        outputs = []
+        for start in range(0, len(tokens), MAX_BATCH):
+            batch = tokens[start:start + MAX_BATCH]
+            outputs.append(self.transformer.forward(batch, self.pos, all_logits=all_logits))
+            self.tokens.extend(batch)  # only once its forward is complete
+        return np.concatenate(outputs) if all_logits else outputs[-1]
+
+    def rewind(self, pos: int) -> None:
+        """Forget positions ``pos ..`` (their keys and values are overwritten when evaluated again)."""
+        del self.tokens[pos:]
+
+    def sample(self, sampler: Sampler, logits: np.ndarray) -> int:
+        """The next token, from the ids the tokenizer can spell."""
+        return sampler.sample(logits[:self.tokenizer.vocab_size])
+
+    def generate(self, prompt: list[int], sampler: Sampler, outcome: Outcome, max_tokens: int | None = None,
+                 end_ids: frozenset[int] | None = None, cancel: threading.Event | None = None) -> Iterator[int]:
+        """Yield generated tokens until an end token (``end_ids``, default the tokenizer's EOS ids),
+        ``max_tokens``, the end of the context, or ``cancel`` (checked before each token and
+        between prompt batches). ``outcome`` is filled in as it goes.
+
+        The KV cache keeps what it shares with ``prompt``; the rest of the prompt is evaluated in
+        batches, its last token alone, so a prompt gets the same logits whatever was cached before
+        (batches round differently). The last token yielded is not fed back (its position
+        may not exist, and nobody needs its logits)."""
+        if not prompt:
+            raise DllamaError("the prompt is empty")
+        if len(prompt) >= self.seq_len:
+            raise ContextFull(f"the prompt has {len(prompt)} tokens; the context holds {self.seq_len} "
+                              f"and needs room for at least one more")
+        t0 = time.perf_counter()
+        try:
+            outcome.prompt_tokens = len(prompt)
+            logits = self._evaluate_prompt(prompt, outcome, cancel)
+            outcome.eval_seconds = time.perf_counter() - t0
+            if logits is None:
+                outcome.cancelled = True
+                return
+            limit = self.seq_len - len(prompt)
+            if max_tokens is not None:
+                limit = min(limit, max_tokens)
+            end_ids = self.tokenizer.eos_ids if end_ids is None else end_ids
+            outcome.finish_reason = "length"
+            while outcome.completion_tokens < limit:
+                if cancel is not None and cancel.is_set():
+                    outcome.cancelled = True
+                    return
+                token = self.sample(sampler, logits)
+                if token in end_ids:
+                    outcome.finish_reason = "stop"
+                    return
+                outcome.completion_tokens += 1
+                if outcome.completion_tokens == 1:
+                    outcome.seconds_to_first_token = time.perf_counter() - t0
+                yield token
+                if outcome.completion_tokens >= limit:
+                    return
+                t = time.perf_counter()
+                logits = self.step([token])
+                outcome.pred_tokens += 1
+                outcome.pred_seconds += time.perf_counter() - t
+        finally:
+            outcome.seconds = time.perf_counter() - t0
+
+    def _evaluate_prompt(self, prompt: list[int], outcome: Outcome,
+                         cancel: threading.Event | None) -> np.ndarray | None:
+        """The logits of the prompt's last token, reusing the cache's common prefix (None when
+        cancelled first)."""
+        common = 0
+        for a, b in zip(self.tokens, prompt[:-1]):
+            if a != b:
+                break
+            common += 1
+        self.rewind(common)
+        outcome.cached_tokens = common
+        for start in range(common, len(prompt) - 1, MAX_BATCH):
+            if cancel is not None and cancel.is_set():
+                return None
+            self.step(prompt[start:min(start + MAX_BATCH, len(prompt) - 1)])
+        return self.step(prompt[-1:])
+
+    def perplexity(self, tokens: list[int]) -> float:
+        """exp of the mean negative log-likelihood of tokens 1..N-1 given their prefixes."""
+        if len(tokens) < 2:
+            raise DllamaError("perplexity needs a prompt of at least 2 tokens")
+        self.rewind(0)
+        logits = self.step(tokens[:-1], all_logits=True).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nll = -log_probs[np.arange(len(tokens) - 1), tokens[1:]]
+        return float(np.exp(nll.mean()))
+
+
+def format_summary(outcome: Outcome, batch_size: int = MAX_BATCH) -> str:
+    """distributed-llama's summary of a generation."""
+    def rate(n: int, s: float) -> str:
+        if n == 0 or s <= 0:
+            return "   tokens/s: -"
+        return f"   tokens/s: {n / s:.2f} ({s * 1000 / n:.2f} ms/tok)"
+
+    return "\n".join([
+        "Evaluation",
+        f"   nBatches: {batch_size}",
+        f"    nTokens: {outcome.eval_tokens}",
+        rate(outcome.eval_tokens, outcome.eval_seconds),
+        "Prediction",
+        f"    nTokens: {outcome.pred_tokens}",
+        rate(outcome.pred_tokens, outcome.pred_seconds),
+    ])

@@ -1,0 +1,46 @@
+"""The forward pass's blocks, as a strategy chosen once when a model is built: the NumPy
+reference blocks or the JIT blocks. Both read the same ``NodeWeights``; neither knows of the
+other, of the ``Transformer`` that calls them, or of a cluster."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from dllama.kernels.backend import NUMBA, NUMPY
+from dllama.model.dense import DenseBudget
+from dllama.model.kv_cache import KVCache
+from dllama.model.shape import NodeShape
+from dllama.model.weights import NodeWeights
+
+
+class Blocks(Protocol):
+    def prepare(self) -> None:
+        """Do now what the first forward would otherwise pay for."""
+
+    def start(self, tokens: np.ndarray) -> np.ndarray:
+        """The embedded input ``[tokens, dim]`` (the root's: it holds the embedding)."""
+
+    def attention(self, layer: int, x: np.ndarray, pos: int) -> np.ndarray:
+        """This node's partial output of the attention of ``layer`` for ``x`` at ``pos ..``; writes
+        the tokens' keys and values into the KV cache."""
+
+    def feed_forward(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """This node's partial output of the feed-forward of ``layer``."""
+
+    def end(self, x: np.ndarray) -> np.ndarray:
+        """This node's slice of the logits of the rows of ``x``."""
+
+
+def make_blocks(backend: str, weights: NodeWeights, shape: NodeShape, kv_cache: KVCache, rope_cos: np.ndarray,
+                rope_sin: np.ndarray, budget: DenseBudget | None = None) -> Blocks:
+    budget = budget or DenseBudget()  # reads DLLAMA_DENSE_BUDGET_MB: a bad value is an error on either backend
+    if backend == NUMBA:
+        from dllama.model.jit_blocks import JitBlocks  # imports numba: only when it runs
+
+        return JitBlocks(weights, shape, kv_cache, rope_cos, rope_sin)
+    if backend != NUMPY:
+        raise ValueError(f"no kernel backend {backend!r} (numba or numpy)")
+    from dllama.model.numpy_blocks import NumpyBlocks
+
+    return NumpyBlocks(weights, shape, kv_cache, rope_cos, rope_sin, budget)

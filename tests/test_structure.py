@@ -1,0 +1,177 @@
+"""The package's shape, read from its source with ``ast``: no import cycles, dependencies that
+point one way (commands -> engine -> model -> kernels; transport beside the model), modules of
+one job, and the numba cache's key covering every compiled source."""
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dllama"
+# Modules allowed over MAX_LINES, and why: each does one job that needs the room.
+MAX_LINES = 500
+LONG_MODULES: dict[str, str] = {}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str) -> set[str]:
+    """The package's modules that ``name`` imports anywhere in its source (top level, inside
+    functions, under TYPE_CHECKING): ``from a.b import c`` counts as ``a.b.c`` when that is a
+    module, else as ``a.b``."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in MODULES)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            for a in node.names:
+                if f"{base}.{a.name}" in MODULES:
+                    found.add(f"{base}.{a.name}")
+                elif base in MODULES:
+                    found.add(base)
+    found.discard(name)
+    return found
+
+
+GRAPH = {name: _imports(name) for name in MODULES}
+
+
+def test_the_graph_sees_imports():
+    """The checks below are only as good as the graph: it must see lazy and relative imports."""
+    assert "dllama.model.jit_blocks" in GRAPH["dllama.model.blocks"]  # imported inside a function
+    assert "dllama.kernels.jit.blocks" in GRAPH["dllama.model.jit_blocks"]  # from a import module
+    assert "dllama.engine.session" in GRAPH["dllama.commands.run"]
+
+
+def test_no_import_cycle():
+    """Every strongly connected component of the import graph is a single module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    assert cycles == []
+
+
+LAYERS = {
+    # package: packages of dllama it must never import
+    "dllama.kernels": ("formats", "model", "engine", "transport", "commands", "hub", "default_model", "machine"),
+    "dllama.formats": ("kernels.jit", "model", "engine", "transport", "commands", "hub"),
+    "dllama.model": ("engine", "transport", "commands", "hub"),
+    "dllama.transport": ("model", "engine", "commands", "hub"),
+    "dllama.engine": ("commands",),
+    "dllama.hub": ("model", "engine", "transport", "commands"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_dependencies_point_one_way(layer):
+    bad = []
+    for name, imported in GRAPH.items():
+        if name == layer or name.startswith(layer + "."):
+            for target in imported:
+                if any(target == f"dllama.{f}" or target.startswith(f"dllama.{f}.") for f in LAYERS[layer]):
+                    bad.append(f"{name} -> {target}")
+    assert bad == []
+
+
+def test_modules_stay_small():
+    long = {name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert set(long) == set(LONG_MODULES), long
+
+
+def _cached_jit_functions(path: Path) -> list[str]:
+    """Functions decorated ``@njit(cache=True, ...)``, ``@jit(cache=True)`` or
+    ``@overload(..., jit_options={"cache": True})``."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef):
+            for d in node.decorator_list:
+                if not (isinstance(d, ast.Call) and ast.unparse(d.func).split(".")[-1] in ("njit", "jit", "overload")):
+                    continue
+                options = {k.arg: k.value for k in d.keywords}
+                jit_options = options.get("jit_options")
+                if isinstance(jit_options, ast.Dict):
+                    options.update({ast.literal_eval(k): v for k, v in zip(jit_options.keys, jit_options.values)})
+                if isinstance(options.get("cache"), ast.Constant) and options["cache"].value is True:
+                    names.append(node.name)
+    return names
+
+
+def test_cached_kernels_live_where_the_cache_key_looks():
+    """numba checks only a cached function's own file for changes; the cache folder is named after
+    every kernel source (``numba_config.kernel_sources``), so no cached jitted function may live
+    outside them."""
+    from dllama.kernels.numba_config import kernel_sources
+
+    sources = {p.resolve() for p in kernel_sources()}
+    outside = {name: funcs for name, p in MODULES.items() if p.resolve() not in sources
+               and (funcs := _cached_jit_functions(p))}
+    assert outside == {}
+    inside = [f for p in sources for f in _cached_jit_functions(p)]
+    assert {"attention_block", "_linear_into", "sample_topp"} <= set(inside)  # the scan sees them
+
+
+def test_the_cache_folder_follows_every_kernel_source(tmp_path, monkeypatch):
+    """A change to any kernel source (here: a new one) names a new cache folder."""
+    from dllama.kernels import numba_config
+
+    before = numba_config.cache_dir()
+    extra = Path(numba_config.__file__).parent / "jit" / "_probe_for_test.py"
+    extra.write_text("# probe\n")
+    try:
+        assert numba_config.cache_dir() != before
+    finally:
+        extra.unlink()
+    assert numba_config.cache_dir() == before
+
+
+def test_block_arguments_are_named_as_the_blocks_take_them():
+    """The jitted blocks take their arguments splatted from named tuples: the tuples' fields must
+    be the functions' parameters, in order, so that nothing is matched by counting."""
+    from dllama.kernels.jit import blocks
+
+    def params(fn, skip: int) -> list[str]:
+        return list(inspect.signature(fn.py_func).parameters)[skip:]
+
+    assert list(blocks.AttentionArgs._fields) == params(blocks.attention_block, 2)
+    assert list(blocks.FeedForwardArgs._fields) == params(blocks.ffn_block, 1)
+    assert list(blocks.ExpertArgs._fields) == params(blocks.expert_ffn, 1)
+    assert list(blocks.EndArgs._fields) == params(blocks.end_block, 1)
+    assert list(blocks.FeedForwardArgs._fields[2:]) == list(blocks.ExpertArgs._fields)
