@@ -63,8 +63,10 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 means greedy (argmax)")
-    p.add_argument("--topp", type=float, default=0.9, help="nucleus sampling: sample from the most likely tokens that hold this much probability")
-    p.add_argument("--seed", type=int, default=None, help="random seed: same seed, same text (default: a new one each run)")
+    p.add_argument("--topp", type=float, default=0.9,
+                   help="nucleus sampling: sample from the most likely tokens that hold this much probability")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed: same seed, same text (default: a new one each run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=9990, help="port to listen on")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests (default: no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1 requests (default: no key)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
     p.add_argument("--model-id", default=None, help="the model's id in the API (default: the model file's name)")
     _model_flags(p)
