@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from dllama.engine.tokenizer import Tokenizer, pre_tokenize
+from dllama.engine.pretokenizer import pre_tokenize
+from dllama.engine.tokenizer import Tokenizer
 from dllama.errors import FormatError
 from dllama.formats.gguf_tokenizer import gpt2_unicode_to_byte
 from dllama.formats.hf_tokenizer import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX, placeholder, tokenizer_from_hf
