@@ -19,7 +19,7 @@ from dllama.commands import main as dllama_main
 from dllama.errors import DllamaError
 from dllama.formats.mfile import expected_file_size
 from dllama.formats.tfile import TokenizerData, write_tokenizer
-from dllama.hub import catalog, download
+from dllama.hub import catalog, download, join, lock
 from dllama.hub.catalog import CATALOG, SEQ_LEN, CatalogEntry, RemoteFile
 from dllama.hub.download import Downloader
 from dllama.kernels.quants import FloatType
@@ -495,11 +495,11 @@ def test_run_starts_the_command(tiny, hub, tmp_path):
 def test_one_download_of_a_model_at_a_time(tiny, tmp_path):
     e, _, _ = tiny
     folder = tmp_path / "dl"
-    with download._exclusive(folder.parent, e.name):
+    with lock.exclusive(folder.parent, e.name):
         pass  # the lock file is gone afterwards
     assert not list(tmp_path.glob(".*.lock"))
     folder.mkdir()
-    with download._exclusive(folder, e.name):
+    with lock.exclusive(folder, e.name):
         with pytest.raises(DllamaError, match="another dllama is downloading"):
             quiet().model(e, folder)
 
@@ -605,7 +605,7 @@ def test_a_join_goes_on_from_what_is_on_disk(hub, tmp_path, monkeypatch, state):
     folder.mkdir()
     for i, name in enumerate(names):
         (folder / name).write_bytes(data[cuts[i]:cuts[i + 1]])
-    joined, log = folder / (e.model_filename + ".part"), download.join_log_path(folder / e.model_filename)
+    joined, log = folder / (e.model_filename + ".part"), join.join_log_path(folder / e.model_filename)
     if state != "record but no joined file":
         joined.write_bytes(data[:cuts[1]] + b"\xee" * 100)  # the first part, then a partial append
     if state != "no join record":
@@ -625,12 +625,12 @@ def test_joining_needs_room_for_one_part(hub, tmp_path, monkeypatch):
     folder.mkdir()
     for i, name in enumerate(names):
         (folder / name).write_bytes(data[cuts[i]:cuts[i + 1]])
-    usage = download.shutil.disk_usage
-    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[1] - 1))
+    usage = join.shutil.disk_usage
+    monkeypatch.setattr(join.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[1] - 1))
     with pytest.raises(DllamaError, match="needs .* of free disk space") as err:
         quiet().model(e, folder)
     assert "\n" not in str(err.value) and all((folder / n).exists() for n in names)
-    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[3] - cuts[2]))
+    monkeypatch.setattr(join.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[3] - cuts[2]))
     assert quiet().model(e, folder).model.read_bytes() == data
 
 
@@ -671,7 +671,7 @@ def test_the_lock_is_taken_on_the_file_under_its_name(tiny, tmp_path, monkeypatc
         return real(f, flags)  # the orphan: free
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    with pytest.raises(DllamaError, match="another dllama is downloading"), download._exclusive(folder, NAME):
+    with pytest.raises(DllamaError, match="another dllama is downloading"), lock.exclusive(folder, NAME):
         pass
     holders[0].close()
 

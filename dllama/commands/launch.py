@@ -142,7 +142,8 @@ def disk_need(entry, folder) -> int:
     """Free disk space the download of ``entry`` into ``folder`` still needs, about: the files not
     there yet, and for a model in parts one part more while they are joined (each part is deleted
     once appended to the ``.m``)."""
-    from dllama.hub.download import join_log_path, part_path
+    from dllama.hub.download import part_path
+    from dllama.hub.join import join_log_path
 
     model = folder / entry.model_filename
     need = size = entry.download_bytes()
