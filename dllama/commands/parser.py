@@ -10,12 +10,12 @@ import argparse
 import math
 
 
-def show_default(value: object) -> str:
+def _show_default(value: object) -> str:
     """A default as ``--help`` shows it: 10 rather than 10.0, a list as its words, [] as none."""
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
-        return " ".join(map(show_default, value)) or "none"
+        return " ".join(map(_show_default, value)) or "none"
     return str(value)
 
 
@@ -27,7 +27,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or action.required:
             return text
-        return f"{text} (default: {show_default(action.default).replace('%', '%%')})"
+        return f"{text} (default: {_show_default(action.default).replace('%', '%%')})"
 
 
 class _Parser(argparse.ArgumentParser):
