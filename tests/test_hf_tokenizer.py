@@ -20,10 +20,12 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from dllama.engine.tokenizer import Tokenizer, pre_tokenize
+from dllama.engine.pretokenizer import pre_tokenize
+from dllama.engine.tokenizer import Tokenizer
 from dllama.errors import FormatError
 from dllama.formats.gguf_tokenizer import gpt2_unicode_to_byte
-from dllama.formats.hf_tokenizer import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX, placeholder, tokenizer_from_hf
+from dllama.formats.hf_tokenizer import placeholder, tokenizer_from_hf
+from dllama.formats.hf_tokenizer_json import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX
 from dllama.formats.tfile import TokenizerData, read_tokenizer, sidecar_path, write_tokenizer
 from tests.test_sentencepiece import EDGE_CASES as SPM_EDGE_CASES
 from tests.test_sentencepiece import _corpus, train_llama2_style

@@ -34,8 +34,10 @@ def test_verbose_lines_and_notes_stay_off_stdout(model_flags, tmp_path):
     assert "🔶" not in out.stdout and "💡" not in out.stdout
     per_token = [line for line in out.stderr.splitlines() if line.startswith("🔶")]
     data = json.loads(stats.read_text())
-    # One --verbose line per generated token, the same count the JSON and the summary give.
-    assert len(per_token) == data["generated_tokens"] == 1 + len(data["tokens"])
+    # One --verbose line per generated token; one JSON entry per decode forward (every generated
+    # token is fed back but the last one when a limit ended the generation).
+    assert len(per_token) == data["generated_tokens"]
+    assert len(data["tokens"]) == data["totals"]["pred_tokens"]
     assert data["totals"]["pred_tokens"] == data["generated_tokens"] - (data["finish_reason"] == "length")
     assert f"nTokens: {data['totals']['pred_tokens']}" in summary.split("Prediction")[1]
     assert text == PROMPT + data["text"]

@@ -19,8 +19,8 @@ from dllama.commands import main as dllama_main
 from dllama.errors import DllamaError
 from dllama.formats.mfile import expected_file_size
 from dllama.formats.tfile import TokenizerData, write_tokenizer
-from dllama.hub import catalog, download
-from dllama.hub.catalog import CATALOG, CatalogEntry, RemoteFile, Shape
+from dllama.hub import catalog, download, join, lock
+from dllama.hub.catalog import CATALOG, SEQ_LEN, CatalogEntry, RemoteFile
 from dllama.hub.download import Downloader
 from dllama.kernels.quants import FloatType
 from tests.helpers import tiny_header, write_random_model
@@ -28,7 +28,7 @@ from tests.helpers import tiny_header, write_random_model
 REPO = "tester/Tiny-Distributed-Llama"
 NAME = "tiny_test_q40"
 VOCAB = 80
-TINY = Shape("llama", 64, 96, 2, 4, 2, 16, VOCAB)
+TINY = tiny_header(FloatType.Q40, vocab_size=VOCAB, seq_len=SEQ_LEN)
 
 
 class Hub:
@@ -165,7 +165,7 @@ def tiny_files(root: Path, stem: str = "tiny") -> tuple[Path, Path]:
 
 def entry(model_files, tokenizer="tiny.t", name=NAME, **kw) -> CatalogEntry:
     files = tuple(f if isinstance(f, RemoteFile) else RemoteFile(REPO, f) for f in model_files)
-    return CatalogEntry(name=name, shape=TINY, model_files=files,
+    return CatalogEntry(name=name, header=TINY, model_files=files,
                         tokenizer_file=RemoteFile(REPO, tokenizer), params="tiny", **kw)
 
 
@@ -449,11 +449,11 @@ def test_catalog_shapes_and_files():
         "https://huggingface.co/b4rtaz/Llama-3_2-1B-Q40-Instruct-Distributed-Llama/resolve/main/"
         "dllama_model_llama3.2-1b-instruct_q40.m?download=true")
     for e in CATALOG.values():
-        assert e.model_bytes() == expected_file_size(e.header())
+        assert e.model_bytes() == expected_file_size(e.header)
         assert e.memory_bytes() > e.model_bytes() + e.kv_cache_bytes()
         assert all(f.size is None and f.sha256 is None for f in e.model_files)  # none invented
     assert 6.2e9 < CATALOG["llama3_1_8b_instruct_q40"].model_bytes() < 6.4e9
-    assert CATALOG["qwen3_30b_a3b_q40"].header().is_moe
+    assert CATALOG["qwen3_30b_a3b_q40"].header.is_moe
 
 
 def test_the_default_model_is_an_entry(monkeypatch, tmp_path, capsys):
@@ -469,10 +469,12 @@ def test_the_default_model_is_an_entry(monkeypatch, tmp_path, capsys):
 
 RUN_SCRIPT = """
 import sys
-from dllama.hub.catalog import CatalogEntry, RemoteFile, Shape, add_entry
+from dllama.hub.catalog import SEQ_LEN, CatalogEntry, RemoteFile, add_entry
 from dllama.commands import main
+from dllama.kernels.quants import FloatType
+from tests.helpers import tiny_header
 repo = sys.argv[2]
-add_entry(CatalogEntry(name=sys.argv[1], shape=Shape("llama", 64, 96, 2, 4, 2, 16, 80),
+add_entry(CatalogEntry(name=sys.argv[1], header=tiny_header(FloatType.Q40, vocab_size=80, seq_len=SEQ_LEN),
                        model_files=(RemoteFile(repo, "tiny.m"),), tokenizer_file=RemoteFile(repo, "tiny.t")))
 sys.exit(main(["launch", *sys.argv[1:2], *sys.argv[3:]]))
 """
@@ -493,11 +495,11 @@ def test_run_starts_the_command(tiny, hub, tmp_path):
 def test_one_download_of_a_model_at_a_time(tiny, tmp_path):
     e, _, _ = tiny
     folder = tmp_path / "dl"
-    with download._exclusive(folder.parent, e.name):
+    with lock.exclusive(folder.parent, e.name):
         pass  # the lock file is gone afterwards
     assert not list(tmp_path.glob(".*.lock"))
     folder.mkdir()
-    with download._exclusive(folder, e.name):
+    with lock.exclusive(folder, e.name):
         with pytest.raises(DllamaError, match="another dllama is downloading"):
             quiet().model(e, folder)
 
@@ -603,7 +605,7 @@ def test_a_join_goes_on_from_what_is_on_disk(hub, tmp_path, monkeypatch, state):
     folder.mkdir()
     for i, name in enumerate(names):
         (folder / name).write_bytes(data[cuts[i]:cuts[i + 1]])
-    joined, log = folder / (e.model_filename + ".part"), download.join_log_path(folder / e.model_filename)
+    joined, log = folder / (e.model_filename + ".part"), join.join_log_path(folder / e.model_filename)
     if state != "record but no joined file":
         joined.write_bytes(data[:cuts[1]] + b"\xee" * 100)  # the first part, then a partial append
     if state != "no join record":
@@ -623,12 +625,12 @@ def test_joining_needs_room_for_one_part(hub, tmp_path, monkeypatch):
     folder.mkdir()
     for i, name in enumerate(names):
         (folder / name).write_bytes(data[cuts[i]:cuts[i + 1]])
-    usage = download.shutil.disk_usage
-    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[1] - 1))
+    usage = join.shutil.disk_usage
+    monkeypatch.setattr(join.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[1] - 1))
     with pytest.raises(DllamaError, match="needs .* of free disk space") as err:
         quiet().model(e, folder)
     assert "\n" not in str(err.value) and all((folder / n).exists() for n in names)
-    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[3] - cuts[2]))
+    monkeypatch.setattr(join.shutil, "disk_usage", lambda p: usage(p)._replace(free=cuts[3] - cuts[2]))
     assert quiet().model(e, folder).model.read_bytes() == data
 
 
@@ -669,7 +671,7 @@ def test_the_lock_is_taken_on_the_file_under_its_name(tiny, tmp_path, monkeypatc
         return real(f, flags)  # the orphan: free
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    with pytest.raises(DllamaError, match="another dllama is downloading"), download._exclusive(folder, NAME):
+    with pytest.raises(DllamaError, match="another dllama is downloading"), lock.exclusive(folder, NAME):
         pass
     holders[0].close()
 

@@ -12,7 +12,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "dllama"
 # Modules allowed over MAX_LINES, and why: each does one job that needs the room.
 MAX_LINES = 500
-LONG_MODULES: dict[str, str] = {}
+LONG_MODULES = {
+    "dllama.hub.download": "one job: an HTTP download that resumes, retries with backoff, shows progress and "
+                           "checks size and checksum (joining parts and the lock live in join.py and lock.py)",
+}
 
 
 def _module_name(path: Path) -> str:

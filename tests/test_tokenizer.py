@@ -11,7 +11,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from dllama.errors import FormatError
-from dllama.engine.tokenizer import KNOWN_PRE, Tokenizer, pre_tokenize
+from dllama.engine.pretokenizer import KNOWN_PRE, pre_tokenize
+from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.gguf_tokenizer import byte_level_to_bytes, tokenizer_from_gguf
 from dllama.formats.tfile import TokenizerData, sidecar_path, write_tokenizer
 

@@ -1,149 +1,16 @@
-"""``python -m dllama``: the command line. Each subcommand lives in a module of its own.
+"""``python -m dllama``: the command line. Each subcommand lives in a module of its own, the flags
+in ``parser``; ``main`` dispatches to the subcommand and turns its errors into one line.
 
 Nothing heavy is imported before the arguments are parsed: ``--nthreads`` must reach the
 environment before NumPy starts its thread pools.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
 
+from dllama.commands.parser import build_parser, check_ranges
 from dllama.errors import DllamaError
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=".m model file (default: SmolLM2-135M-Instruct, downloaded once)")
-    p.add_argument("--tokenizer", help=".t tokenizer file (default: the default model's)")
-    p.add_argument("--nthreads", type=int, default=None, help="threads for the kernels")
-    p.add_argument("--buffer-float-type", choices=["f32", "q80"], default="f32",
-                   help="activations before matmuls with quantized weights (q80 as distributed-llama)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="KV cache length (default: the model's, at most 4096)")
-
-
-def _cluster_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
-                   help="workers to compute with (each runs `dllama worker`); the root is node 0")
-    p.add_argument("--split", nargs="+", type=float, default=None, metavar="W",
-                   help="relative speed of each node, root first: faster nodes get larger slices")
-    p.add_argument("--net-timeout", type=float, default=10.0,
-                   help="seconds a worker may stay silent before the root gives up (default 10)")
-    p.add_argument("--verbose", action="store_true", help="a line per token: compute and sync ms, kB sent/received")
-
-
-def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (argmax)")
-    p.add_argument("--topp", type=float, default=0.9, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dllama", description="Distributed LLM inference (distributed-llama compatible).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("inference", help="generate text from a prompt")
-    p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--steps", type=int, default=256, help="positions to fill, prompt included")
-    p.add_argument("--stats-json", default=None, metavar="FILE",
-                   help="write per-token compute and sync times, bytes and totals to FILE as JSON")
-    _model_flags(p)
-    _cluster_flags(p)
-    _sampling_flags(p)
-
-    p = sub.add_parser("perplexity", help="perplexity of the model on a text")
-    p.add_argument("--prompt", required=True, help="the text to score")
-    _model_flags(p)
-    _cluster_flags(p)
-
-    p = sub.add_parser("chat", help="chat with the model in the terminal")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
-    p.add_argument("--max-tokens", type=int, default=None, help="answer length limit (default: the context)")
-    _model_flags(p)
-    _cluster_flags(p)
-    _sampling_flags(p)
-
-    p = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=9990, help="port (default 9990)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
-    p.add_argument("--model-id", default=None, help="the model's id in the API (default: the model file's name)")
-    _model_flags(p)
-    _cluster_flags(p)
-
-    p = sub.add_parser("worker", help="serve a root: compute a slice of its model")
-    p.add_argument("--port", type=int, default=9998, help="port to listen on (default 9998)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
-    p.add_argument("--nthreads", type=int, default=None, help="threads for the kernels")
-    p.add_argument("--cache-dir", default=None,
-                   help="keep received slices here; a root restarted with the same model sends no weights")
-
-    p = sub.add_parser("tokenize", help="show the token ids of a text")
-    p.add_argument("text", help="the text, or - to read standard input")
-    p.add_argument("--tokenizer", help=".t tokenizer file (default: the default model's)")
-    p.add_argument("--json", action="store_true", help="print one JSON object with ids and pieces")
-
-    p = sub.add_parser("launch", help="download a ready-made model by name, then print or run its command",
-                       allow_abbrev=False,
-                       epilog="Other flags (--workers, --nthreads, --prompt, --port, ...) are passed to the command.")
-    p.add_argument("name", nargs="?", help="the model (see --list); '-' and '_' alike, any case")
-    p.add_argument("--list", action="store_true", help="list the models: size, memory need")
-    p.add_argument("--dir", default=None, help="folder for the model's files (default: $DLLAMA_HOME/models/NAME)")
-    p.add_argument("--run", action="store_true", help="run the command instead of printing it")
-    p.add_argument("--command", dest="launch_command", choices=["chat", "inference", "api"], default="chat",
-                   help="the command to print or run (default chat)")
-
-    p = sub.add_parser("convert", help="convert a model into distributed-llama files")
-    conv = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser, required=True)
-    g = conv.add_parser("gguf", help="from a llama.cpp GGUF file")
-    g.add_argument("file", help="the .gguf file")
-    g.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40")
-    g.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
-    g.add_argument("--name", default=None, help="file name stem (default: the GGUF's)")
-    g = conv.add_parser("hf", help="from a Hugging Face model folder (config.json, *.safetensors, tokenizer)")
-    g.add_argument("folder", help="the folder with config.json, the safetensors shards and tokenizer.json")
-    g.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40")
-    g.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
-    g.add_argument("--name", default=None, help="file name stem (default: the folder's name)")
-    return parser
-
-
-def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag, minimum in (("steps", 1), ("nthreads", 1), ("max_seq_len", 1), ("max_tokens", 1)):
-        value = getattr(args, flag, None)
-        if value is not None and value < minimum:
-            parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
-    temperature = getattr(args, "temperature", 0.0)
-    if not (math.isfinite(temperature) and temperature >= 0):
-        parser.error(f"--temperature must be a finite number >= 0, got {temperature}")
-    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2**64:
-        parser.error(f"--seed must be in 0 .. 2^64-1, got {args.seed}")
-    port = getattr(args, "port", None)
-    if port is not None and not 0 < port < 65536:
-        parser.error(f"--port must be in 1..65535, got {port}")
-    timeout = getattr(args, "net_timeout", 1.0)
-    if not (math.isfinite(timeout) and 0.1 <= timeout <= 86400):
-        parser.error(f"--net-timeout must be between 0.1 and 86400 seconds, got {timeout}")
-    split = getattr(args, "split", None)
-    if split is not None:
-        if len(split) != 1 + len(args.workers):
-            parser.error(f"--split needs one weight per node ({1 + len(args.workers)}: the root, then each worker), "
-                         f"got {len(split)}")
-        if not all(math.isfinite(w) and w > 0 for w in split):
-            parser.error("--split weights must be positive numbers")
-    topp = getattr(args, "topp", 1.0)
-    if not 0 < topp <= 1:  # also false for nan
-        parser.error("--topp must be in (0, 1]")
 
 
 def _set_threads(n: int | None) -> None:
@@ -153,6 +20,7 @@ def _set_threads(n: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default: ``sys.argv[1:]``); the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "launch":
@@ -161,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    _check_ranges(parser, args)
+    check_ranges(parser, args)
     _set_threads(getattr(args, "nthreads", None))
     if args.command == "worker" or getattr(args, "workers", None):
         # Nodes may share a machine's cores: kernel threads that wait must sleep, not spin.

@@ -19,6 +19,7 @@ import re
 import shlex
 import sys
 
+from dllama.commands.parser import build_parser, check_ranges
 from dllama.errors import DllamaError
 
 COMMANDS = ("chat", "inference", "api")
@@ -62,18 +63,16 @@ def command_argv(entry, paths, command: str = "chat", extra: list[str] | tuple =
             "--buffer-float-type", entry.buffer_float_type, "--max-seq-len", str(entry.max_seq_len), *extra]
 
 
-def _parse_command(argv: list[str], check_ranges: bool = True):
+def _parse_command(argv: list[str], check_values: bool = True):
     """``build_parser().parse_known_args(argv)``: (namespace, unknown args, None), or (None, None,
     the one-line message) where the parser would have exited (its usage errors, or a help)."""
-    from dllama.commands import _check_ranges, build_parser
-
     parser = build_parser()
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
             args, unknown = parser.parse_known_args(argv)
-            if check_ranges and not unknown:
-                _check_ranges(parser, args)
+            if check_values and not unknown:
+                check_ranges(parser, args)
     except SystemExit:
         lines = captured.getvalue().strip().splitlines()
         message = lines[-1] if lines else ""
@@ -91,7 +90,7 @@ def with_defaults(command: str, extra: list[str]) -> list[str]:
     # Which of them the user gave (an abbreviation too): a parse with markers in their place.
     markers = {"--steps": "-424242", "--prompt": "\0launch-default-prompt"}
     marked = [x for flag, marker in markers.items() for x in (flag, marker)]
-    args, _, _ = _parse_command([command, "--model", "m", "--tokenizer", "t", *marked, *extra], check_ranges=False)
+    args, _, _ = _parse_command([command, "--model", "m", "--tokenizer", "t", *marked, *extra], check_values=False)
     defaults = []
     for flag, value in INFERENCE_DEFAULTS:
         dest = flag.lstrip("-")
@@ -143,7 +142,8 @@ def disk_need(entry, folder) -> int:
     """Free disk space the download of ``entry`` into ``folder`` still needs, about: the files not
     there yet, and for a model in parts one part more while they are joined (each part is deleted
     once appended to the ``.m``)."""
-    from dllama.hub.download import join_log_path, part_path
+    from dllama.hub.download import part_path
+    from dllama.hub.join import join_log_path
 
     model = folder / entry.model_filename
     need = size = entry.download_bytes()

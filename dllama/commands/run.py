@@ -28,7 +28,8 @@ class TokenStats:
 
 
 class TokenMeter:
-    """Differences of the cluster's counters between consecutive tokens."""
+    """Differences of the clock and the cluster's counters between consecutive ticks (one per
+    generated token, and one for the forward that gave the end token)."""
 
     def __init__(self, session):
         self.cluster = session.cluster
@@ -51,13 +52,14 @@ class TokenMeter:
         return stats
 
 
-def _stats_json(session, outcome, meter: TokenMeter, first_token_unix: float | None, text: str) -> dict:
+def _stats_json(session, outcome, meter: TokenMeter, start, first_token_unix: float | None, text: str) -> dict:
     cluster = session.cluster
     network = None
-    if cluster is not None:
+    if cluster is not None:  # the generation's share (the session's start sent the weights)
         s = cluster.stats()
-        network = {"nodes": s.nodes, "forwards": s.forwards, "sync_seconds": s.sync_seconds,
-                   "sent_bytes": s.bytes_sent, "recv_bytes": s.bytes_received,
+        network = {"nodes": s.nodes, "forwards": s.forwards - start.forwards,
+                   "sync_seconds": s.sync_seconds - start.sync_seconds,
+                   "sent_bytes": s.bytes_sent - start.bytes_sent, "recv_bytes": s.bytes_received - start.bytes_received,
                    "weights": [asdict(t) for t in cluster.transfers]}
 
     def rate(n: int, seconds: float) -> float | None:
@@ -67,7 +69,7 @@ def _stats_json(session, outcome, meter: TokenMeter, first_token_unix: float | N
         "prompt_tokens": outcome.prompt_tokens,
         "generated_tokens": outcome.completion_tokens,
         "finish_reason": outcome.finish_reason,
-        # The first entry covers the prompt's evaluation; the others one decode step each.
+        # The prompt's evaluation (up to the first token), then one entry per decode forward.
         "prompt": asdict(meter.tokens[0]) if meter.tokens else None,
         "tokens": [asdict(t) for t in meter.tokens[1:]],
         "totals": {"eval_tokens": outcome.eval_tokens, "eval_seconds": outcome.eval_seconds,
@@ -130,6 +132,8 @@ def inference(args: argparse.Namespace) -> int:
                 generated.append(text)
                 out.write(text)
                 out.flush()
+        if outcome.finish_reason == "stop" and not outcome.cancelled:
+            meter.tick()  # the forward whose logits gave the end token
         tail = stream.flush()
         generated.append(tail)
         out.write(tail + "\n\n")
@@ -138,8 +142,8 @@ def inference(args: argparse.Namespace) -> int:
             _write_network_summary(out, session, start)
         out.flush()
         if stats_file is not None:
-            json.dump(_stats_json(session, outcome, meter, first_token_unix, "".join(generated)), stats_file,
-                      indent=1)
+            json.dump(_stats_json(session, outcome, meter, start, first_token_unix, "".join(generated)),
+                      stats_file, indent=1)
     finally:
         session.close()
         if stats_file is not None:

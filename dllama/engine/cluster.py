@@ -13,6 +13,7 @@ from typing import Callable
 
 from dllama.default_model import dllama_home
 from dllama.formats.atomic import write_bytes_atomic
+from dllama.formats.digest import sha256_file
 from dllama.formats.mfile import ModelFile
 from dllama.model.forward import Transformer
 from dllama.model.node import node_config, warm_up
@@ -47,12 +48,8 @@ def model_digest(path: Path) -> str:
         memo = {}
     if isinstance(memo, dict) and isinstance(memo.get(key), str):
         return memo[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
     memo = memo if isinstance(memo, dict) else {}
-    memo[key] = h.hexdigest()
+    memo[key] = sha256_file(path)
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(memo_path, json.dumps(memo).encode())

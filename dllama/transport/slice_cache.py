@@ -18,17 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from dllama.errors import DllamaError
+from dllama.formats.digest import sha256_file
 
 _KEY = re.compile(r"[0-9a-f]{64}")
-_HASH_CHUNK = 16 << 20
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class SliceCache:
@@ -56,7 +48,7 @@ class SliceCache:
             meta = json.loads((entry / "meta.json").read_text())
             if meta.get("tensors") != [list(s) for s in specs]:
                 return None  # another layout under this key: not ours to judge, leave it
-            valid = data.stat().st_size == sum(n for _, n in specs) and meta.get("sha256") == _sha256(data)
+            valid = data.stat().st_size == sum(n for _, n in specs) and meta.get("sha256") == sha256_file(data)
         except (OSError, ValueError, AttributeError):
             valid = False
         if not valid:  # partial or corrupt
