@@ -1,12 +1,12 @@
 """Cluster speed on one machine: the root plus 0..3 workers over loopback, and what one all-gather costs.
 
 For each model (SmolLM2-135M Q40, the default model, and a random-weight model with Llama 3.2 1B's
-shape, Q40) and each node count, the root runs `python -m dllama inference --verbose` (greedy, a
-fixed prompt, one thread per node) with workers started as `python -m dllama worker --nthreads 1
---cache-dir DIR` on free loopback ports. From the root's output: decode and prompt tokens/s, sync
-ms per token, kB sent and received per token, the seconds spent sending weights. The same layout
-runs a second time with fresh workers on the slice caches the first run filled: the warm-cache
-start (no weights sent).
+shape, Q40) and each node count, the root runs `python -m dllama inference --stats-json FILE`
+(greedy, a fixed prompt, one thread per node) with workers started as `python -m dllama worker
+--nthreads 1 --cache-dir DIR` on free loopback ports. From the root's stats JSON: decode and prompt
+tokens/s, sync ms per token, kB sent and received per token, the seconds spent sending weights,
+the first token's wall clock. The same layout runs a second time with fresh workers on the slice
+caches the first run filled: the warm-cache start (no weights sent).
 
 A micro-benchmark times one all-gather of a [1, dim] float32 vector between 2 processes on
 loopback, through dllama's MeshSync over Mesh (f32 and q80 on the wire), against a bare pyzmq
@@ -37,40 +37,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent
-for _p in (ROOT, BENCH):  # `python bench/cluster.py` without an installed dllama; decode.py's helpers
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-# bench/decode.py: the model helpers, shared with the decode benchmark.
-from decode import (
+# bench/common.py: puts the repository on sys.path first.
+from common import (
     LLAMA_LABEL,
-    SMOL_LABEL,
+    RESULTS,
+    ROOT,
     BenchModel,
-    _fmt,
-    llama_1b_header,
+    child_env,
+    fmt,
     machine_info,
+    pyplot,
     say,
-    write_synthetic_model,
+    smollm2,
+    tail,
+    write_llama_1b,
+    write_results,
 )
 
-RESULTS = BENCH / "results"
 PROMPT = "Tell me about the sea."
 NOTE = ("Every node runs on this one machine, sharing its cores and talking over loopback; one run on a "
         "shared, noisy machine: read the numbers as ratios, not as absolutes.")
-THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-# What the root prints (dllama/commands/run.py, dllama/engine/cluster.py, dllama/engine/generate.py).
-TOKEN_LINE = re.compile(r"🔶\s*([\d.]+) ms compute\s+([\d.]+) ms sync \| sent\s+([\d.]+) kB \| recv\s+([\d.]+) kB")
-SENT_LINE = re.compile(r"💡 worker (\S+): node (\d+), sent ([\d.]+) MB of weights in ([\d.]+) s")
-CACHED_LINE = re.compile(r"💡 worker (\S+): node (\d+), weights from its slice cache")
-SUMMARY = {
-    "eval": re.compile(r"Evaluation\s+nBatches:\s*\d+\s+nTokens:\s*(\d+)\s+tokens/s:\s*([\d.]+|-)"),
-    "pred": re.compile(r"Prediction\s+nTokens:\s*(\d+)\s+tokens/s:\s*([\d.]+|-)"),
-}
-NETWORK = re.compile(r"Network\s+nodes:\s*(\d+)\s+sync ms/forward:\s*([\d.]+)\s+sent kB:\s*([\d.]+)\s+"
-                     r"recv kB:\s*([\d.]+)")
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -98,23 +84,15 @@ def write_synthetic_tokenizer(path: Path, vocab_size: int, prompt: str) -> None:
 
 
 def prepare_models(args, workdir: Path) -> list[BenchModel]:
-    from dllama.kernels.quants import FloatType
-
     models = []
     for key in args.models:
         if key == "smollm2":
-            from dllama.default_model import ensure_default_model
-            path, tokenizer = ensure_default_model(FloatType.Q40)
-            models.append(BenchModel("smollm2", SMOL_LABEL, path, tokenizer))
+            models.append(smollm2(key))
         else:
             path = workdir / "synthetic-llama-1b-q40.m"
-            header = llama_1b_header()
-            say(f"· writing the synthetic Llama-1B-shaped model to {path}")
-            t = time.perf_counter()
-            write_synthetic_model(path, header)
+            header = write_llama_1b(path)
             tokenizer = workdir / "synthetic-llama-1b.t"
             write_synthetic_tokenizer(tokenizer, header.vocab_size, args.prompt)
-            say(f"  {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
             models.append(BenchModel("1b", LLAMA_LABEL, path, tokenizer))
     return models
 
@@ -122,7 +100,8 @@ def prepare_models(args, workdir: Path) -> list[BenchModel]:
 # -- processes --------------------------------------------------------------------------------
 
 class Lines:
-    """A child's output stream read on a thread, each line with the perf_counter() it arrived."""
+    """A child's output stream read on a thread, each line with the perf_counter() it arrived
+    (the all-gather micro-benchmark's processes tell their ports this way)."""
 
     def __init__(self, stream) -> None:
         self.lines: list[tuple[float, str]] = []
@@ -153,28 +132,18 @@ class Lines:
         raise RuntimeError(f"no {prefix!r} line within {timeout:g} s")
 
 
-def child_env(threads: int = 1) -> dict[str, str]:
+def node_env() -> dict[str, str]:
     """The environment of every process: ours (DLLAMA_HOME included, pinned so all agree), the
     repository on the path, UTF-8 output, and one thread for the numeric libraries."""
     from dllama.default_model import dllama_home
 
-    env = dict(os.environ)
-    env["DLLAMA_HOME"] = str(dllama_home())
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env["PYTHONIOENCODING"] = "utf-8:backslashreplace"
-    for name in THREAD_VARIABLES:
-        env[name] = str(threads)
-    return env
+    return child_env(1, DLLAMA_HOME=str(dllama_home()), PYTHONIOENCODING="utf-8:backslashreplace")
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def tail(text: str, n: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -223,79 +192,93 @@ class Worker:
 
 
 def run_root(model: BenchModel, steps: int, buffer: str, addresses: list[str], args) -> dict:
-    """One `dllama inference --verbose` run; its numbers parsed, or a failure with its stderr tail."""
+    """One `dllama inference --stats-json FILE` run; its numbers, or a failure with its stderr tail."""
+    fd, stats_name = tempfile.mkstemp(prefix="dllama-stats-", suffix=".json", dir=args.tmp_dir)
+    os.close(fd)
+    stats_path = Path(stats_name)
     cmd = [sys.executable, "-m", "dllama", "inference", "--model", str(model.path), "--tokenizer",
            str(model.tokenizer), "--prompt", args.prompt, "--steps", str(steps), "--max-seq-len", str(steps),
-           "--temperature", "0", "--nthreads", "1", "--buffer-float-type", buffer, "--verbose",
-           "--net-timeout", str(args.net_timeout)]
+           "--temperature", "0", "--nthreads", "1", "--buffer-float-type", buffer,
+           "--net-timeout", str(args.net_timeout), "--stats-json", str(stats_path)]
     if addresses:
         cmd += ["--workers", *addresses]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
-    out, err = Lines(proc.stdout), Lines(proc.stderr)
     try:
-        rc = proc.wait(args.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        rc = None
-    wall = time.perf_counter() - t0
-    out.join()
-    err.join()
-    stdout, stderr = out.text(), err.text()
-    if rc != 0:
-        why = f"ran over {args.timeout:g} s" if rc is None else f"exited with {rc}"
-        return {"failed": True, "error": f"root {why}", "stderr_tail": tail(stderr), "wall_s": wall}
-    return parse_root(stdout, stderr, err.lines, t0, wall, args.prompt)
-
-
-def parse_root(stdout: str, stderr: str, err_lines: list[tuple[float, str]], t0: float, wall: float,
-               prompt: str) -> dict:
-    tokens = [(t, TOKEN_LINE.search(line)) for t, line in err_lines]
-    tokens = [(t, m) for t, m in tokens if m]
-    summary = {}
-    for key, pattern in SUMMARY.items():
-        m = pattern.search(stdout)
-        if m is None:
-            return {"failed": True, "error": f"no {key} summary in the output", "stderr_tail": tail(stderr),
+        spawned_unix = time.time()  # first token s: the root's first_token_unix minus this
+        t0 = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, env=node_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, encoding="utf-8", errors="replace", timeout=args.timeout, check=False)
+            rc, stderr = done.returncode, done.stderr
+        except subprocess.TimeoutExpired as e:  # run() has killed and reaped it
+            rc, stderr = None, e.stderr.decode("utf-8", "replace") if isinstance(e.stderr, bytes) else e.stderr
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            why = f"ran over {args.timeout:g} s" if rc is None else f"exited with {rc}"
+            return {"failed": True, "error": f"root {why}", "stderr_tail": tail(stderr or ""), "wall_s": wall}
+        try:
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return {"failed": True, "error": f"no readable --stats-json output: {e}", "stderr_tail": tail(stderr),
                     "wall_s": wall}
-        summary[key] = (int(m.group(1)), None if m.group(2) == "-" else float(m.group(2)))
-    # The first 🔶 line covers the prompt's evaluation; per-token means use the decode lines after it.
-    decode = [m for _, m in tokens[1:]]
+    finally:
+        stats_path.unlink(missing_ok=True)
+    try:
+        return root_figures(stats, spawned_unix, wall)
+    except (KeyError, TypeError, ValueError) as e:
+        return {"failed": True, "error": f"unexpected --stats-json content: {type(e).__name__}: {e}",
+                "stderr_tail": tail(stderr), "wall_s": wall}
 
-    def mean(col: int) -> float | None:
-        return statistics.fmean(float(m.group(col)) for m in decode) if decode else None
 
-    sent = [(m.group(1), float(m.group(3)), float(m.group(4))) for m in map(SENT_LINE.search, stderr.splitlines()) if m]
-    cached = [m.group(1) for m in map(CACHED_LINE.search, stderr.splitlines()) if m]
-    net = NETWORK.search(stdout)
-    body = stdout.split("\n\nEvaluation", 1)[0]
-    return {
+def root_figures(stats: dict, spawned_unix: float, wall: float) -> dict:
+    """The figures of one run from the root's ``--stats-json`` (see dllama/commands/run.py)."""
+    totals, network = stats["totals"], stats["network"]
+    decode = stats["tokens"]  # one per decode step: the prompt's interval is stats["prompt"], apart
+
+    def mean(key: str, scale: float = 1.0) -> float | None:
+        return statistics.fmean(t[key] for t in decode) * scale if decode else None
+
+    first = totals["first_token_unix"]
+    row: dict[str, Any] = {
         "failed": False,
         "wall_s": wall,
-        "first_token_s": tokens[0][0] - t0 if tokens else None,
-        "prompt_tokens": summary["eval"][0],
-        "prefill_tok_s": summary["eval"][1],
-        "decode_tokens": summary["pred"][0],
-        "decode_tok_s": summary["pred"][1],
-        "sync_ms_per_token": mean(2),
-        "compute_ms_per_token": mean(1),
-        "sent_kb_per_token": mean(3),
-        "recv_kb_per_token": mean(4),
-        "weights_sent_mb": sum(mb for _, mb, _ in sent),
-        "weight_transfer_s": sum(s for _, _, s in sent) if sent else None,
-        "weight_transfers": [{"worker": w, "mb": mb, "s": s} for w, mb, s in sent],
-        "cached_workers": len(cached),
-        "network": None if net is None else {"nodes": int(net.group(1)), "sync_ms_per_forward": float(net.group(2)),
-                                             "sent_kb": float(net.group(3)), "recv_kb": float(net.group(4))},
-        "text": body.removeprefix(prompt),
+        "first_token_s": first - spawned_unix if first is not None else None,
+        "prompt_tokens": totals["eval_tokens"],
+        "prefill_tok_s": totals["eval_tok_s"],
+        "decode_tokens": totals["pred_tokens"],
+        "decode_tok_s": totals["pred_tok_s"],
+        "finish_reason": stats["finish_reason"],
+        "sync_ms_per_token": mean("sync_ms"),
+        "compute_ms_per_token": mean("compute_ms"),
+        "sent_kb_per_token": mean("sent_bytes", 1e-3),
+        "recv_kb_per_token": mean("recv_bytes", 1e-3),
+        "weights_sent_mb": 0.0,
+        "weight_transfer_s": None,
+        "weight_transfers": [],
+        "cached_workers": 0,
+        "network": None,
+        "text": stats["text"],
     }
+    if network is not None:
+        sent = [w for w in network["weights"] if not w["from_cache"]]
+        row["weights_sent_mb"] = sum(w["bytes_sent"] for w in sent) / 1e6
+        row["weight_transfer_s"] = sum(w["seconds"] for w in sent) if sent else None
+        row["weight_transfers"] = [{"worker": w["address"], "node": w["node"], "mb": w["bytes_sent"] / 1e6,
+                                    "s": w["seconds"]} for w in sent]
+        row["cached_workers"] = sum(bool(w["from_cache"]) for w in network["weights"])
+        # The generation's traffic (the weights sent at the start are counted above, apart).
+        row["network"] = {
+            "nodes": network["nodes"], "forwards": network["forwards"],
+            "sync_ms_per_forward": network["sync_seconds"] * 1000 / network["forwards"] if network["forwards"]
+            else None,
+            "sent_kb": network["sent_bytes"] / 1e3,
+            "recv_kb": network["recv_bytes"] / 1e3,
+        }
+    return row
 
 
 def run_layout(model: BenchModel, nodes: int, steps: int, buffer: str, cache_root: Path, args) -> dict:
     """One run with ``nodes - 1`` fresh workers on the slice cache folders under ``cache_root``."""
-    env = child_env()
+    env = node_env()
     workers: list[Worker] = []
     try:
         for i in range(1, nodes):
@@ -391,10 +374,11 @@ def allgather_child(cfg: dict) -> dict:
     import numpy as np
     import zmq
 
-    from dllama.model.wire import WireCodec
+    from dllama.model.sync import ATTENTION
     from dllama.transport.mesh import Mesh
     from dllama.transport.protocol import DATA_HEADER
-    from dllama.transport.sync import MeshSync
+    from dllama.transport.sync import ForwardSync, MeshSync
+    from dllama.transport.wire import WireCodec
 
     index, dim, iters, warmup = cfg["index"], cfg["dim"], cfg["iters"], cfg["warmup"]
     peer = 1 - index
@@ -445,10 +429,9 @@ def allgather_child(cfg: dict) -> dict:
         times = []
         for _ in range(warmup + iters):
             fwd += 1
-            sync.fwd = fwd
-            sync.rows = 1
+            step = ForwardSync(sync, fwd, 1)  # a forward of 1 row: what publish_input/receive_input return
             t = time.perf_counter()
-            sync.all_reduce(x, 0, "attention")
+            step.all_reduce(x, 0, ATTENTION)
             times.append(time.perf_counter() - t)
         frame = DATA_HEADER.size + codec.nbytes(1, dim)
         bare = _bare_exchange(pub, sub, frame, warmup + iters, counter)
@@ -469,7 +452,7 @@ def run_allgather(args) -> dict:
     """Start the 2 processes (node 1 learns node 0's ports from its argv, node 0 node 1's on stdin)."""
     cfg = {"dim": args.dim, "iters": args.allgather_iters, "warmup": max(20, args.allgather_iters // 10),
            "codecs": ["f32", "q80"], "net_timeout": 30.0, "linger": 0.5}
-    env = child_env()
+    env = node_env()
     procs: list[subprocess.Popen] = []
     outs: list[Lines] = []
     errs: list[Lines] = []
@@ -542,20 +525,20 @@ def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) 
             continue
         warm = r.get("warm")
         if r["nodes"] == 1:
-            warm_text = f"(no workers: {_fmt(r['first_token_s'], '.2f')} / {r['wall_s']:.2f})"
+            warm_text = f"(no workers: {fmt(r['first_token_s'], '.2f')} / {r['wall_s']:.2f})"
         elif warm is None or warm["failed"]:
             warm_text = "FAILED" if warm else "-"
         else:
             sent = "no weights sent" if not warm["weights_sent_mb"] else f"{warm['weights_sent_mb']:.1f} MB SENT"
-            warm_text = f"{_fmt(warm['first_token_s'], '.2f')} / {warm['wall_s']:.2f} ({sent})"
-        print(f"{lead} {_fmt(r['decode_tok_s'], '.2f')} | {_fmt(r['speedup'], '.2f')}x | "
-              f"{_fmt(r['prefill_tok_s'], '.1f')} | {_fmt(r['sync_ms_per_token'], '.2f')} | {_kb(r)} | "
-              f"{_fmt(r['weight_transfer_s'], '.1f')} | {_fmt(r['first_token_s'], '.2f')} | {warm_text} |")
+            warm_text = f"{fmt(warm['first_token_s'], '.2f')} / {warm['wall_s']:.2f} ({sent})"
+        print(f"{lead} {fmt(r['decode_tok_s'], '.2f')} | {fmt(r['speedup'], '.2f')}x | "
+              f"{fmt(r['prefill_tok_s'], '.1f')} | {fmt(r['sync_ms_per_token'], '.2f')} | {_kb(r)} | "
+              f"{fmt(r['weight_transfer_s'], '.1f')} | {fmt(r['first_token_s'], '.2f')} | {warm_text} |")
     print()
-    print("decode/prefill tok/s: the root's Prediction/Evaluation summary; sync ms, kB: means of the --verbose "
-          "lines after the first (which holds the prompt); weight transfer: the root's 'sent ... in X s' lines, "
-          "summed; first token: root process start to the first --verbose line; warm cache: fresh workers on the "
-          "slice caches the first run filled.")
+    print("From the root's --stats-json: decode/prefill tok/s: totals pred_tok_s/eval_tok_s; sync ms, kB: means "
+          "over the decode steps (tokens, without the prompt's interval); weight transfer: network.weights' "
+          "seconds, summed; first token: root process start to totals.first_token_unix; warm cache: fresh "
+          "workers on the slice caches the first run filled.")
     if allgather:
         print()
         if allgather["failed"]:
@@ -569,7 +552,7 @@ def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) 
             print("|---|---|---|---|---|---|---|")
             for name, c in allgather["codecs"].items():
                 print(f"| {name} | {c['frame_bytes']} | {c['dllama_us']:.1f} | {c['bare_pyzmq_us']:.1f} | "
-                      f"{c['codec_us']:.1f} | {c['mesh_python_us']:.1f} | {_fmt(c['zmq_share'], '.0%')} |")
+                      f"{c['codec_us']:.1f} | {c['mesh_python_us']:.1f} | {fmt(c['zmq_share'], '.0%')} |")
     for r in rows:
         for run, label in ((r, ""), (r.get("warm") or {}, ", warm cache")):
             if run.get("failed"):
@@ -584,10 +567,7 @@ def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) 
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -596,7 +576,7 @@ def plot(rows: list[dict], path: Path) -> None:
         tok = [r["decode_tok_s"] or 0 if not r["failed"] else 0 for r in mine]
         ax.bar(x, tok, 0.6, color="tab:blue", label="decode tok/s")
         for xi, r, v in zip(x, mine, tok):
-            label = "failed" if r["failed"] else f"{v:.1f}\n({_fmt(r['speedup'], '.2f')}x)"
+            label = "failed" if r["failed"] else f"{v:.1f}\n({fmt(r['speedup'], '.2f')}x)"
             ax.annotate(label, (xi, v), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(x, [str(n) for n in x])
         ax.set_xlabel("nodes (root + workers, 1 thread each, loopback)")
@@ -683,23 +663,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_report(rows, allgather, failures)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("child", "config", "output", "tmp_dir")}
-    machine = machine_info({})
-    machine.pop("bandwidth_gb_s", None)
-    result = {"note": NOTE, "machine": machine, "settings": settings, "rows": rows, "allgather": allgather,
+    result = {"note": NOTE, "machine": machine_info(), "settings": settings, "rows": rows, "allgather": allgather,
               "failures": failures, "seconds": time.perf_counter() - started}
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    png = out.with_suffix(".png")
-    wrote = f"wrote {out}"
-    if rows:
-        try:
-            plot(rows, png)
-            wrote += f" and {png}"
-        except ImportError:
-            wrote += " (no matplotlib: no chart)"
-    print(wrote)
+    write_results(Path(args.output), result, (lambda png: plot(rows, png)) if rows else None)
 
 
 if __name__ == "__main__":

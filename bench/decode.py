@@ -16,101 +16,48 @@ noisy machine: read the numbers as ratios, not as absolutes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/decode.py` without an installed dllama
-    sys.path.insert(0, str(ROOT))
-
-# Only modules that do not import numba at the top: the parent process never starts numba, each
-# worker configures it (threads, cache folder) before its first import.
-from dllama.formats.mfile import (
-    ArchType,
-    HiddenAct,
-    ModelFile,
-    ModelHeader,
-    ModelWriter,
-    RopeType,
-    tensor_plan,
+# bench/common.py: puts the repository on sys.path first. Only modules that do not import numba
+# at the top: the parent process never starts numba, each worker configures it (threads, cache
+# folder) before its first import.
+from common import (
+    LLAMA_LABEL,
+    RESULTS,
+    SMOL_LABEL,
+    BenchModel,
+    child_env,
+    fmt,
+    last_level_cache_bytes,
+    llama_1b_label,
+    machine_info,
+    pyplot,
+    say,
+    smollm2,
+    write_llama_1b,
+    write_results,
 )
-from dllama.kernels.quants import Q40_BLOCK, FloatType
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from dllama.formats.mfile import ModelFile
+from dllama.kernels.quants import FloatType
+
 PROMPT_LEN = 128  # prefill: 4 forwards of MAX_BATCH (32) tokens
 TTFT_PROMPT = "Write one sentence about the sea."
 NOTE = ("One run on a shared, noisy machine: read the numbers as ratios from one run, "
         "not as absolutes.")
-THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # -- models ------------------------------------------------------------------------------
-
-@dataclass
-class BenchModel:
-    key: str  # as given to --models
-    label: str
-    path: Path
-    tokenizer: Path | None  # None: random prompt tokens (the synthetic model has no tokenizer)
-
-
-def llama_1b_header(n_layers: int = 16, seq_len: int = 2048) -> ModelHeader:
-    """Llama 3.2 1B's shape, with its rope (theta 500000, Llama 3.1 frequency scaling)."""
-    return ModelHeader(arch=ArchType.LLAMA, dim=2048, hidden_dim=8192, n_layers=n_layers, n_heads=32,
-                       n_kv_heads=8, vocab_size=128256, seq_len=seq_len, weight_type=FloatType.Q40,
-                       hidden_act=HiddenAct.SILU, rope_theta=500000.0, rope_type=RopeType.LLAMA3_1,
-                       rope_scaling_factor=32.0, rope_scaling_low_freq_factor=1.0,
-                       rope_scaling_high_freq_factor=4.0, rope_scaling_orig_max_seq_len=8192,
-                       head_dim=64, norm_epsilon=1e-5)
-
-
-def random_q40(rng: np.random.Generator, stored_shape: tuple[int, ...], chunk_rows: int = 8192) -> np.ndarray:
-    """Q40 blocks made directly (quantizing 1.2B floats would take minutes and gigabytes).
-
-    Nibbles are uniform in 1..15, so values (nibble - 8) * d are symmetric around 0 with a
-    standard deviation of about 4.3 d; d ~ 0.02 / 8 keeps a row's products with a unit-RMS input
-    near 0.5 for dim 2048, so activations stay finite through 16 layers.
-    """
-    rows, nb = stored_shape
-    out = np.empty((rows, nb), dtype=Q40_BLOCK)
-    for start in range(0, rows, chunk_rows):  # bounded temporaries for the 128256-row head
-        n = min(chunk_rows, rows - start)
-        d = 0.02 / 8 * (1.0 + 0.1 * rng.standard_normal((n, nb), dtype=np.float32))
-        lo = rng.integers(1, 16, (n, nb, 16), dtype=np.uint8)
-        hi = rng.integers(1, 16, (n, nb, 16), dtype=np.uint8)
-        out["d"][start:start + n] = d.astype(np.float16)
-        out["qs"][start:start + n] = lo | (hi << 4)
-    return out
-
-
-def write_synthetic_model(path: Path, header: ModelHeader, seed: int = 0) -> None:
-    """Random weights, written tensor by tensor: at most one tensor (the 1 GB embedding) in memory."""
-    rng = np.random.default_rng(seed)
-    with ModelWriter(path, header) as writer:
-        for spec in tensor_plan(header):
-            if spec.float_type == FloatType.Q40:
-                values = random_q40(rng, spec.stored_shape)
-            elif spec.name.endswith("norm"):
-                values = (1.0 + 0.05 * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
-            else:  # the embedding
-                values = 0.02 * rng.standard_normal(spec.shape, dtype=np.float32)
-            writer.write(spec.name, values)
-            del values
-
 
 def weight_bytes_per_token(path: Path) -> int:
     """Bytes of weights one decode step must read: every quantized layer tensor and the output
@@ -128,9 +75,10 @@ def weight_bytes_per_token(path: Path) -> int:
 
 def _import_engine(backend: str, threads: int):
     """Configure numba for `threads`, then import the engine (numba reads its settings at import)."""
-    from dllama.kernels.backend import configure_numba_environment, set_threads
+    from dllama.kernels.numba_config import configure_numba_environment
     if backend == "numba":
         configure_numba_environment(threads)
+    from dllama.kernels.backend import set_threads
     from dllama.model import forward
     if backend == "numba":
         set_threads(threads)
@@ -138,7 +86,9 @@ def _import_engine(backend: str, threads: int):
 
 
 class BlockTimer:
-    """Time spent inside the jitted block functions, by wrapping them where JitBlocks looks them up.
+    """Time spent inside the jitted block functions, by wrapping them where JitBlocks looks them up:
+    the module attributes of ``dllama.kernels.jit.blocks`` (JitBlocks calls ``fused.attention_block``
+    and so on, with ``fused`` that module, so every call goes through the wrappers).
 
     Per-token Python overhead = forward wall time - time inside the wrapped calls - the wrappers'
     own cost (calibrated). The calls' time includes numba's dispatch (argument unboxing, result
@@ -148,9 +98,9 @@ class BlockTimer:
     NAMES = ("start_block", "attention_block", "ffn_block", "end_block", "expert_ffn")
 
     def __init__(self) -> None:
-        from dllama.model import jit_blocks
-        self.module = jit_blocks
-        self.originals = {n: getattr(jit_blocks, n) for n in self.NAMES if hasattr(jit_blocks, n)}
+        from dllama.kernels.jit import blocks
+        self.module = blocks
+        self.originals = {n: getattr(blocks, n) for n in self.NAMES if hasattr(blocks, n)}
         self.inside = 0.0
         self.calls: dict[str, int] = {}
         self.last_args: dict[str, tuple] = {}
@@ -211,7 +161,7 @@ def _measure_overhead(tr, token: int, pos: int, steps: int) -> dict:
     totals, insides, calls = [], [], 0
     with BlockTimer() as timer:
         if not timer.originals:
-            return {"python_overhead_us": None, "overhead_note": "jit_blocks has no block functions to wrap"}
+            return {"python_overhead_us": None, "overhead_note": "kernels.jit.blocks has no block functions to wrap"}
         for step in range(steps):
             timer.inside, timer.calls = 0.0, {}
             t = time.perf_counter()
@@ -325,7 +275,7 @@ def worker_ttft(cfg: dict) -> dict:
 def worker_bandwidth(cfg: dict) -> dict:
     """Memory read bandwidth (GB/s) per thread count: a parallel sum over an array far larger
     than the last-level cache, best of a few repeats."""
-    from dllama.kernels.backend import configure_numba_environment
+    from dllama.kernels.numba_config import configure_numba_environment
     configure_numba_environment(max(cfg["threads"]))
     import numba
 
@@ -360,14 +310,10 @@ WORKERS: dict[str, Callable[[dict], dict]] = {
 # -- the parent: runs workers, collects rows ---------------------------------------------------
 
 def worker_env(threads: int, backend: str, cache_dir: Path | None) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in THREAD_VARIABLES:
-        env[name] = str(threads)
-    env["DLLAMA_BACKEND"] = backend
+    extra = {"DLLAMA_BACKEND": backend}
     if cache_dir is not None:
-        env["NUMBA_CACHE_DIR"] = str(cache_dir)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
+        extra["NUMBA_CACHE_DIR"] = str(cache_dir)
+    return child_env(threads, **extra)
 
 
 class WorkerFailed(Exception):
@@ -398,10 +344,6 @@ def attempt(what: str, failures: list[str], fn: Callable[[], Any]) -> Any:
         say(f"! {what}: {e}")
         failures.append(f"{what}: {str(e).splitlines()[0]}")
         return None
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def measure_bandwidth(args) -> dict[int, float]:
@@ -497,10 +439,6 @@ def make_row(model: BenchModel, backend: str, buffers: str, threads: int, out: d
 
 # -- report ------------------------------------------------------------------------------------
 
-def _fmt(value: Any, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
 def print_tables(rows: list[dict], startup: list[dict], bandwidth: dict[int, float]) -> None:
     print(NOTE)
     print("memory read bandwidth: " + ", ".join(f"{t} thread(s) {bw:.1f} GB/s" for t, bw in sorted(bandwidth.items())))
@@ -512,12 +450,12 @@ def print_tables(rows: list[dict], startup: list[dict], bandwidth: dict[int, flo
     print(head)
     print("-" * len(head))
     for r in rows:
-        prefill = _fmt(r.get("prefill_tok_s"), ".1f") + ("*" if r.get("prefill_note") else "")
+        prefill = fmt(r.get("prefill_tok_s"), ".1f") + ("*" if r.get("prefill_note") else "")
         print(f"{r['model']:{w}} {r['backend']:7} {r['buffers']:4} {r['threads']:3d} {r['decode_tok_s']:12.2f} "
-              f"{r['decode_ms_median']:8.2f} {_fmt(r['floor_ms'], '8.2f'):>8} {_fmt(r['floor_pct'], '7.1f'):>7} "
-              f"{prefill:>13} {_fmt(r.get('prefill_over_decode'), '6.1f'):>6} "
-              f"{_fmt(r.get('python_overhead_us'), '9.0f'):>9} {_fmt(r.get('dispatch_us'), '7.0f'):>7} "
-              f"{_fmt(r['ttft_s'], '6.2f'):>6}")
+              f"{r['decode_ms_median']:8.2f} {fmt(r['floor_ms'], '8.2f'):>8} {fmt(r['floor_pct'], '7.1f'):>7} "
+              f"{prefill:>13} {fmt(r.get('prefill_over_decode'), '6.1f'):>6} "
+              f"{fmt(r.get('python_overhead_us'), '9.0f'):>9} {fmt(r.get('dispatch_us'), '7.0f'):>7} "
+              f"{fmt(r['ttft_s'], '6.2f'):>6}")
     cache = last_level_cache_bytes()
     for model in dict.fromkeys(r["model"] for r in rows):
         wbytes = next(r["weight_bytes_per_token"] for r in rows if r["model"] == model)
@@ -572,9 +510,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], bandwidth: dict[int, float], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -611,63 +547,17 @@ def plot(rows: list[dict], bandwidth: dict[int, float], path: Path) -> None:
     plt.close(fig)
 
 
-def last_level_cache_bytes() -> int | None:
-    """Size of the largest CPU cache Linux reports (None elsewhere)."""
-    sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = entry.read_text().strip()
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            sizes.append(int(text.rstrip("KMG")) * scale)
-        except ValueError:
-            continue
-    return max(sizes) if sizes else None
-
-
-def machine_info(bandwidth: dict[int, float]) -> dict:
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("numba", "llvmlite", "matplotlib"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(),
-            "last_level_cache_bytes": last_level_cache_bytes(),
-            "python": platform.python_version(), "numpy": np.__version__, **versions,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "bandwidth_gb_s": {str(k): v for k, v in bandwidth.items()}}
-
-
 # -- main ----------------------------------------------------------------------------------------
-
-LLAMA_LABEL = "synthetic Llama-1B Q40"
-SMOL_LABEL = "SmolLM2-135M Q40"
-
 
 def prepare_models(args, workdir: Path) -> list[BenchModel]:
     models = []
     for key in args.models:
         if key == "smollm2":
-            from dllama.default_model import ensure_default_model
-            path, tokenizer = ensure_default_model(FloatType.Q40)
-            models.append(BenchModel(key, SMOL_LABEL, path, tokenizer))
+            models.append(smollm2(key))
         elif key == "llama1b":
             path = workdir / "synthetic-llama-1b-q40.m"
-            header = llama_1b_header(n_layers=args.synthetic_layers)
-            say(f"· writing the synthetic Llama-1B-shaped model ({args.synthetic_layers} layers) to {path}")
-            t = time.perf_counter()
-            write_synthetic_model(path, header)
-            say(f"  {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
-            label = LLAMA_LABEL if args.synthetic_layers == 16 else f"synthetic Llama-1B Q40, {args.synthetic_layers} layer(s)"
-            models.append(BenchModel(key, label, path, None))
+            write_llama_1b(path, args.synthetic_layers)
+            models.append(BenchModel(key, llama_1b_label(args.synthetic_layers), path, None))
     return models
 
 
@@ -739,17 +629,11 @@ def main(argv: list[str] | None = None) -> None:
     for failure in failures:
         print(f"FAILED {failure}")
     targets = check_targets(rows)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "config", "output", "tmp_dir")}
     settings["prompt_len"] = PROMPT_LEN
     result = {"note": NOTE, "machine": machine_info(bandwidth), "settings": settings, "rows": rows,
               "startup": startup, "targets": targets, "failures": failures}
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    png = out.with_suffix(".png")
-    if rows:
-        plot(rows, bandwidth, png)
-    print(f"wrote {out}" + (f" and {png}" if rows else ""))
+    write_results(Path(args.output), result, (lambda png: plot(rows, bandwidth, png)) if rows else None)
 
 
 if __name__ == "__main__":
