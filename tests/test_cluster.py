@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from dllama.kernels.quants import FloatType
 from dllama.model.forward import Transformer
 from dllama.model.slicing import plan_slices
 from dllama.transport.protocol import PROTOCOL_VERSION, pack, unpack
-from tests.helpers import tiny_header, write_random_model
+from tests.helpers import PipeWatcher, tiny_header, write_random_model
 from tests.threaded_cluster import ThreadedCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,46 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class PipeWatcher:
-    """Reads a child's pipe in a thread as it arrives (a blocking read in the test would turn a
-    stalled child into a hung test), and lets the test wait for a condition on what arrived."""
-
-    def __init__(self, pipe):
-        self.text = ""
-        self.closed = False
-        self._pipe = pipe
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        fd = self._pipe.fileno()
-        while chunk := os.read(fd, 65536):
-            with self._changed:
-                self.text += chunk.decode(errors="replace")
-                self._changed.notify_all()
-        with self._changed:
-            self.closed = True
-            self._changed.notify_all()
-
-    def wait_for(self, condition, timeout: float) -> float:
-        """Block until ``condition(text)`` holds (returns the time.monotonic() it was seen), or
-        fail after ``timeout`` seconds or when the pipe closed without it."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not condition(self.text):
-                left = deadline - time.monotonic()
-                assert left > 0 and not self.closed, f"not seen within {timeout} s:\n{self.text[-2000:]}"
-                self._changed.wait(left)
-            return time.monotonic()
-
-    def join(self, timeout: float) -> str:
-        """Everything the pipe delivered until it closed."""
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the pipe did not close"
-        return self.text
 
 
 class Worker:
