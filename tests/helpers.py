@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 import numpy as np
+import pytest
 
 from dllama.formats.mfile import ArchType, HiddenAct, ModelHeader, ModelWriter, RopeType, tensor_plan
 from dllama.kernels.quants import FloatType
@@ -38,6 +39,20 @@ def write_random_model(path: Path, header: ModelHeader, seed: int = 0, scale: fl
             w.write(spec.name, v)
             values[spec.name] = v
     return values
+
+
+# Only the products with Q40 weights take the SIMD path (dllama/kernels/jit.py: _linear_q40_q80
+# and _linear_q40_f32 take ``path``; Q80, F16 and F32 products, norms, attention and the rest
+# do not). Tests run those on every path, and everything else once, on this CPU's own path.
+def simd_paths() -> list[tuple[str, pytest.MarkDecorator]]:
+    """(name, mark) per SIMD path, best first; the mark skips, saying why, a path this CPU
+    cannot run (a test for it is skipped, never left out)."""
+    from dllama.kernels import simd
+
+    paths = [("avx512", simd.HOST_HAS_AVX512, "AVX512-VNNI"), ("vnni", simd.HOST_HAS_VNNI, "AVX-VNNI"),
+             ("avx2", simd.HOST_HAS_AVX2, "AVX2, FMA and F16C"), ("portable", True, "")]
+    return [(name, pytest.mark.skipif(not ok, reason=f"this CPU lacks {needs} (the {name} path)"))
+            for name, ok, needs in paths]
 
 
 def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
