@@ -168,6 +168,10 @@ def test_safetensors_layout_is_hugging_faces(tmp_path):
             end = max(end, b)
             total += b - a
         assert start + end == len(raw)
+        tensors, metadata = hc.read_tensors(tmp_path / f)  # as the safetensors library parses it
+        assert metadata == {"format": "pt"} and set(tensors) == set(header)
+        for name, t in tensors.items():
+            np.testing.assert_array_equal(t.astype(np.float64), ck.weights[name])
     assert total == index["metadata"]["total_size"]
     assert "lm_head.weight" in ck.weights and "model.layers.1.mlp.experts.3.down_proj.weight" in ck.weights
 
@@ -468,22 +472,21 @@ def _break(folder: Path, how: str) -> str:
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     shard = folder / "model-00002-of-00002.safetensors"
-    header, start = hc.read_safetensors_header(shard)
-    meta = header.pop("__metadata__")
-    raw = shard.read_bytes()
+    tensors, meta = hc.read_tensors(shard)
     if how in ("missing-tensor", "no-lm-head"):
         # an untied model without its output head: HF would initialize one at random
         victim = "model.layers.1.self_attn.k_proj.weight" if how == "missing-tensor" else "lm_head.weight"
         assert index["weight_map"].pop(victim) == shard.name
-        tensors = {}
-        for name, info in header.items():
-            if name != victim:
-                a, b = info["data_offsets"]
-                tensors[name] = (info["dtype"], tuple(info["shape"]), raw[start + a:start + b])
+        del tensors[victim]
         hc.write_safetensors(shard, tensors, meta)
         index_path.write_text(json.dumps(index))
         return victim
-    if how == "overlapping-offsets":  # the safetensors library refuses these (InvalidOffset)
+    header, start = hc.read_safetensors_header(shard)
+    raw = shard.read_bytes()
+    if how == "overlapping-offsets":
+        # Written by hand on purpose: the safetensors library refuses to write (or read) a file
+        # whose tensors overlap (InvalidOffset).
+        header.pop("__metadata__")
         a, b = header["model.norm.weight"]["data_offsets"]
         header["model.norm.weight"]["data_offsets"] = [0, b - a]
         text = json.dumps(dict(__metadata__=meta, **header)).encode()
@@ -495,12 +498,7 @@ def _break(folder: Path, how: str) -> str:
         return shard.name
     if how == "i32":  # a well-formed tensor of a type that weights never have
         victim = "model.layers.1.mlp.up_proj.weight"
-        tensors = {}
-        for name, info in header.items():
-            a, b = info["data_offsets"]
-            tensors[name] = (info["dtype"], tuple(info["shape"]), raw[start + a:start + b])
-        shape = tuple(header[victim]["shape"])
-        tensors[victim] = ("I32", shape, np.ones(shape, dtype="<i4").tobytes())
+        tensors[victim] = np.ones(tensors[victim].shape, dtype="<i4")
         hc.write_safetensors(shard, tensors, meta)
         return "I32"
     raise ValueError(how)
