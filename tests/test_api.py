@@ -829,6 +829,7 @@ def cluster(tmp_path_factory):
             w.stop()
 
 
+@pytest.mark.timeout(300)
 def test_a_cluster_answers_like_one_node_and_a_dead_worker_is_503(client, cluster):
     server, workers = cluster
     with openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT) as c, \
