@@ -735,7 +735,8 @@ def assert_answer(path: str, body: dict, r) -> None:
     kind = ("chat.completion" if chat else "text_completion")
 
     def check_usage(usage, finish):
-        assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert usage["prompt_tokens"] > 0
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         want = min(limit or SEQ_LEN, SEQ_LEN - usage["prompt_tokens"])
         assert 0 <= usage["completion_tokens"] <= want
         assert finish == "stop" or usage["completion_tokens"] == want  # "length": the limit was reached

@@ -509,7 +509,8 @@ def real_template(request, hf_tokenizer) -> tuple:
     from dllama.formats.hf_tokenizer import tokenizer_from_hf
 
     folder = request.getfixturevalue(f"{request.param}_hf_folder")
-    return PreTrainedTokenizerFast.from_pretrained(str(folder)), template_for(_dllama_view(tokenizer_from_hf(folder))), True
+    ours = template_for(_dllama_view(tokenizer_from_hf(folder)))
+    return PreTrainedTokenizerFast.from_pretrained(str(folder)), ours, True
 
 
 def test_real_templates_render_fixed_conversations_as_transformers_does(real_template):
