@@ -1,9 +1,16 @@
-"""Shared test helpers: tiny random models and an independent float64 forward pass."""
+"""Shared test helpers: tiny random models, an independent float64 forward pass, and a reader of
+a child process's output that never blocks the test."""
 from __future__ import annotations
 
+import codecs
+import os
+import threading
+import time
 from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
+import pytest
 
 from dllama.formats.mfile import ArchType, HiddenAct, ModelHeader, ModelWriter, RopeType, tensor_plan
 from dllama.kernels.quants import FloatType
@@ -32,6 +39,20 @@ def write_random_model(path: Path, header: ModelHeader, seed: int = 0, scale: fl
             w.write(spec.name, v)
             values[spec.name] = v
     return values
+
+
+# Only the products with Q40 weights take the SIMD path (dllama/kernels/jit/matmul.py: _linear_q40_q80
+# and _linear_q40_f32 take ``path``; Q80, F16 and F32 products, norms, attention and the rest
+# do not). Tests run those on every path, and everything else once, on this CPU's own path.
+def simd_paths() -> list[tuple[str, pytest.MarkDecorator]]:
+    """(name, mark) per SIMD path, best first; the mark skips, saying why, a path this CPU
+    cannot run (a test for it is skipped, never left out)."""
+    from dllama.kernels.jit import simd
+
+    paths = [("avx512", simd.HOST_HAS_AVX512, "AVX512-VNNI"), ("vnni", simd.HOST_HAS_VNNI, "AVX-VNNI"),
+             ("avx2", simd.HOST_HAS_AVX2, "AVX2, FMA and F16C"), ("portable", True, "")]
+    return [(name, pytest.mark.skipif(not ok, reason=f"this CPU lacks {needs} (the {name} path)"))
+            for name, ok, needs in paths]
 
 
 def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
@@ -124,3 +145,46 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
         else:
             x = x + mlp(p, y)
     return norm(x, W["final_norm"]) @ W["output"].T
+
+
+class PipeWatcher:
+    """Reads a child's pipe in a thread as it arrives (a blocking read in the test would turn a
+    stalled child into a hung test), and lets the test wait for a condition on what arrived."""
+
+    def __init__(self, pipe: IO[bytes]):
+        self.text = ""
+        self.closed = False
+        self._pipe = pipe
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        fd = self._pipe.fileno()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # characters cut between reads
+        while chunk := os.read(fd, 65536):
+            with self._changed:
+                self.text += decoder.decode(chunk)
+                self._changed.notify_all()
+        with self._changed:
+            self.text += decoder.decode(b"", final=True)
+            self.closed = True
+            self._changed.notify_all()
+
+    def wait_for(self, condition: Callable[[str], bool], timeout: float) -> float:
+        """Block until ``condition(text)`` holds (returns the time.monotonic() it was seen), or
+        fail after ``timeout`` seconds or when the pipe closed without it."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not condition(self.text):
+                left = deadline - time.monotonic()
+                assert not self.closed, f"the pipe closed first:\n{self.text[-2000:]}"
+                assert left > 0, f"not seen within {timeout} s:\n{self.text[-2000:]}"
+                self._changed.wait(left)
+            return time.monotonic()
+
+    def join(self, timeout: float) -> str:
+        """Everything the pipe delivered until it closed."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the pipe did not close"
+        return self.text

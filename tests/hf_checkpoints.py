@@ -1,7 +1,8 @@
 """Tiny Hugging Face checkpoints, written byte for byte in the layout ``save_pretrained`` gives.
 
 Independent of dllama on purpose (nothing of it is imported): the safetensors files are
-written by hand from the format's definition, the configs spell what transformers writes for
+written by the safetensors library itself (``safetensors.numpy``, bfloat16 arrays from
+``ml_dtypes``, so no torch), the configs spell what transformers writes for
 ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen3ForCausalLM`` and
 ``Qwen3MoeForCausalLM``, and the tokenizer is a byte-level BPE trained with the ``tokenizers``
 library.
@@ -23,6 +24,7 @@ import struct
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 ARCHS = ("llama", "mistral", "qwen3", "qwen3_moe")
@@ -34,7 +36,6 @@ LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor"
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 _TORCH_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
-_ST_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 
 # Special tokens (appended after the BPE vocabulary, as Llama 3 and Qwen have them), the BOS
 # and EOS tokens, whether a BOS is added, and a small chat template, per tokenizer family.
@@ -207,59 +208,64 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float values -> bfloat16 bit patterns (uint16): float32's upper half, round to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16)
+    """float values -> bfloat16 bit patterns (uint16), rounded as the checkpoint stores them
+    (float32 first, as a model in float32 saved as bfloat16; then ml_dtypes' round to nearest
+    even)."""
+    return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns -> float32: by definition the upper half of a float32."""
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def encode(x: np.ndarray, dtype: str) -> tuple[bytes, np.ndarray]:
-    """(little-endian bytes as stored, the stored values as float64)."""
+def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the array as stored, the stored values as float64)."""
     if dtype == "bf16":
-        bits = to_bf16_bits(x)
-        return bits.astype("<u2").tobytes(), from_bf16_bits(bits).astype(np.float64)
-    if dtype == "f16":
+        v = to_bf16_bits(x).view(ml_dtypes.bfloat16)
+    elif dtype == "f16":
         v = np.asarray(x).astype("<f2")
-        return v.tobytes(), v.astype(np.float64)
-    if dtype == "f32":
+    elif dtype == "f32":
         v = np.asarray(x).astype("<f4")
-        return v.tobytes(), v.astype(np.float64)
-    raise ValueError(f"unknown dtype {dtype!r}")
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return v, v.astype(np.float64)
 
 
 # -- safetensors -------------------------------------------------------------------------------
 
-def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...], bytes]],
-                      metadata: dict[str, str] | None = None) -> bytes:
-    """A safetensors file: u64 little-endian header size, the JSON header (padded with spaces to
-    a multiple of 8), then the data. ``tensors``: name -> (dtype, shape, raw bytes). Data is laid
-    out in name order (as the safetensors library sorts it)."""
-    header: dict[str, Any] = {"__metadata__": metadata if metadata is not None else {"format": "pt"}}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        dtype, shape, raw = tensors[name]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+# safetensors dtype names -> NumPy's, for tests that take a written file apart and write it again.
+NUMPY_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+                "I32": np.dtype("<i4")}
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header dict, byte offset of the data) of a safetensors file: for tests that break one."""
+    """(header dict, byte offset of the data) of a safetensors file: for tests that look at the
+    layout or break a file (the library hands out tensors, not its header and offsets)."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         return json.loads(f.read(n)), 8 + n
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]],
-                      metadata: dict[str, str] | None = None) -> None:
-    Path(path).write_bytes(safetensors_bytes(tensors, metadata))
+def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file as the safetensors library parses it
+    (bfloat16 included, which its NumPy loader does not map)."""
+    from safetensors import deserialize, safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+    tensors = {name: np.frombuffer(t["data"], dtype=NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
+               for name, t in deserialize(Path(path).read_bytes())}
+    return tensors, metadata
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written by the safetensors library, as save_pretrained writes them
+    (metadata {"format": "pt"} unless given)."""
+    from safetensors.numpy import save_file
+
+    save_file({n: np.ascontiguousarray(v) for n, v in tensors.items()}, str(path),
+              metadata=metadata if metadata is not None else {"format": "pt"})
 
 
 def split_shards(names: list[str], sizes: dict[str, int], shards: int) -> list[list[str]]:
@@ -358,20 +364,18 @@ def write_checkpoint(folder: str | Path, arch: str, dtype: str = "bf16", shards:
     raw = random_weights(cfg, seed)
     stored, weights = {}, {}
     for name, v in raw.items():
-        data, values = encode(v, dtype)
-        stored[name] = (_ST_DTYPES[dtype], v.shape, data)
-        weights[name] = values
+        stored[name], weights[name] = encode(v, dtype)
     if shards <= 1:
         write_safetensors(folder / "model.safetensors", stored)
     else:
         names = list(stored)
-        groups = split_shards(names, {n: len(stored[n][2]) for n in names}, shards)
+        groups = split_shards(names, {n: stored[n].nbytes for n in names}, shards)
         weight_map = {}
         for k, group in enumerate(groups):
             file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
             write_safetensors(folder / file, {n: stored[n] for n in group})
             weight_map.update({n: file for n in group})
-        index = {"metadata": {"total_size": sum(len(s[2]) for s in stored.values())},
+        index = {"metadata": {"total_size": sum(v.nbytes for v in stored.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,7 +1,12 @@
 """`python -m dllama chat` driven through a pipe, as a script or another program would."""
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from tests.helpers import PipeWatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -11,6 +16,7 @@ def chat(stdin: str, *flags: str, timeout: float = 180) -> subprocess.CompletedP
                           input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
+@pytest.mark.timeout(300)
 def test_two_turns_then_end_of_input():
     result = chat("What is the capital of France?\nAnd of Italy?\n", "--max-tokens", "24", "--max-seq-len", "512")
     assert result.returncode == 0, result.stderr
@@ -21,6 +27,7 @@ def test_two_turns_then_end_of_input():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.timeout(300)
 def test_a_conversation_that_outgrows_the_context_starts_over():
     """Through a pipe the next line is a message, not an answer: the chat starts over by itself
     and retries the message; one that cannot fit even alone is refused with a notice."""
@@ -42,23 +49,27 @@ def test_a_missing_chat_template_file_is_one_line(tmp_path):
     assert last.startswith("error:") and "nope.jinja" in last
 
 
+@pytest.mark.timeout(300)
 def test_ctrl_c_stops_the_answer_and_keeps_the_conversation():
-    import signal
-    import time
-
     proc = subprocess.Popen([sys.executable, "-m", "dllama", "chat", "--temperature", "0", "--nthreads", "1",
                              "--max-seq-len", "1024"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    proc.stdin.write("Write a very long story about a dragon.\n")
-    proc.stdin.flush()
-    deadline = time.monotonic() + 120
-    seen = ""
-    while "🤖 Assistant:" not in seen or len(seen.split("🤖 Assistant:")[1]) < 20:
-        seen += proc.stdout.read(1)
-        assert time.monotonic() < deadline
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate("What is the capital of France?\n", timeout=120)
-    assert proc.returncode == 0, err
-    assert "[stopped]" in seen + out
-    assert (seen + out).count("🤖 Assistant:") == 2
-    assert "Traceback" not in err
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        # Both pipes are read in threads: a chat that stalls fails the wait below instead of
+        # hanging the test in a read.
+        out, err = PipeWatcher(proc.stdout), PipeWatcher(proc.stderr)
+        proc.stdin.write("Write a very long story about a dragon.\n".encode())
+        proc.stdin.flush()
+        out.wait_for(lambda text: len(text.partition("🤖 Assistant:")[2]) >= 20, timeout=120)  # mid-answer
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("What is the capital of France?\n".encode())
+        proc.stdin.close()
+        assert proc.wait(120) == 0, err.join(30)
+        text, errors = out.join(30), err.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "[stopped]" in text
+    assert text.count("🤖 Assistant:") == 2
+    assert "Traceback" not in errors

@@ -6,6 +6,8 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dllama.engine.chat_template import (
     ChatTemplate,
@@ -386,3 +388,161 @@ def test_malformed_messages(messages, match):
     with pytest.raises(ChatTemplateError, match=match) as info:
         ChatTemplate("{{ messages }}").render(messages)
     assert "\n" not in str(info.value)
+
+
+# --- conformance: transformers' own apply_chat_template --------------------------------
+# The expected strings above are written by hand; here transformers itself renders the same
+# templates (it needs only `tokenizers`, no torch; imported once, in the fixture). Content
+# parts are left out: dllama joins text parts with newlines, as llama.cpp does, where
+# transformers hands the list to the template.
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Météo <now>",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}]
+TOOL_CALL = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(llama2_hf_folder):
+    """transformers' PreTrainedTokenizerFast on a real tokenizer.json, with the BOS and EOS
+    tokens a template is given ("" for none), one per pair."""
+    from transformers import PreTrainedTokenizerFast
+
+    made = {}
+
+    def make(bos: str, eos: str):
+        if (bos, eos) not in made:
+            made[bos, eos] = PreTrainedTokenizerFast(tokenizer_file=str(llama2_hf_folder / "tokenizer.json"),
+                                                     bos_token=bos or None, eos_token=eos or None)
+        return made[bos, eos]
+
+    return make
+
+
+def rendered_by_both(hf, ours: ChatTemplate, messages, own_template: bool = False, **kwargs) -> tuple:
+    """(transformers' text, ours) for the same messages and variables; None on a side whose
+    rendering failed (transformers' exception is kept in place of its text when the template
+    called raise_exception, to compare messages). ``own_template``: transformers uses the
+    template its tokenizer was loaded with, else ``ours.source``."""
+    import jinja2
+
+    try:
+        theirs = hf.apply_chat_template(messages, tokenize=False, **kwargs,
+                                        **({} if own_template else {"chat_template": ours.source}))
+    except Exception as e:  # noqa: BLE001 - any failure of the reference is a refusal
+        theirs = e if type(e) is jinja2.TemplateError else None
+    try:
+        text = ours.render(messages, **kwargs)
+    except ChatTemplateError as e:
+        if isinstance(theirs, Exception):  # raise_exception: the template's own message, as ours
+            assert str(e) == f"chat template: {theirs}"
+            theirs = None
+        text = None
+    return theirs, text
+
+
+CONFORMANCE = {  # name: (template, bos, eos, variables)
+    "llama3-style": (LLAMA3_STYLE, "<|begin_of_text|>", "<|eot_id|>", {}),
+    "llama3-style-date": (LLAMA3_STYLE, "<|begin_of_text|>", "<|eot_id|>", {"date_string": "1 Jan 2025"}),
+    "llama3-style-tools": (LLAMA3_STYLE, "<|begin_of_text|>", "<|eot_id|>", {"tools": TOOLS}),  # raises
+    "loop-controls": ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+                      "{{ m.content }}{% break %}{% endfor %}", "", "", {}),
+    "trim-lstrip-blocks": ("{% for m in messages %}\n    {% if m.role == 'user' %}\n{{ m.content }}\n    {% endif %}\n"
+                           "{% endfor %}\n", "", "", {}),
+    "generation-block": ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+                         "{% endgeneration %}{% else %}[{{ m.content }}]{% endif %}{% endfor %}", "", "", {}),
+    "tojson": ("{{ x | tojson }}|{{ x | tojson(indent=4) }}|{{ x | tojson(sort_keys=true) }}|"
+               "{{ x | tojson(separators=(',', ':')) }}|{{ messages | tojson }}", "", "",
+               {"x": {"name": "météo", "tags": ["<b>", "&"], "b": 1, "a": None}}),
+    "tools-tojson": ("{% for t in tools %}{{ t | tojson }}\n{% endfor %}{{ messages[-1].content }}", "", "",
+                     {"tools": TOOLS}),
+    "lenient-variables": ("[{{ nothing }}][{{ tools }}][{{ documents }}][{{ bos_token }}][{{ eos_token }}]"
+                          "{% if custom is defined %}{{ custom }}{% else %}no{% endif %}", "", "</s>", {}),
+    "custom-variable": ("{% if custom is defined %}{{ custom }}{% else %}no{% endif %}", "", "", {"custom": "given"}),
+    "raise-exception": ("{% if messages[0]['role'] != 'user' %}"
+                        "{{ raise_exception('Conversations must start with user') }}{% endif %}ok", "", "", {}),
+    "bos-eos": ("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}",
+                "<s>", "</s>", {}),
+    "whitespace-control": ("{%- for m in messages -%}\n  {{- m.content | trim -}}\n  {{ '|' }}\n{%- endfor %}", "", "",
+                           {}),
+    "tool-calls": ("{% for m in messages %}{% if m.tool_calls is defined %}"
+                   "{{ m.tool_calls[0].function | tojson }}{% else %}{{ m.content }}{% endif %};{% endfor %}",
+                   "", "", {}),
+}
+CONVERSATIONS = [
+    CHAT,
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "  spaced  "}, {"role": "assistant", "content": "ok\n"},
+     {"role": "user", "content": "é 漢字 {{ not jinja }}"}],
+    [{"role": "assistant", "content": "first"}, {"role": "system", "content": "late system"}],
+    [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+     {"role": "tool", "content": "12C"}],
+]
+
+
+@pytest.mark.parametrize("name", list(CONFORMANCE))
+@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_templates_render_as_transformers_does(hf_tokenizer, name, conversation, add_generation_prompt):
+    source, bos, eos, variables = CONFORMANCE[name]
+    ours = ChatTemplate(source, bos_token=bos, eos_token=eos)
+    theirs, text = rendered_by_both(hf_tokenizer(bos, eos), ours, CONVERSATIONS[conversation],
+                                    add_generation_prompt=add_generation_prompt, **variables)
+    assert text == theirs
+
+
+def _dllama_view(data) -> SimpleNamespace:
+    """What template_for reads of a tokenizer, from converted TokenizerData."""
+    return SimpleNamespace(chat_template=data.chat_template, bos_id=data.bos_id, eos_ids=frozenset(data.eos_ids),
+                           piece=lambda i: data.vocab[i], data=data)
+
+
+@pytest.fixture(scope="module", params=["smollm2", "llama3", "qwen3"])
+def real_template(request, hf_tokenizer) -> tuple:
+    """(transformers' tokenizer, dllama's template, whether transformers uses its own template)
+    for a real model's chat template: SmolLM2's from its GGUF (transformers gets the same
+    template and special tokens), Llama 3's and Qwen3's as each loads its tokenizer folder."""
+    if request.param == "smollm2":
+        ours = template_for(request.getfixturevalue("smol"))
+        return hf_tokenizer(ours.bos_token, ours.eos_token), ours, False
+    from transformers import PreTrainedTokenizerFast
+
+    from dllama.formats.hf_tokenizer import tokenizer_from_hf
+
+    folder = request.getfixturevalue(f"{request.param}_hf_folder")
+    ours = template_for(_dllama_view(tokenizer_from_hf(folder)))
+    return PreTrainedTokenizerFast.from_pretrained(str(folder)), ours, True
+
+
+def test_real_templates_render_fixed_conversations_as_transformers_does(real_template):
+    hf, ours, own = real_template
+    for conversation in CONVERSATIONS:
+        for add_generation_prompt in (True, False):
+            theirs, text = rendered_by_both(hf, ours, conversation, own, add_generation_prompt=add_generation_prompt)
+            assert text == theirs, conversation
+
+
+tricky_text = st.text(max_size=30) | st.sampled_from([
+    "", " ", "\n", "  padded  ", "<think>\nreasoning\n</think>\n\nanswer", "</think>", "<think>",
+    "<tool_response>\nr\n</tool_response>", "{{ bos_token }}", "{% raw %}", "<|im_end|>", "<|eot_id|>"])
+
+
+@st.composite
+def conversations(draw) -> list[dict]:
+    messages = []
+    for _ in range(draw(st.integers(1, 6))):
+        message = {"role": draw(st.sampled_from(["system", "user", "assistant", "tool"])), "content": draw(tricky_text)}
+        if message["role"] == "assistant" and draw(st.integers(0, 3)) == 0:
+            message["tool_calls"] = [TOOL_CALL]
+        messages.append(message)
+    return messages
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(messages=conversations(), add_generation_prompt=st.booleans(),
+       variables=st.sampled_from([{}, {"tools": TOOLS}, {"enable_thinking": False}, {"enable_thinking": True}]))
+def test_real_templates_render_any_conversation_as_transformers_does(real_template, messages, add_generation_prompt,
+                                                                     variables):
+    hf, ours, own = real_template
+    theirs, text = rendered_by_both(hf, ours, messages, own, add_generation_prompt=add_generation_prompt,
+                                    **variables)
+    assert text == theirs

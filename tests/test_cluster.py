@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+import zmq.utils.monitor
 
 from dllama.default_model import ensure_default_model
 from dllama.engine.cluster import start_cluster
@@ -25,7 +26,7 @@ from dllama.kernels.quants import FloatType
 from dllama.model.forward import Transformer
 from dllama.model.slicing import plan_slices
 from dllama.transport.protocol import PROTOCOL_VERSION, pack, unpack
-from tests.helpers import tiny_header, write_random_model
+from tests.helpers import PipeWatcher, tiny_header, write_random_model
 from tests.threaded_cluster import ThreadedCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,21 +258,33 @@ def root_cmd(smollm2, workers, steps=600, timeout=3) -> list[str]:
             "--nthreads", "1", "--net-timeout", str(timeout), "--workers", *[w.address for w in workers]]
 
 
+def generating(text: str) -> bool:
+    """The root printed its prompt and then generated text (root_cmd's prompt)."""
+    return text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 10
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["kill", "freeze"])
 def test_a_failing_worker_ends_the_root_within_the_timeout(tmp_path, smollm2, how):
     w = Worker(tmp_path)
     timeout = 3.0
+    root = None
     try:
         root = subprocess.Popen(root_cmd(smollm2, [w], timeout=timeout), cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        w.wait_for("node ready", timeout=120)
-        time.sleep(1.0)  # generating now
+                                stderr=subprocess.PIPE)
+        out, err = PipeWatcher(root.stdout), PipeWatcher(root.stderr)
+        out.wait_for(generating, timeout=120)  # tokens are flowing between root and worker
         t0 = time.monotonic()
         w.proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        _, err = root.communicate(timeout=timeout + 20)
-        elapsed = time.monotonic() - t0
-        assert root.returncode == 1, err
-        assert elapsed < timeout + 5, elapsed
+        # Timed when the root says why it stops, not when its process is gone (exiting is not
+        # part of noticing). A root that missed the failure would wait forever (a frozen worker
+        # never replies) or for TCP's own timeouts (minutes); 5 x the timeout leaves a loaded
+        # machine 12 s of slack. How --net-timeout becomes the heartbeat settings is checked
+        # exactly by test_long_net_timeouts_fit_zeromq_heartbeats.
+        seen = err.wait_for(lambda text: "error: worker" in text, timeout=timeout + 60)
+        assert seen - t0 < 5 * timeout, seen - t0
+        assert root.wait(60) == 1
+        err = err.join(60)
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: worker 127.0.0.1:") and w.address in last, err
         assert "Traceback" not in err
@@ -283,9 +296,13 @@ def test_a_failing_worker_ends_the_root_within_the_timeout(tmp_path, smollm2, ho
         result = run_root(root_cmd(smollm2, [w], steps=12))
         assert result.returncode == 0, result.stderr
     finally:
+        if root is not None and root.poll() is None:
+            root.kill()
+            root.wait(10)
         w.stop()
 
 
+@pytest.mark.timeout(300)
 def test_an_absent_worker_fails_within_the_timeout(smollm2):
     port = free_port()  # nothing listens there
     t0 = time.monotonic()
@@ -318,6 +335,7 @@ def _hello(version=PROTOCOL_VERSION, root_port=1, **extra) -> list:
                           **extra})
 
 
+@pytest.mark.timeout(300)
 def test_garbage_and_strangers_do_not_hurt_a_worker(tmp_path, synthetic):
     w = Worker(tmp_path)
     ctx = zmq.Context()
@@ -374,10 +392,22 @@ def test_garbage_and_strangers_do_not_hurt_a_worker(tmp_path, synthetic):
             kind, meta, _ = exchange(d, pack("config", config))
             assert kind == "error", meta
             d.close()
-        # Oversized frames drop the sender's connection.
-        big = dealer()
+        # Oversized frames drop the sender's connection: the sending end sees it close. (Its
+        # monitor is attached before connecting, to see the connection come up first.)
+        big = ctx.socket(zmq.DEALER)
+        big.linger = 0
+        events = big.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        big.connect(f"tcp://{w.address}")
+
+        def next_event(timeout_s: float = 60) -> int:
+            assert events.poll(timeout_s * 1000), "no connection event within the deadline"
+            return zmq.utils.monitor.recv_monitor_message(events)["event"]
+
+        assert next_event() == zmq.EVENT_HANDSHAKE_SUCCEEDED
         big.send_multipart([b"chunk", b"{}", b"\0" * (64 << 20)])
-        time.sleep(0.5)
+        assert next_event() == zmq.EVENT_DISCONNECTED
+        big.disable_monitor()
+        events.close()
         big.close()
         pub.close()
         assert w.proc.poll() is None
@@ -459,13 +489,13 @@ def test_perplexity_with_workers_equals_one_node(smollm2, workers):
     assert alone.stdout == together.stdout  # four decimals of the same perplexity
 
 
+@pytest.mark.timeout(300)
 def test_a_worker_outlives_its_root(tmp_path, smollm2):
     w = Worker(tmp_path)
     try:
-        root = subprocess.Popen(root_cmd(smollm2, [w]), cwd=ROOT, stdout=subprocess.DEVNULL,
+        root = subprocess.Popen(root_cmd(smollm2, [w]), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL)
-        w.wait_for("node ready", timeout=120)
-        time.sleep(0.5)
+        PipeWatcher(root.stdout).wait_for(generating, timeout=120)  # killed mid-generation
         root.kill()
         root.wait()
         w.wait_for("session ended", timeout=10)
@@ -476,10 +506,30 @@ def test_a_worker_outlives_its_root(tmp_path, smollm2):
         w.stop()
 
 
-def test_long_net_timeouts_fit_zeromq_heartbeats():
+# ZeroMQ sends a heartbeat's TTL in deciseconds in a 16-bit field: 6553.5 s at most. libzmq
+# takes and reports it in milliseconds, rounded down to whole deciseconds.
+ZMQ_MAX_TTL_MS = 0xFFFF * 100
+
+
+@pytest.mark.parametrize("net_timeout, timeout_ms", [
+    (0.01, 100), (0.1, 100), (0.1234, 123), (2.0, 2000), (10.0, 10000), (6553.5, 6553500), (6553.59, 6553500),
+    (7000.0, 6553500), (86400.0, 6553500)])
+def test_long_net_timeouts_fit_zeromq_heartbeats(net_timeout, timeout_ms):
+    """A link's heartbeats declare the peer dead after --net-timeout (at least 0.1 s, and at most
+    what ZeroMQ's TTL field holds, instead of an error), ping 4 times per timeout (every 50 ms to
+    1 s), and ask the peer to wait as long."""
     from dllama.transport.links import new_socket
 
     ctx = zmq.Context()
-    for timeout in (0.1, 10.0, 7000.0, 86400.0):
-        new_socket(ctx, zmq.DEALER, timeout, server=False).close()
-    ctx.term()
+    try:
+        for kind in (zmq.DEALER, zmq.ROUTER, zmq.PUB, zmq.SUB):
+            sock = new_socket(ctx, kind, net_timeout, server=kind in (zmq.ROUTER, zmq.PUB))
+            try:
+                assert sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == timeout_ms
+                assert sock.getsockopt(zmq.HEARTBEAT_IVL) == min(1000, max(50, timeout_ms // 4))
+                ttl = sock.getsockopt(zmq.HEARTBEAT_TTL)
+                assert ttl == timeout_ms // 100 * 100 and ttl <= ZMQ_MAX_TTL_MS
+            finally:
+                sock.close()
+    finally:
+        ctx.term()

@@ -6,21 +6,19 @@ from dllama.errors import DllamaError
 from dllama.formats.mfile import ArchType, HiddenAct, ModelFile, RopeType
 from dllama.kernels.quants import FloatType, to_float32
 from dllama.model.forward import Transformer
-from tests.helpers import forward64, tiny_header, write_random_model
+from tests.helpers import forward64, simd_paths, tiny_header, write_random_model
 
-# The NumPy reference, and the numba kernels on each SIMD path (forced by DLLAMA_CPU_PATH).
-KERNELS = ["numpy", "numba-avx512", "numba-vnni", "numba-avx2", "numba-portable"]
+# The NumPy reference and the numba kernels (on this CPU's SIMD path; the Q40 test runs the
+# numba kernels on every path, see simd_paths).
+KERNELS = ["numpy", "numba"]
 
 
 @pytest.fixture(params=KERNELS)
 def kernels(request, monkeypatch) -> str:
+    """The backend to run; "numba-PATH" forces that SIMD path (DLLAMA_CPU_PATH)."""
     name = request.param
-    if name.startswith("numba"):
-        from dllama.kernels.jit import simd
-        path = name.split("-")[1]
-        if not {"avx2": simd.HOST_HAS_AVX2, "vnni": simd.HOST_HAS_VNNI, "avx512": simd.HOST_HAS_AVX512}.get(path, True):
-            pytest.skip(f"this CPU lacks the {path} instructions")
-        monkeypatch.setenv("DLLAMA_CPU_PATH", path)
+    if name.startswith("numba-"):
+        monkeypatch.setenv("DLLAMA_CPU_PATH", name.split("-", 1)[1])
         return "numba"
     return name
 
@@ -67,7 +65,11 @@ def test_f32_forward_matches_float64(tmp_path, case, pieces, kernels):
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("wt", [FloatType.Q40, FloatType.Q80, FloatType.F16])
+@pytest.mark.parametrize("wt, kernels", [
+    pytest.param(FloatType.Q40, "numpy", id="Q40-numpy"),
+    *(pytest.param(FloatType.Q40, f"numba-{path}", marks=skip, id=f"Q40-numba-{path}") for path, skip in simd_paths()),
+    *(pytest.param(wt, k, id=f"{wt.name}-{k}") for wt in (FloatType.Q80, FloatType.F16) for k in KERNELS),
+], indirect=["kernels"])
 def test_quantized_weights_match_float64_of_stored_values(tmp_path, wt, kernels):
     h = tiny_header(wt)
     write_random_model(tmp_path / "m.m", h)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from dllama.kernels.backend import cpu_path
 from dllama.kernels import reference as ref
 from dllama.kernels.jit import attention, elementwise, float16, matmul, quantize, sampling, simd
 from dllama.kernels.jit.packing import pack, padded_rows
@@ -28,16 +29,23 @@ from dllama.kernels.quants import (
     quantize_q80,
     to_float32,
 )
+from tests.helpers import simd_paths
 
 U = 2.0 ** -24  # float32 unit roundoff: a rounded operation is exact * (1 + d), |d| <= U
 TINY = 2.0 ** -149  # smallest float32 subnormal: a product that underflows is off by at most TINY / 2
 
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-PATHS = [simd.PATH_PORTABLE,
-         pytest.param(simd.PATH_AVX2, marks=pytest.mark.skipif(not simd.HOST_HAS_AVX2, reason="no AVX2/FMA/F16C")),
-         pytest.param(simd.PATH_VNNI, marks=pytest.mark.skipif(not simd.HOST_HAS_VNNI, reason="no AVX-VNNI")),
-         pytest.param(simd.PATH_AVX512, marks=pytest.mark.skipif(not simd.HOST_HAS_AVX512, reason="no AVX512-VNNI"))]
+# Only Q40 weight products take the SIMD path (see tests/helpers.py: simd_paths): they run on
+# every path, the other weight types once, on this CPU's own (the path argument is unused there).
+PATH_IDS = {"portable": simd.PATH_PORTABLE, "avx2": simd.PATH_AVX2, "vnni": simd.PATH_VNNI,
+            "avx512": simd.PATH_AVX512}
+LINEAR_CASES = [
+    *(pytest.param(FloatType.Q40, q80, PATH_IDS[name], marks=skip, id=f"Q40-{'q80' if q80 else 'f32'}-{name}")
+      for name, skip in simd_paths() for q80 in (False, True)),
+    *(pytest.param(ft, q80, None, id=f"{ft.name}-{'q80' if q80 else 'f32'}")
+      for ft in (FloatType.F32, FloatType.F16, FloatType.Q80) for q80 in (False, True)),
+]
 
 seeds = st.integers(0, 2 ** 32 - 1)
 
@@ -221,9 +229,7 @@ def weight_values(rng: np.random.Generator, rows: int, n: int, kinds: list[str],
     return w.astype(np.float32)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("q80_input", [False, True])
-@pytest.mark.parametrize("ft", list(FloatType), ids=lambda f: f.name)
+@pytest.mark.parametrize("ft, q80_input, path", LINEAR_CASES)
 @settings(max_examples=10, **SETTINGS)
 @given(seed=seeds, rows=st.integers(1, 70), n_blocks=st.integers(1, 16), tokens=st.integers(1, 32),
        kinds=st.lists(st.sampled_from(ROW_KINDS), min_size=1, max_size=5),
@@ -238,7 +244,7 @@ def test_linear_matches_reference(ft, q80_input, path, seed, rows, n_blocks, tok
     packed = pack(stored, ft)
     assert packed[0].shape[0] == (padded_rows(rows, ft) // simd.GROUP_ROWS if ft == FloatType.Q40 else rows)
 
-    got = matmul.linear(x, packed, rows, ft, q80_input, path)
+    got = matmul.linear(x, packed, rows, ft, q80_input, cpu_path() if path is None else path)
 
     x_seen = ref.round_trip_q80(x) if (q80_input and ft.is_quantized) else x
     want = ref.matmul(x_seen, w)

@@ -5,20 +5,29 @@ import pytest
 from dllama.default_model import ensure_default_model
 from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.mfile import ModelFile
-from dllama.kernels.jit import simd
 from dllama.kernels.quants import FloatType
 from dllama.model.forward import MAX_BATCH, Transformer
+from tests.helpers import simd_paths
 
 pytestmark = pytest.mark.slow
 STEPS = 64
-PATHS = [name for name, ok in (("avx512", simd.HOST_HAS_AVX512), ("vnni", simd.HOST_HAS_VNNI),
-                                ("avx2", simd.HOST_HAS_AVX2), ("portable", True)) if ok]
+# SmolLM2's weights are Q40: every SIMD path computes them (a path this CPU lacks is skipped).
+PATHS = [pytest.param(name, marks=skip, id=name) for name, skip in simd_paths()]
 
 
 @pytest.fixture(scope="module")
 def q40_model():
     model_path, tokenizer_path = ensure_default_model(FloatType.Q40)
     return ModelFile(model_path), Tokenizer.load(tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def numpy_greedy(q40_model):
+    """The NumPy reference's prompt, greedy tokens and logits (computed once for every path)."""
+    model, tokenizer = q40_model
+    prompt = tokenizer.encode("The history of the bicycle begins in the early nineteenth century, when", add_bos=True)
+    seq_len = len(prompt) + STEPS + 1
+    return prompt, seq_len, greedy(Transformer(model, seq_len=seq_len, backend="numpy"), prompt, STEPS)
 
 
 def greedy(tr: Transformer, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
@@ -35,11 +44,9 @@ def greedy(tr: Transformer, prompt: list[int], steps: int) -> tuple[list[int], l
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_numba_equals_numpy_on_smollm2(q40_model, monkeypatch, path):
-    model, tokenizer = q40_model
-    prompt = tokenizer.encode("The history of the bicycle begins in the early nineteenth century, when", add_bos=True)
-    seq_len = len(prompt) + STEPS + 1
-    want_tokens, want_logits = greedy(Transformer(model, seq_len=seq_len, backend="numpy"), prompt, STEPS)
+def test_numba_equals_numpy_on_smollm2(q40_model, numpy_greedy, monkeypatch, path):
+    model, _ = q40_model
+    prompt, seq_len, (want_tokens, want_logits) = numpy_greedy
     monkeypatch.setenv("DLLAMA_CPU_PATH", path)
     got_tokens, got_logits = greedy(Transformer(model, seq_len=seq_len, backend="numba"), prompt, STEPS)
     assert got_tokens == want_tokens

@@ -8,7 +8,6 @@ import shlex
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,7 +38,8 @@ class Hub:
         self.log: list[tuple[str, str | None]] = []
         self.drop_after: int | None = None  # send only this many body bytes, then close
         self.drops: int | None = None  # how many responses drop (None: all while drop_after is set)
-        self.stall: tuple[int, float] | None = None  # (bytes, seconds): pause once after that many bytes
+        self.stall: int | None = None  # fall silent once after this many body bytes, until released
+        self.release = threading.Event()  # ends the silence (the test sets it when done, or teardown)
         self.ignore_range = False
         self.redirect = False  # answer /<repo>/resolve/main/<file> with a 302 to /cdn/<file>, as Hugging Face
         self.etags: dict[str, str] = {}  # file -> X-Linked-Etag
@@ -59,9 +59,9 @@ class Hub:
                 self.drops -= 1
             return self.drop_after
 
-    def _take_stall(self, length: int):
+    def _take_stall(self, length: int) -> int | None:
         with self.lock:
-            if self.stall is None or self.stall[0] >= length:
+            if self.stall is None or self.stall >= length:
                 return None
             stall, self.stall = self.stall, None
             return stall
@@ -122,10 +122,12 @@ class Handler(BaseHTTPRequestHandler):
                 return
             stall = hub._take_stall(len(body))
             if stall is not None:
-                self.wfile.write(body[:stall[0]])
+                self.wfile.write(body[:stall])
                 self.wfile.flush()
-                time.sleep(stall[1])
-                body = body[stall[0]:]
+                # Silent for as long as the test needs, not for a guessed time that a slow
+                # client's timeout might outlast.
+                hub.release.wait(120)
+                body = body[stall:]
             self.wfile.write(body)
         except OSError:  # the client gave up (timeout test)
             pass
@@ -147,6 +149,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     yield state
+    state.release.set()
     server.shutdown()
     server.server_close()
 
@@ -246,9 +249,12 @@ def test_retries_resume_within_one_run(tiny, hub, tmp_path):
 
 def test_a_silent_server_times_out_and_the_retry_resumes(tiny, hub, tmp_path):
     e, model, _ = tiny
-    hub.stall = (4000, 1.5)
-    paths = quiet(retries=2, timeout=0.3).model(e, tmp_path / "dl")
-    assert hub.requests_for("tiny.m")[-1] == "bytes=4000-"
+    hub.stall = 4000  # then silent until released, however long the client waits
+    # The timeout is generous enough that the first 4000 bytes, sent at once, always arrive
+    # before it (a loaded machine may leave the server's thread waiting a while).
+    paths = quiet(retries=2, timeout=2.0).model(e, tmp_path / "dl")
+    hub.release.set()
+    assert hub.requests_for("tiny.m") == [None, "bytes=4000-"]
     assert paths.model.read_bytes() == model.read_bytes()
 
 

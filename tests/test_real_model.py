@@ -80,7 +80,13 @@ def test_f32_perplexity_matches_float64_and_q40_is_close(f32_files, q40_files, t
     ppl_q40 = perplexity(q40_files[0], tokenizer, tokens)
     print(f"\nSmolLM2 perplexity: f32 {ppl_f32:.4f}, float64 reference {ppl_64:.4f}, q40 {ppl_q40:.4f}")
     assert abs(ppl_f32 / ppl_64 - 1) < 0.005
-    assert abs(ppl_q40 / ppl_f32 - 1) < 0.25
+    # Measured (2026-12, this text, 196 tokens): f32 8.6307, float64 8.6307, q40 10.2610, so Q40
+    # costs a ratio of 1.1889. Both files come from the same GGUF through deterministic
+    # converters, and the kernels only sum in other orders (numba on every SIMD path and the
+    # NumPy reference agree on the Q40 value to 2e-7), so the ratio moves only when the Q40
+    # quantizer or products change. 1.17..1.21 leaves +-0.02 (a tenth of Q40's loss) and
+    # catches a Q40 product that loses more, or a "Q40" run that is not quantized at all.
+    assert 1.17 < ppl_q40 / ppl_f32 < 1.21, ppl_q40 / ppl_f32
 
 
 def _permute_again(share: NodeModel) -> NodeModel:

@@ -212,7 +212,12 @@ def test_version_1_sidecar_with_a_version_2_field_is_refused(tmp_path, field, va
     with pytest.raises(FormatError, match=f"'{field}' is a version 2 field, but the sidecar says version 1"):
         read_tokenizer(p)
     side.write_text(json.dumps({**doc, field: value, "version": 2}))  # the same field under version 2 loads
-    assert getattr(read_tokenizer(p), field) == value or value in ([], None)
+    back = read_tokenizer(p)
+    # That field reads back as written (also the explicit defaults [] and null), the others keep
+    # their defaults, and what version 1 holds is untouched.
+    assert {f: getattr(back, f) for f in V2_DATA} == {f: getattr(_data(), f) for f in V2_DATA} | {field: value}
+    assert (back.vocab, back.kind, back.pre, back.merges, back.special_ids) == \
+        (_data().vocab, "bpe", "gpt2", [(0, 1)], [3])
 
 
 def test_version_1_sentencepiece_sidecar_with_merges_is_refused(tmp_path):
