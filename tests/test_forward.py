@@ -115,3 +115,17 @@ def test_dense_budget_zero_gives_the_same_result(tmp_path):
     a = Transformer(m, backend="numpy").forward(TOKENS[:5], 0, all_logits=True)
     b = Transformer(m, budget=DenseBudget(0), backend="numpy").forward(TOKENS[:5], 0, all_logits=True)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("wt", [FloatType.F32, FloatType.F16])
+def test_jit_blocks_multiply_float_weights_in_place(tmp_path, wt):
+    """F32 and F16 weights need no repacking: the JIT blocks read the memory map itself (a copy
+    would hold those matrices twice). Only the stacked ones (q|k|v, w1|w3) are new arrays."""
+    h = tiny_header(wt)
+    write_random_model(tmp_path / "m.m", h)
+    m = ModelFile(tmp_path / "m.m")
+    blocks = Transformer(m, backend="numba").blocks
+    assert np.shares_memory(blocks.end_args.w[0], m.tensors["output"])
+    for i in range(h.n_layers):
+        assert np.shares_memory(blocks.attention_args[i].o[0], m.tensors[f"layers.{i}.o"])
+        assert np.shares_memory(blocks.ffn_args[i].w2[0], m.tensors[f"layers.{i}.w2"])

@@ -55,9 +55,18 @@ def test_a_refused_prompt_is_not_echoed(model_flags):
     assert "no room to generate" in out.stderr.splitlines()[-1]
 
 
-def test_stats_json_path_that_cannot_be_written_is_one_line(model_flags, tmp_path):
-    out = dllama("inference", "--prompt", PROMPT, "--stats-json", str(tmp_path / "no" / "such" / "dir.json"),
-                 *model_flags)
-    assert out.returncode == 1 and out.stdout == ""
+@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+def test_stats_json_path_that_cannot_be_written_is_one_line(model_flags, tmp_path, where):
+    target = tmp_path / "no" / "such" / "dir.json" if where == "missing folder" else tmp_path
+    out = dllama("inference", "--prompt", PROMPT, "--stats-json", str(target), *model_flags)
+    assert out.returncode == 1 and out.stdout == ""  # refused before the model loads
     assert out.stderr.strip().splitlines()[-1].startswith("error: cannot write --stats-json")
     assert "Traceback" not in out.stderr
+
+
+def test_stats_json_keeps_an_old_file_when_the_run_fails(model_flags, tmp_path):
+    stats = tmp_path / "stats.json"
+    stats.write_text("previous run")
+    out = dllama("inference", "--prompt", PROMPT, "--steps", "3", "--stats-json", str(stats), *model_flags)
+    assert out.returncode == 1  # the prompt leaves no room
+    assert stats.read_text() == "previous run"

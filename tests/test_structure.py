@@ -143,7 +143,7 @@ def test_cached_kernels_live_where_the_cache_key_looks():
     outside them."""
     from dllama.kernels.numba_config import kernel_sources
 
-    sources = {p.resolve() for p in kernel_sources()}
+    sources = set(kernel_sources().values())
     outside = {name: funcs for name, p in MODULES.items() if p.resolve() not in sources
                and (funcs := _cached_jit_functions(p))}
     assert outside == {}
@@ -151,18 +151,18 @@ def test_cached_kernels_live_where_the_cache_key_looks():
     assert {"attention_block", "_linear_into", "sample_topp"} <= set(inside)  # the scan sees them
 
 
-def test_the_cache_folder_follows_every_kernel_source(tmp_path, monkeypatch):
-    """A change to any kernel source (here: a new one) names a new cache folder."""
+def test_the_cache_folder_follows_every_kernel_source(tmp_path):
+    """The cache folder is named after every file of the kernels, by content: a changed source
+    (a copy here, so the package itself is never touched) names a new folder."""
     from dllama.kernels import numba_config
 
-    before = numba_config.cache_dir()
-    extra = Path(numba_config.__file__).parent / "jit" / "_probe_for_test.py"
-    extra.write_text("# probe\n")
-    try:
-        assert numba_config.cache_dir() != before
-    finally:
-        extra.unlink()
-    assert numba_config.cache_dir() == before
+    sources = numba_config.kernel_sources()
+    assert set(sources.values()) == {p.resolve() for p in PACKAGE.joinpath("kernels").rglob("*.py")}
+    digest = numba_config.sources_digest(sources)
+    assert numba_config.cache_dir().endswith(digest[:16])
+    changed = tmp_path / "blocks.py"
+    changed.write_bytes(sources["jit/blocks.py"].read_bytes() + b"\n# changed\n")
+    assert numba_config.sources_digest({**sources, "jit/blocks.py": changed}) != digest
 
 
 def test_block_arguments_are_named_as_the_blocks_take_them():

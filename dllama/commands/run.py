@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from dllama.commands.common import encode_text, info, load_session
 from dllama.errors import DllamaError
@@ -52,19 +54,21 @@ class TokenMeter:
         return stats
 
 
-def _stats_json(session, outcome, meter: TokenMeter, start, first_token_unix: float | None, text: str) -> dict:
-    cluster = session.cluster
-    network = None
-    if cluster is not None:  # the generation's share (the session's start sent the weights)
-        s = cluster.stats()
-        network = {"nodes": s.nodes, "forwards": s.forwards - start.forwards,
-                   "sync_seconds": s.sync_seconds - start.sync_seconds,
-                   "sent_bytes": s.bytes_sent - start.bytes_sent, "recv_bytes": s.bytes_received - start.bytes_received,
-                   "weights": [asdict(t) for t in cluster.transfers]}
+def _network(session, start) -> dict:
+    """The generation's share of the cluster's counters (the session's start sent the weights)."""
+    end = session.cluster.stats()
+    return {"nodes": end.nodes, "forwards": end.forwards - start.forwards,
+            "sync_seconds": end.sync_seconds - start.sync_seconds,
+            "sent_bytes": end.bytes_sent - start.bytes_sent, "recv_bytes": end.bytes_received - start.bytes_received}
 
+
+def _stats_json(session, outcome, meter: TokenMeter, network: dict | None, first_token_unix: float | None,
+                text: str) -> dict:
     def rate(n: int, seconds: float) -> float | None:
         return n / seconds if n and seconds > 0 else None
 
+    if network is not None:
+        network = dict(network, weights=[asdict(t) for t in session.cluster.transfers])
     return {
         "prompt_tokens": outcome.prompt_tokens,
         "generated_tokens": outcome.completion_tokens,
@@ -83,26 +87,27 @@ def _stats_json(session, outcome, meter: TokenMeter, start, first_token_unix: fl
     }
 
 
-def _write_network_summary(out, session, start) -> None:
-    end = session.cluster.stats()
-    forwards = max(1, end.forwards - start.forwards)
-    out.write("Network\n"
-              f"      nodes: {end.nodes}\n"
-              f"   sync ms/forward: {(end.sync_seconds - start.sync_seconds) * 1000 / forwards:.2f}\n"
-              f"    sent kB: {(end.bytes_sent - start.bytes_sent) / 1e3:.1f}\n"
-              f"    recv kB: {(end.bytes_received - start.bytes_received) / 1e3:.1f}\n")
+def _stats_path(name: str | None) -> Path | None:
+    """``--stats-json``'s file, checked before the model loads: a folder that cannot take it is a
+    one-line error at once. The file itself is written whole at the end (an existing one is
+    replaced only then)."""
+    if name is None:
+        return None
+    path = Path(name)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise DllamaError(f"cannot write --stats-json {name}: it is a folder")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise DllamaError(f"cannot write --stats-json {name}: {folder} is not a writable folder")
+    return path
 
 
 def inference(args: argparse.Namespace) -> int:
     from dllama.engine.sampler import Sampler
     from dllama.engine.session import Outcome, format_summary, tokens_for_steps
+    from dllama.formats.atomic import write_bytes_atomic
 
-    stats_file = None
-    if args.stats_json:  # before the model loads: a bad path is a one-line error at once
-        try:
-            stats_file = open(args.stats_json, "w", encoding="utf-8")
-        except OSError as e:
-            raise DllamaError(f"cannot write --stats-json {args.stats_json}: {e.strerror or e}") from None
+    stats_path = _stats_path(args.stats_json)
     session = load_session(args)
     try:
         tokenizer = session.tokenizer
@@ -138,16 +143,22 @@ def inference(args: argparse.Namespace) -> int:
         generated.append(tail)
         out.write(tail + "\n\n")
         out.write(format_summary(outcome) + "\n")
-        if start is not None:
-            _write_network_summary(out, session, start)
+        network = _network(session, start) if start is not None else None
+        if network is not None:
+            out.write("Network\n"
+                      f"      nodes: {network['nodes']}\n"
+                      f"   sync ms/forward: {network['sync_seconds'] * 1000 / max(1, network['forwards']):.2f}\n"
+                      f"    sent kB: {network['sent_bytes'] / 1e3:.1f}\n"
+                      f"    recv kB: {network['recv_bytes'] / 1e3:.1f}\n")
         out.flush()
-        if stats_file is not None:
-            json.dump(_stats_json(session, outcome, meter, start, first_token_unix, "".join(generated)),
-                      stats_file, indent=1)
+        if stats_path is not None:
+            data = _stats_json(session, outcome, meter, network, first_token_unix, "".join(generated))
+            try:
+                write_bytes_atomic(stats_path, json.dumps(data, indent=1).encode())
+            except OSError as e:
+                raise DllamaError(f"cannot write --stats-json {stats_path}: {e.strerror or e}") from None
     finally:
         session.close()
-        if stats_file is not None:
-            stats_file.close()
     return 0
 
 

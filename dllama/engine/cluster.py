@@ -102,10 +102,6 @@ class Cluster:
         self.plan = plan
         self.transfers = transfers  # one per worker, in node order
 
-    @property
-    def workers(self) -> list[str]:
-        return [w.address for w in self.link.workers]
-
     def stats(self) -> ClusterStats:
         s = self.sync.stats()
         return ClusterStats(len(self.plan), s.forwards, s.seconds, s.bytes_sent, s.bytes_received)

@@ -33,7 +33,7 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # the prompt's first tokens already in the KV cache: not evaluated again
     completion_tokens: int = 0
-    finish_reason: str = "length"  # "stop": an end token (or a stop string, see completion); "length": a limit
+    finish_reason: str = "stop"  # "stop": an end token (or a stop string, see completion); "length": a limit
     cancelled: bool = False
     eval_seconds: float = 0.0  # evaluating the prompt's new tokens
     pred_tokens: int = 0  # generated tokens fed back to the model
@@ -128,11 +128,12 @@ class Session:
         t0 = time.perf_counter()
         try:
             outcome.prompt_tokens = len(prompt)
-            logits = self._evaluate_prompt(prompt, outcome, cancel)
+            evaluated = self._evaluate_prompt(prompt, cancel)
             outcome.eval_seconds = time.perf_counter() - t0
-            if logits is None:
+            if evaluated is None:
                 outcome.cancelled = True
                 return
+            outcome.cached_tokens, logits = evaluated
             limit = self.seq_len - len(prompt)
             if max_tokens is not None:
                 limit = min(limit, max_tokens)
@@ -159,22 +160,20 @@ class Session:
         finally:
             outcome.seconds = time.perf_counter() - t0
 
-    def _evaluate_prompt(self, prompt: list[int], outcome: Outcome,
-                         cancel: threading.Event | None) -> np.ndarray | None:
-        """The logits of the prompt's last token, reusing the cache's common prefix (None when
-        cancelled first)."""
+    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None) -> tuple[int, np.ndarray] | None:
+        """How many of the prompt's tokens the cache held, and the logits of its last token (None
+        when cancelled first)."""
         common = 0
         for a, b in zip(self.tokens, prompt[:-1]):
             if a != b:
                 break
             common += 1
         self.rewind(common)
-        outcome.cached_tokens = common
         for start in range(common, len(prompt) - 1, MAX_BATCH):
             if cancel is not None and cancel.is_set():
                 return None
             self.step(prompt[start:min(start + MAX_BATCH, len(prompt) - 1)])
-        return self.step(prompt[-1:])
+        return common, self.step(prompt[-1:])
 
     def perplexity(self, tokens: list[int]) -> float:
         """exp of the mean negative log-likelihood of tokens 1..N-1 given their prefixes."""

@@ -4,7 +4,8 @@ place that picks the backend (``backend``) and hands out its operations (``ops``
 ``DLLAMA_BACKEND=numba|numpy`` forces a backend; ``DLLAMA_CPU_PATH=avx512|vnni|avx2|portable`` forces
 the SIMD path of the JIT kernels (default: the best this CPU has, see ``jit.simd``).
 
-numba's own settings (cache folder, threading layer, threads) are ``numba_config``'s.
+numba's settings before it starts (cache folder, threading layer, thread pool size) are
+``numba_config``'s; ``set_threads`` changes the threads a running numba uses.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""numba's settings: the compiled-kernel cache folder, the threading layer, the thread count.
+"""numba's settings: the compiled-kernel cache folder, the threading layer, the thread pool's size.
 
 They are applied by ``configure_imported_numba`` when the JIT kernels are first imported
 (``kernels.jit`` does it before any kernel is defined); only the thread count must reach the
@@ -11,24 +11,29 @@ import os
 from pathlib import Path
 
 
-def kernel_sources() -> list[Path]:
-    """Every source file of the kernels, in a fixed order. numba only checks a cached function's
-    own file, so a change to a kernel it calls in another file must start a new cache folder:
-    the folder is named after all of them (kernels import nothing else from the package, and
-    no jitted code is cached outside it)."""
-    return sorted(Path(__file__).resolve().parent.rglob("*.py"))
+def kernel_sources() -> dict[str, Path]:
+    """Every source file of the kernels, by its name under ``kernels/``. numba only checks a cached
+    function's own file, so a change to a kernel it calls in another file must start a new cache
+    folder: the folder is named after all of them (kernels import nothing else from the package,
+    and no jitted code is cached outside it)."""
+    root = Path(__file__).resolve().parent
+    return {path.relative_to(root).as_posix(): path for path in sorted(root.rglob("*.py"))}
+
+
+def sources_digest(sources: dict[str, Path]) -> str:
+    """SHA-256 of the files' names and contents, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(sources):
+        digest.update(name.encode() + b"\0")
+        digest.update(sources[name].read_bytes())
+    return digest.hexdigest()
 
 
 def cache_dir() -> str:
     """The compiled-kernel cache for these exact kernel sources."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in kernel_sources():
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(path.read_bytes())
     # default_model.dllama_home() spells the same default; kernels import nothing of the package.
     home = os.environ.get("DLLAMA_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "dllama")
-    return os.path.join(home, "numba-cache", digest.hexdigest()[:16])
+    return os.path.join(home, "numba-cache", sources_digest(kernel_sources())[:16])
 
 
 def configure_numba_environment(threads: int) -> None:

@@ -1,4 +1,5 @@
-"""The NumPy reference for every operation of the forward pass.
+"""The NumPy reference for every operation of the forward pass, of the activations' wire codec
+and of sampling.
 
 These are the definitions the JIT kernels are checked against: plain, readable, float32 in and
 out (float64 inside reductions where that is what the arithmetic needs). Activations are

@@ -73,7 +73,7 @@ class Transformer:
         logits = self._sync.finish(self.forward_embedded(x, pos, all_logits, steps))
         return logits if all_logits else logits[0]
 
-    def forward_embedded(self, x: np.ndarray, pos: int, all_logits: bool, sync: BlockSync = LOCAL) -> np.ndarray:
+    def forward_embedded(self, x: np.ndarray, pos: int, all_logits: bool, sync: BlockSync) -> np.ndarray:
         """The layers on an embedded input, then this node's slice of the logits (of the last
         token, or of all): what every node of a cluster runs, meeting the others at ``sync``."""
         for i in range(self.header.n_layers):

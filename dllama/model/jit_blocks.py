@@ -55,7 +55,8 @@ class JitBlocks:
                 n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim, group=shape.group,
                 head_offset=shape.head_offset, o=o, o_rows=o_rows, **products))
             if layer.experts is None:
-                self.ffn_args.append(fused.FeedForwardArgs(_f32(layer.ffn_norm), eps, *expert(layer.ffn)))
+                self.ffn_args.append(fused.FeedForwardArgs(norm=_f32(layer.ffn_norm), eps=eps,
+                                                           **expert(layer.ffn)._asdict()))
                 self.moe.append(None)
             else:
                 self.ffn_args.append(None)

@@ -11,7 +11,7 @@ from dllama.kernels.quants import BLOCK_SIZE, FloatType
 from dllama.machine import physical_memory
 from dllama.model.forward import MAX_BATCH, Transformer
 from dllama.model.slicing import NodeModel, NodeSlice, node_kv_bytes, node_specs
-from dllama.model.sync import BlockSync
+from dllama.model.sync import LOCAL, BlockSync
 
 MAX_SEQ_LEN = 1 << 20
 # Bounds the tensor list a configuration can make a worker build (real models: ~10^4).
@@ -77,7 +77,7 @@ class WorkerNode:
 
 def warm_up(tr: Transformer) -> None:
     """Run every block once alone, so kernels compile now and not inside the first timed sync."""
-    tr.forward_embedded(np.zeros((1, tr.header.dim), dtype=np.float32), 0, False)
+    tr.forward_embedded(np.zeros((1, tr.header.dim), dtype=np.float32), 0, False, LOCAL)
 
 
 class NodeFactory:

@@ -9,13 +9,11 @@ from dllama.model.slicing import NodeSlice
 
 @dataclass(frozen=True)
 class NodeShape:
-    """The model's sizes, this node's share of heads and vocabulary (the whole model on one
-    node), and the settings that choose the arithmetic."""
+    """What a node's blocks need to know beyond their weights: head sizes, this node's share of
+    heads and vocabulary (the whole model on one node), and the settings that choose the
+    arithmetic."""
 
-    dim: int
     head_dim: int
-    n_layers: int
-    seq_len: int  # positions of the KV cache
     n_heads: int  # query heads of this node
     n_kv_heads: int  # KV heads of this node
     group: int  # query heads per KV head, in the whole model
@@ -29,10 +27,8 @@ class NodeShape:
 
     @classmethod
     def of(cls, h: ModelHeader, node: NodeSlice, q80_buffers: bool) -> NodeShape:
-        """``h`` with the KV cache's length as its ``seq_len``."""
         group = h.n_heads // h.n_kv_heads
-        return cls(dim=h.dim, head_dim=h.head_dim, n_layers=h.n_layers, seq_len=h.seq_len,
-                   n_heads=node.n_heads, n_kv_heads=node.n_kv_heads, group=group,
+        return cls(head_dim=h.head_dim, n_heads=node.n_heads, n_kv_heads=node.n_kv_heads, group=group,
                    head_offset=node.head_offset(group), vocab_size=node.vocab_size, norm_eps=h.norm_epsilon,
                    n_active_experts=h.n_active_experts if h.is_moe else 0,
                    rope_falcon=h.effective_rope_type == RopeType.FALCON, gelu=h.hidden_act == HiddenAct.GELU,

@@ -171,14 +171,12 @@ def product(w, width, x, q80, path, table):
 
 def linear(x: np.ndarray, packed: tuple[np.ndarray, ...], rows: int, float_type: FloatType, q80_input: bool,
            path: int) -> np.ndarray:
-    """x @ W.T for a weight packed by ``packing.pack``: the JIT form of ``Linear.__call__``."""
+    """x @ W.T for a weight packed by ``packing.pack``: the JIT form of ``DenseWeights.matmul``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     q80 = bool(q80_input and float_type.is_quantized)
     if q80 and x.shape[1] % BLOCK_SIZE:
         raise ValueError("q80 activations need a multiple of 32 features")
     return product(packed, padded_rows(rows, float_type), x, q80, path, f16_table())[:, :rows]
-
-
 
 
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:

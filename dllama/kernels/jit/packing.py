@@ -51,7 +51,10 @@ def pack(stored: np.ndarray, float_type: FloatType) -> tuple[np.ndarray, ...]:
 
 def pack_rows(parts: list[np.ndarray], float_type: FloatType) -> tuple[np.ndarray, ...]:
     """Several weights with the same input width stacked by rows (q, k and v; w1 and w3) and
-    packed as one, so one kernel launch computes them all."""
+    packed as one, so one kernel launch computes them all. One part is packed as it is (for F32
+    and F16 weights: the memory map itself, no copy)."""
+    if len(parts) == 1:
+        return pack(parts[0], float_type)
     return pack(np.concatenate([np.asarray(p) for p in parts], axis=0), float_type)
 
 

@@ -41,7 +41,6 @@ def _sum_into(data: np.ndarray, n_parts: int, table: np.ndarray, total: np.ndarr
                 total[b * BLOCK_SIZE + j] += np.float32(np.int8(data[o + 2 + j])) * d
 
 
-
 def q80_wire_encode(x: np.ndarray) -> memoryview:
     """float32 values (a multiple of 32 per row) to their Q80 blocks' bytes."""
     x = np.ascontiguousarray(x, dtype=np.float32)
