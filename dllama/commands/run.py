@@ -126,7 +126,9 @@ def inference(args: argparse.Namespace) -> int:
         meter = TokenMeter(session)
         first_token_unix = None
         generated = []
-        for token in session.generate(prompt, sampler, outcome, max_tokens=max_tokens):
+        # One generation from an empty cache: the whole prompt in batches, no forward of its own
+        # for the last token (that is for prompts that may meet a cached prefix).
+        for token in session.generate(prompt, sampler, outcome, max_tokens=max_tokens, last_alone=False):
             first_token_unix = first_token_unix or time.time()
             text = stream.push(token)
             stats = meter.tick()

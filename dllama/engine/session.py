@@ -111,14 +111,17 @@ class Session:
         return sampler.sample(logits[:self.tokenizer.vocab_size])
 
     def generate(self, prompt: list[int], sampler: Sampler, outcome: Outcome, max_tokens: int | None = None,
-                 end_ids: frozenset[int] | None = None, cancel: threading.Event | None = None) -> Iterator[int]:
+                 end_ids: frozenset[int] | None = None, cancel: threading.Event | None = None,
+                 last_alone: bool = True) -> Iterator[int]:
         """Yield generated tokens until an end token (``end_ids``, default the tokenizer's EOS ids),
         ``max_tokens``, the end of the context, or ``cancel`` (checked before each token and
         between prompt batches). ``outcome`` is filled in as it goes.
 
         The KV cache keeps what it shares with ``prompt``; the rest of the prompt is evaluated in
-        batches, its last token alone, so a prompt gets the same logits whatever was cached before
-        (batches round differently). The last token yielded is not fed back (its position
+        batches. With ``last_alone`` its last token gets a forward of its own, so that a prompt
+        gets the same logits whatever the cache held before (batches round differently), at the
+        price of one forward: what chat and the API need. A single generation from an empty
+        cache (``inference``) does not. The last token yielded is not fed back (its position
         may not exist, and nobody needs its logits)."""
         if not prompt:
             raise DllamaError("the prompt is empty")
@@ -128,7 +131,7 @@ class Session:
         t0 = time.perf_counter()
         try:
             outcome.prompt_tokens = len(prompt)
-            evaluated = self._evaluate_prompt(prompt, cancel)
+            evaluated = self._evaluate_prompt(prompt, cancel, last_alone)
             outcome.eval_seconds = time.perf_counter() - t0
             if evaluated is None:
                 outcome.cancelled = True
@@ -160,20 +163,25 @@ class Session:
         finally:
             outcome.seconds = time.perf_counter() - t0
 
-    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None) -> tuple[int, np.ndarray] | None:
+    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None,
+                         last_alone: bool) -> tuple[int, np.ndarray] | None:
         """How many of the prompt's tokens the cache held, and the logits of its last token (None
         when cancelled first)."""
         common = 0
-        for a, b in zip(self.tokens, prompt[:-1]):
+        for a, b in zip(self.tokens, prompt[:-1]):  # the last token is always evaluated
             if a != b:
                 break
             common += 1
         self.rewind(common)
-        for start in range(common, len(prompt) - 1, MAX_BATCH):
+        end = len(prompt) - 1 if last_alone else len(prompt)
+        logits = None
+        for start in range(common, end, MAX_BATCH):
             if cancel is not None and cancel.is_set():
                 return None
-            self.step(prompt[start:min(start + MAX_BATCH, len(prompt) - 1)])
-        return common, self.step(prompt[-1:])
+            logits = self.step(prompt[start:min(start + MAX_BATCH, end)])
+        if last_alone:
+            logits = self.step(prompt[-1:])
+        return common, logits
 
     def perplexity(self, tokens: list[int]) -> float:
         """exp of the mean negative log-likelihood of tokens 1..N-1 given their prefixes."""
