@@ -133,17 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser, required=True)
     g = conv.add_parser("gguf", help="from a llama.cpp GGUF file")
     g.add_argument("file", help="the .gguf file")
-    g.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40",
-                   help="type of the weights in the .m file")
-    g.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
-    g.add_argument("--name", default=None, help="file name stem (default: the GGUF's)")
+    _output_flags(g, "the GGUF's")
     g = conv.add_parser("hf", help="from a Hugging Face model folder (config.json, *.safetensors, tokenizer)")
     g.add_argument("folder", help="the folder with config.json, the safetensors shards and tokenizer.json")
-    g.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40",
-                   help="type of the weights in the .m file")
-    g.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
-    g.add_argument("--name", default=None, help="file name stem (default: the folder's name)")
+    _output_flags(g, "the folder's name")
     return parser
+
+
+def _output_flags(p: argparse.ArgumentParser, default_name: str) -> None:
+    """What every converter writes, and where."""
+    p.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40",
+                   help="type of the weights in the .m file")
+    p.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
+    p.add_argument("--name", default=None, help=f"file name stem (default: {default_name})")
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

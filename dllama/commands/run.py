@@ -31,44 +31,36 @@ class TokenStats:
 
 class TokenMeter:
     """Differences of the clock and the cluster's counters between consecutive ticks (one per
-    generated token, and one for the forward that gave the end token)."""
+    generated token, and one for the forward that gave the end token), from the generation's start."""
 
-    def __init__(self, session):
-        self.cluster = session.cluster
+    def __init__(self, cluster):
+        self.cluster = cluster
         self.tokens: list[TokenStats] = []
-        self._last = self._now()
+        self._start = self._last = self._now()
 
-    def _now(self) -> tuple[float, float, int, int]:
-        if self.cluster is None:
-            return time.perf_counter(), 0.0, 0, 0
-        s = self.cluster.stats()
-        return time.perf_counter(), s.sync_seconds, s.bytes_sent, s.bytes_received
+    def _now(self):
+        return time.perf_counter(), self.cluster.stats() if self.cluster is not None else None
 
     def tick(self) -> TokenStats:
         now = self._now()
-        (t0, sync0, sent0, recv0), (t1, sync1, sent1, recv1) = self._last, now
-        sync_ms = (sync1 - sync0) * 1000
-        stats = TokenStats((t1 - t0) * 1000 - sync_ms, sync_ms, sent1 - sent0, recv1 - recv0)
+        (t0, before), (t1, after) = self._last, now
+        if after is None:
+            stats = TokenStats((t1 - t0) * 1000, 0.0, 0, 0)
+        else:
+            d = after.since(before)
+            stats = TokenStats((t1 - t0 - d.sync_seconds) * 1000, d.sync_seconds * 1000, d.bytes_sent, d.bytes_received)
         self.tokens.append(stats)
         self._last = now
         return stats
 
-
-def _network(session, start) -> dict:
-    """The generation's share of the cluster's counters (the session's start sent the weights)."""
-    end = session.cluster.stats()
-    return {"nodes": end.nodes, "forwards": end.forwards - start.forwards,
-            "sync_seconds": end.sync_seconds - start.sync_seconds,
-            "sent_bytes": end.bytes_sent - start.bytes_sent, "recv_bytes": end.bytes_received - start.bytes_received}
+    def network(self):
+        """The cluster's counters since the generation began (the session's start sent the weights),
+        or None on one node."""
+        return self.cluster.stats().since(self._start[1]) if self.cluster is not None else None
 
 
-def _stats_json(session, outcome, meter: TokenMeter, network: dict | None, first_token_unix: float | None,
-                text: str) -> dict:
-    def rate(n: int, seconds: float) -> float | None:
-        return n / seconds if n and seconds > 0 else None
-
-    if network is not None:
-        network = dict(network, weights=[asdict(t) for t in session.cluster.transfers])
+def _stats_json(session, outcome, meter: TokenMeter, first_token_unix: float | None, text: str) -> dict:
+    network = meter.network()
     return {
         "prompt_tokens": outcome.prompt_tokens,
         "generated_tokens": outcome.completion_tokens,
@@ -77,12 +69,14 @@ def _stats_json(session, outcome, meter: TokenMeter, network: dict | None, first
         "prompt": asdict(meter.tokens[0]) if meter.tokens else None,
         "tokens": [asdict(t) for t in meter.tokens[1:]],
         "totals": {"eval_tokens": outcome.eval_tokens, "eval_seconds": outcome.eval_seconds,
-                   "eval_tok_s": rate(outcome.eval_tokens, outcome.eval_seconds),
-                   "pred_tokens": outcome.pred_tokens, "pred_seconds": outcome.pred_seconds,
-                   "pred_tok_s": rate(outcome.pred_tokens, outcome.pred_seconds),
+                   "eval_tok_s": outcome.eval_tok_s, "pred_tokens": outcome.pred_tokens,
+                   "pred_seconds": outcome.pred_seconds, "pred_tok_s": outcome.pred_tok_s,
                    "seconds_to_first_token": outcome.seconds_to_first_token,
                    "first_token_unix": first_token_unix},
-        "network": network,
+        "network": None if network is None else {
+            "nodes": network.nodes, "forwards": network.forwards, "sync_seconds": network.sync_seconds,
+            "sent_bytes": network.bytes_sent, "recv_bytes": network.bytes_received,
+            "weights": [asdict(t) for t in session.cluster.transfers]},
         "text": text,
     }
 
@@ -122,8 +116,7 @@ def inference(args: argparse.Namespace) -> int:
         out.write(args.prompt)
         out.flush()
         stream = tokenizer.stream()
-        start = session.cluster.stats() if session.cluster is not None else None
-        meter = TokenMeter(session)
+        meter = TokenMeter(session.cluster)
         first_token_unix = None
         generated = []
         # One generation from an empty cache: the whole prompt in batches, no forward of its own
@@ -145,16 +138,16 @@ def inference(args: argparse.Namespace) -> int:
         generated.append(tail)
         out.write(tail + "\n\n")
         out.write(format_summary(outcome) + "\n")
-        network = _network(session, start) if start is not None else None
+        network = meter.network()
         if network is not None:
             out.write("Network\n"
-                      f"      nodes: {network['nodes']}\n"
-                      f"   sync ms/forward: {network['sync_seconds'] * 1000 / max(1, network['forwards']):.2f}\n"
-                      f"    sent kB: {network['sent_bytes'] / 1e3:.1f}\n"
-                      f"    recv kB: {network['recv_bytes'] / 1e3:.1f}\n")
+                      f"      nodes: {network.nodes}\n"
+                      f"   sync ms/forward: {network.sync_seconds * 1000 / max(1, network.forwards):.2f}\n"
+                      f"    sent kB: {network.bytes_sent / 1e3:.1f}\n"
+                      f"    recv kB: {network.bytes_received / 1e3:.1f}\n")
         out.flush()
         if stats_path is not None:
-            data = _stats_json(session, outcome, meter, network, first_token_unix, "".join(generated))
+            data = _stats_json(session, outcome, meter, first_token_unix, "".join(generated))
             try:
                 write_bytes_atomic(stats_path, json.dumps(data, indent=1).encode())
             except OSError as e:

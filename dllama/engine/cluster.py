@@ -90,6 +90,11 @@ class ClusterStats:
     bytes_sent: int
     bytes_received: int
 
+    def since(self, start: ClusterStats) -> ClusterStats:
+        """What happened between ``start`` and these counters."""
+        return ClusterStats(self.nodes, self.forwards - start.forwards, self.sync_seconds - start.sync_seconds,
+                            self.bytes_sent - start.bytes_sent, self.bytes_received - start.bytes_received)
+
 
 class Cluster:
     """The root's Transformer of node 0, the link to the workers, and the slice plan."""

@@ -45,6 +45,18 @@ class Outcome:
     def eval_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
 
+    @property
+    def eval_tok_s(self) -> float | None:
+        return _rate(self.eval_tokens, self.eval_seconds)
+
+    @property
+    def pred_tok_s(self) -> float | None:
+        return _rate(self.pred_tokens, self.pred_seconds)
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return tokens / seconds if tokens and seconds > 0 else None
+
 
 def check_pair(tokenizer: Tokenizer, vocab_size: int) -> None:
     """A model's vocabulary may be padded past its tokenizer's (Qwen3 pads to a multiple of 128);
@@ -197,17 +209,15 @@ class Session:
 
 def format_summary(outcome: Outcome, batch_size: int = MAX_BATCH) -> str:
     """distributed-llama's summary of a generation."""
-    def rate(n: int, s: float) -> str:
-        if n == 0 or s <= 0:
-            return "   tokens/s: -"
-        return f"   tokens/s: {n / s:.2f} ({s * 1000 / n:.2f} ms/tok)"
+    def rate(tok_s: float | None) -> str:
+        return "   tokens/s: -" if tok_s is None else f"   tokens/s: {tok_s:.2f} ({1000 / tok_s:.2f} ms/tok)"
 
     return "\n".join([
         "Evaluation",
         f"   nBatches: {batch_size}",
         f"    nTokens: {outcome.eval_tokens}",
-        rate(outcome.eval_tokens, outcome.eval_seconds),
+        rate(outcome.eval_tok_s),
         "Prediction",
         f"    nTokens: {outcome.pred_tokens}",
-        rate(outcome.pred_tokens, outcome.pred_seconds),
+        rate(outcome.pred_tok_s),
     ])

@@ -146,28 +146,28 @@ def _b4rtaz(name: str, params: str, repo: str, model: str | tuple[str, int], tok
 # num_experts, num_experts_per_tok (n_active_experts) and moe_intermediate_size (moe_hidden_dim).
 _LLAMA3_VOCAB, _QWEN3_VOCAB = 128256, 151936
 LLAMA3_1_8B = published_header(ArchType.LLAMA, dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8,
-                        head_dim=128, vocab_size=_LLAMA3_VOCAB)
+                               head_dim=128, vocab_size=_LLAMA3_VOCAB)
 LLAMA3_1_405B = published_header(ArchType.LLAMA, dim=16384, hidden_dim=53248, n_layers=126, n_heads=128, n_kv_heads=8,
-                          head_dim=128, vocab_size=_LLAMA3_VOCAB)
+                                 head_dim=128, vocab_size=_LLAMA3_VOCAB)
 LLAMA3_2_1B = published_header(ArchType.LLAMA, dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8,
-                        head_dim=64, vocab_size=_LLAMA3_VOCAB)
+                               head_dim=64, vocab_size=_LLAMA3_VOCAB)
 LLAMA3_2_3B = published_header(ArchType.LLAMA, dim=3072, hidden_dim=8192, n_layers=28, n_heads=24, n_kv_heads=8,
-                        head_dim=128, vocab_size=_LLAMA3_VOCAB)
+                               head_dim=128, vocab_size=_LLAMA3_VOCAB)
 LLAMA3_3_70B = published_header(ArchType.LLAMA, dim=8192, hidden_dim=28672, n_layers=80, n_heads=64, n_kv_heads=8,
-                         head_dim=128, vocab_size=_LLAMA3_VOCAB)
+                                head_dim=128, vocab_size=_LLAMA3_VOCAB)
 QWEN3_0_6B = published_header(ArchType.QWEN3, dim=1024, hidden_dim=3072, n_layers=28, n_heads=16, n_kv_heads=8,
-                       head_dim=128, vocab_size=_QWEN3_VOCAB)
+                              head_dim=128, vocab_size=_QWEN3_VOCAB)
 QWEN3_1_7B = published_header(ArchType.QWEN3, dim=2048, hidden_dim=6144, n_layers=28, n_heads=16, n_kv_heads=8,
-                       head_dim=128, vocab_size=_QWEN3_VOCAB)
+                              head_dim=128, vocab_size=_QWEN3_VOCAB)
 QWEN3_8B = published_header(ArchType.QWEN3, dim=4096, hidden_dim=12288, n_layers=36, n_heads=32, n_kv_heads=8,
-                     head_dim=128, vocab_size=_QWEN3_VOCAB)
+                            head_dim=128, vocab_size=_QWEN3_VOCAB)
 QWEN3_14B = published_header(ArchType.QWEN3, dim=5120, hidden_dim=17408, n_layers=40, n_heads=40, n_kv_heads=8,
-                      head_dim=128, vocab_size=_QWEN3_VOCAB)
+                             head_dim=128, vocab_size=_QWEN3_VOCAB)
 QWEN3_30B_A3B = published_header(ArchType.QWEN3_MOE, dim=2048, hidden_dim=6144, n_layers=48, n_heads=32, n_kv_heads=4,
-                          head_dim=128, vocab_size=_QWEN3_VOCAB, n_experts=128, n_active_experts=8,
-                          moe_hidden_dim=768)
+                                 head_dim=128, vocab_size=_QWEN3_VOCAB, n_experts=128, n_active_experts=8,
+                                 moe_hidden_dim=768)
 SMOLLM2_135M = published_header(ArchType.LLAMA, dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3,
-                         head_dim=64, vocab_size=49152)
+                                head_dim=64, vocab_size=49152)
 
 DEFAULT_NAME = "smollm2_135m_instruct"
 

@@ -41,14 +41,14 @@ class MeshSync:
     def receive_input(self, fwd: int, rows: int) -> tuple[np.ndarray, ForwardSync]:
         """A worker: the root's embedded input of forward ``fwd``, and the forward's sync points."""
         t0 = time.perf_counter()
-        data = self._gather(fwd, INPUT_STEP, [0])[0]
+        data = self.gather(fwd, INPUT_STEP, [0])[0]
         if len(data) != rows * self.dim * 4:
             raise ProtocolError(f"an input of {len(data)} bytes for {rows} x {self.dim} values")
         x = np.frombuffer(data, dtype=np.float32).reshape(rows, self.dim).copy()
         self.seconds += time.perf_counter() - t0
         return x, ForwardSync(self, fwd, rows)
 
-    def _gather(self, fwd: int, step: int, sources: list[int]) -> dict:
+    def gather(self, fwd: int, step: int, sources: list[int]) -> dict:
         try:
             return self.mesh.gather(fwd, step, sources)
         except PeerFailed as e:
@@ -71,7 +71,7 @@ class ForwardSync:
         step = data_step(layer, block)
         own = s.codec.encode(partial)
         s.mesh.publish(self.fwd, step, own)
-        parts = s._gather(self.fwd, step, s.others)
+        parts = s.gather(self.fwd, step, s.others)
         parts[s.mesh.index] = own
         try:  # node order: the same float sums on every node
             total = s.codec.sum_parts([parts[node] for node in range(s.n_nodes)], self.rows, s.dim)
