@@ -191,6 +191,14 @@ class Worker:
         stop(self.proc)
 
 
+def from_cache(transfer: dict) -> bool:
+    """Whether a worker's weights came without the root sending any (a ``network.weights`` entry:
+    its ``source``, "local" or "cache"; ``from_cache`` in older stats)."""
+    if "from_cache" in transfer:
+        return bool(transfer["from_cache"])
+    return transfer.get("source") in ("local", "cache")
+
+
 def run_root(model: BenchModel, steps: int, buffer: str, addresses: list[str], args) -> dict:
     """One `dllama inference --stats-json FILE` run; its numbers, or a failure with its stderr tail."""
     fd, stats_name = tempfile.mkstemp(prefix="dllama-stats-", suffix=".json", dir=args.tmp_dir)
@@ -259,12 +267,12 @@ def root_figures(stats: dict, spawned_unix: float, wall: float) -> dict:
         "text": stats["text"],
     }
     if network is not None:
-        sent = [w for w in network["weights"] if not w["from_cache"]]
+        sent = [w for w in network["weights"] if not from_cache(w)]
         row["weights_sent_mb"] = sum(w["bytes_sent"] for w in sent) / 1e6
         row["weight_transfer_s"] = sum(w["seconds"] for w in sent) if sent else None
         row["weight_transfers"] = [{"worker": w["address"], "node": w["node"], "mb": w["bytes_sent"] / 1e6,
                                     "s": w["seconds"]} for w in sent]
-        row["cached_workers"] = sum(bool(w["from_cache"]) for w in network["weights"])
+        row["cached_workers"] = sum(from_cache(w) for w in network["weights"])
         # The generation's traffic (the weights sent at the start are counted above, apart).
         row["network"] = {
             "nodes": network["nodes"], "forwards": network["forwards"],
@@ -397,7 +405,7 @@ def allgather_child(cfg: dict) -> dict:
         codec_us[name] = statistics.median(times[warmup:]) * 1e6
 
     ctx = zmq.Context()
-    mesh = Mesh(ctx, index, cfg["net_timeout"], "127.0.0.1")
+    mesh = Mesh(ctx, index, cfg["net_timeout"], cfg["heartbeat"], bind_host="127.0.0.1")
     pub = ctx.socket(zmq.PUB)
     pub.linger = 0
     bare_port = pub.bind_to_random_port("tcp://127.0.0.1")
@@ -451,7 +459,7 @@ def allgather_child(cfg: dict) -> dict:
 def run_allgather(args) -> dict:
     """Start the 2 processes (node 1 learns node 0's ports from its argv, node 0 node 1's on stdin)."""
     cfg = {"dim": args.dim, "iters": args.allgather_iters, "warmup": max(20, args.allgather_iters // 10),
-           "codecs": ["f32", "q80"], "net_timeout": 30.0, "linger": 0.5}
+           "codecs": ["f32", "q80"], "net_timeout": 30.0, "heartbeat": 30.0, "linger": 0.5}
     env = node_env()
     procs: list[subprocess.Popen] = []
     outs: list[Lines] = []

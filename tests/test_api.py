@@ -1,7 +1,8 @@
 """`dllama api` as a real server process on 127.0.0.1 with the default SmolLM2 model: the
 OpenAI client against it (chat, streaming, stop strings, limits, seeds, models, completions),
 KV prefix reuse across a conversation, concurrent and vanishing clients, raw HTTP errors,
-fuzzed request bodies, and a cluster of workers behind the API (one dying: 503)."""
+fuzzed request bodies, and a cluster of workers behind the API (one dying, with --on-worker-loss
+fail: 503; the default, going on without it, is tests/test_recovery_serving.py's)."""
 from __future__ import annotations
 
 import json
@@ -816,12 +817,13 @@ def test_the_server_is_healthy_after_the_fuzzing(server, http, client):
 # -- a cluster behind the API ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """An API server (no key) on the root of a cluster with 2 workers that stops on a lost worker."""
     tmp = tmp_path_factory.mktemp("api-cluster")
     workers = []
     s = None
     try:
         workers = [Worker(tmp) for _ in range(2)]
-        s = Server(tmp, "--net-timeout", "5", "--workers", *[w.address for w in workers])
+        s = Server(tmp, "--net-timeout", "5", "--on-worker-loss", "fail", "--workers", *[w.address for w in workers])
         yield s, workers
     finally:
         if s is not None:
@@ -840,6 +842,12 @@ def test_a_cluster_answers_like_one_node_and_a_dead_worker_is_503(client, cluste
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [server.model_id]
         health = http.get("/health").json()
         assert health["status"] == "ok" and health["nodes"] == 3 and health["nodes_connected"] == 3
+        # the cluster object: every node, in order, up and holding a slice; no change yet
+        nodes = health["cluster"]["nodes"]
+        assert [(n["address"], n["state"], n["node"]) for n in nodes] == \
+            [("root", "up", 0)] + [(w.address, "up", i) for i, w in enumerate(workers, start=1)]
+        assert all("slice" in n for n in nodes)
+        assert [health["cluster"][k] for k in ("nodes_up", "epoch", "recoveries")] == [3, 1, []]
 
         for prompt in (QUESTION, STORY):
             want = greedy(client, prompt, 32)

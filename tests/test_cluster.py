@@ -1,6 +1,6 @@
 """The cluster with real worker processes on 127.0.0.1: identical results on 1..4 nodes,
-uneven and weighted splits, the slice cache, and failures (dead, frozen, absent workers,
-strangers and garbage on a worker's port)."""
+uneven and weighted splits, the slice cache (also across plans), and failures (dead, frozen,
+absent workers, strangers, garbage and stale epochs on a worker's port)."""
 from __future__ import annotations
 
 import os
@@ -17,14 +17,15 @@ import zmq
 import zmq.utils.monitor
 
 from dllama.default_model import ensure_default_model
-from dllama.engine.cluster import start_cluster
-from dllama.engine.session import Outcome, Session, tokens_for_steps
+from dllama.engine.cluster import Cluster
 from dllama.engine.sampler import Sampler
+from dllama.engine.session import Outcome, Session, tokens_for_steps
 from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.mfile import ModelFile
 from dllama.kernels.quants import FloatType
 from dllama.model.forward import Transformer
-from dllama.model.slicing import plan_slices
+from dllama.model.slicing import node_cuts, plan_slices
+from dllama.transport.links import HEARTBEAT_TIMEOUT
 from dllama.transport.protocol import PROTOCOL_VERSION, pack, unpack
 from tests.helpers import PipeWatcher, tiny_header, write_random_model
 from tests.threaded_cluster import ThreadedCluster
@@ -102,12 +103,15 @@ def synthetic(tmp_path_factory) -> tuple[Path, Path]:
     return path
 
 
-def cluster_transformer(model: ModelFile, workers, split=None, buffer="f32", seq_len=128, timeout=10.0):
-    plan = plan_slices(model.header, split or [1.0] * (1 + len(workers)))
+def cluster_transformer(model: ModelFile, workers, split=None, buffer="f32", seq_len=128, timeout=10.0,
+                        heartbeat=HEARTBEAT_TIMEOUT) -> Cluster:
+    """A started cluster of the root and ``workers``: its ``transformer`` is the root's node."""
     buffer_type = FloatType.parse(buffer)
-    return start_cluster(model, plan, [w.address for w in workers], seq_len, buffer,
-                         timeout, lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync),
-                         lambda message: None)
+    cluster = Cluster(model, [w.address for w in workers], seq_len, buffer, timeout,
+                      lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync),
+                      lambda message: None, split=split, heartbeat=heartbeat)
+    cluster.start()
+    return cluster
 
 
 def greedy(transformer: Transformer, tokens: list[int], n: int) -> tuple[list[int], np.ndarray]:
@@ -222,25 +226,44 @@ def test_worker_slice_cache_skips_the_transfer(tmp_path, synthetic):
     cache = tmp_path / "cache"
     w = Worker(tmp_path, cache_dir=cache)
     model = ModelFile(synthetic)
+    h = model.header
     tokens = [1, 2, 3, 4]
+    want = greedy(Transformer(model, seq_len=128), tokens, 8)[0]
     try:
         sent = []
-        outputs = []
-        for _ in range(2):
+        for source in ("root", "cache"):
             cluster = cluster_transformer(model, [w])
-            sent.append(cluster.transfers[0].bytes_sent)
-            outputs.append(greedy(cluster.transformer, tokens, 8)[0])
+            (transfer,) = cluster.transfers
+            assert (transfer.source, transfer.from_cache) == (source, source == "cache")
+            sent.append(transfer.bytes_sent)
+            assert greedy(cluster.transformer, tokens, 8)[0] == want
             cluster.close()
         assert sent[0] > 0 and sent[1] == 0
-        assert outputs[0] == outputs[1]
         # A corrupt entry is noticed and fetched again.
         (entry,) = [p for p in cache.iterdir() if p.is_dir()]
         data = bytearray((entry / "slice.bin").read_bytes())
         data[len(data) // 2] ^= 0xFF
         (entry / "slice.bin").write_bytes(bytes(data))
         cluster = cluster_transformer(model, [w])
-        assert cluster.transfers[0].bytes_sent == sent[0]
-        assert greedy(cluster.transformer, tokens, 8)[0] == outputs[0]
+        assert (cluster.transfers[0].source, cluster.transfers[0].bytes_sent) == ("root", sent[0])
+        assert greedy(cluster.transformer, tokens, 8)[0] == want
+        cluster.close()
+        # Another plan (the worker's share grows): the worker keeps what its cached slice holds
+        # and the root sends exactly the bytes it lacks.
+        old, new = plan_slices(h, [1, 1])[1], plan_slices(h, [1, 2])[1]
+        assert new.hidden[0] < old.hidden[0] and new.vocab[0] < old.vocab[0]
+        held = {c.name: c for c in node_cuts(h, old)}
+        lacking = 0
+        for c in node_cuts(h, new):
+            o = held[c.name]
+            common = max(0, min(c.hi, o.hi) - max(c.lo, o.lo))
+            lacking += c.nbytes - common * (c.row_bytes if c.axis == 0 else c.rows)
+        assert 0 < lacking < sent[0]
+        cluster = cluster_transformer(model, [w], split=[1, 2])
+        assert cluster.plan[1] == new
+        (transfer,) = cluster.transfers
+        assert (transfer.source, transfer.from_cache, transfer.bytes_sent) == ("cache+root", False, lacking)
+        assert greedy(cluster.transformer, tokens, 8)[0] == want
         cluster.close()
     finally:
         w.stop()
@@ -252,10 +275,10 @@ def run_root(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProces
                           timeout=timeout)
 
 
-def root_cmd(smollm2, workers, steps=600, timeout=3) -> list[str]:
+def root_cmd(smollm2, workers, steps=600, timeout=3, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dllama", "inference", "--model", str(smollm2[0]), "--tokenizer", str(smollm2[1]),
             "--prompt", "Once upon a time", "--steps", str(steps), "--temperature", "0.8", "--seed", "1",
-            "--nthreads", "1", "--net-timeout", str(timeout), "--workers", *[w.address for w in workers]]
+            "--nthreads", "1", "--net-timeout", str(timeout), *extra, "--workers", *[w.address for w in workers]]
 
 
 def generating(text: str) -> bool:
@@ -265,34 +288,38 @@ def generating(text: str) -> bool:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["kill", "freeze"])
-def test_a_failing_worker_ends_the_root_within_the_timeout(tmp_path, smollm2, how):
+def test_with_on_worker_loss_fail_a_failing_worker_ends_the_root_within_the_heartbeat(tmp_path, smollm2, how):
     w = Worker(tmp_path)
-    timeout = 3.0
+    heartbeat = 2.0
+    net_timeout = 60.0  # bounds set-up answers only: a forward waits on heartbeats, never on this
     root = None
     try:
-        root = subprocess.Popen(root_cmd(smollm2, [w], timeout=timeout), cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        root = subprocess.Popen(root_cmd(smollm2, [w], 600, net_timeout, "--heartbeat-timeout", str(heartbeat),
+                                         "--on-worker-loss", "fail"),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = PipeWatcher(root.stdout), PipeWatcher(root.stderr)
         out.wait_for(generating, timeout=120)  # tokens are flowing between root and worker
         t0 = time.monotonic()
         w.proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
         # Timed when the root says why it stops, not when its process is gone (exiting is not
-        # part of noticing). A root that missed the failure would wait forever (a frozen worker
-        # never replies) or for TCP's own timeouts (minutes); 5 x the timeout leaves a loaded
-        # machine 12 s of slack. How --net-timeout becomes the heartbeat settings is checked
-        # exactly by test_long_net_timeouts_fit_zeromq_heartbeats.
-        seen = err.wait_for(lambda text: "error: worker" in text, timeout=timeout + 60)
-        assert seen - t0 < 5 * timeout, seen - t0
+        # part of noticing). A killed worker's connection drops at once; a frozen one's when
+        # its heartbeats go unanswered for --heartbeat-timeout. A root that missed the failure
+        # would wait forever (a frozen worker never replies), for TCP's own timeouts (minutes)
+        # or for the net timeout: 8 s over the heartbeat timeout are a loaded machine's slack.
+        # How --heartbeat-timeout becomes ZeroMQ's settings is checked exactly by
+        # test_heartbeat_settings_fit_zeromq.
+        seen = err.wait_for(lambda text: "error: worker" in text, timeout=net_timeout + 60)
+        assert seen - t0 < heartbeat + 8.0, seen - t0
         assert root.wait(60) == 1
         err = err.join(60)
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: worker 127.0.0.1:") and w.address in last, err
-        assert "Traceback" not in err
+        assert "Traceback" not in err and "lost worker" not in err
         if how == "kill":
             w = Worker(tmp_path, port=w.port)  # the port is free again
         else:
             w.proc.send_signal(signal.SIGCONT)
-            w.wait_for("waiting for a root", timeout=timeout + 20)
+            w.wait_for("waiting for a root", timeout=heartbeat + 20)
         result = run_root(root_cmd(smollm2, [w], steps=12))
         assert result.returncode == 0, result.stderr
     finally:
@@ -325,14 +352,14 @@ def _config_for(model_path: Path, **changes) -> dict:
     from dllama.model.node import node_config
 
     m = ModelFile(model_path)
-    config = node_config(m.header, plan_slices(m.header, [1, 1])[1], 64, "f32", "0" * 64)
+    config = node_config(m.header, plan_slices(m.header, [1, 1])[1], 64, "f32", "0" * 64, "1" * 64)
     config.update(changes)
     return config
 
 
 def _hello(version=PROTOCOL_VERSION, root_port=1, **extra) -> list:
-    return pack("hello", {"version": version, "index": 1, "n_nodes": 2, "net_timeout": 2.0, "root_port": root_port,
-                          **extra})
+    return pack("hello", {"version": version, "epoch": 1, "index": 1, "n_nodes": 2, "net_timeout": 2.0,
+                          "heartbeat": 2.0, "root_port": root_port, **extra})
 
 
 @pytest.mark.timeout(300)
@@ -363,19 +390,30 @@ def test_garbage_and_strangers_do_not_hurt_a_worker(tmp_path, synthetic):
         for frames in ([b"nonsense"], [b"hello", b"{not json"], [b"hello", b"[" * 100000], [b"forward", b"{}"],
                        [b"hello", b"[1]"], [b"hello", b"{}"] + [b"x"] * 50,
                        _hello(PROTOCOL_VERSION + 1), _hello(net_timeout=7000.0 * 1e9),
-                       _hello(index=True), _hello(n_nodes=10**30)):
+                       _hello(index=True), _hello(n_nodes=10**30), _hello(epoch=0), _hello(epoch=True),
+                       _hello(epoch=2**32), _hello(epoch=None), _hello(heartbeat=None), _hello(heartbeat=0.01),
+                       _hello(heartbeat=1e9)):
             kind, meta, _ = exchange(d, frames)
             assert kind == "error", meta
         assert f"protocol version {PROTOCOL_VERSION + 1}, this worker {PROTOCOL_VERSION}" in \
             exchange(d, _hello(PROTOCOL_VERSION + 1))[1]["message"]
+        # Anyone may ping: the pong says whether the worker could start a session now.
+        assert exchange(d, pack("ping")) == ("pong", {"idle": True}, [])
         # A stranger that says hello with a data port nobody listens on, then vanishes: the
-        # worker gives up on it within the net timeout and serves the next root.
-        kind, _, _ = exchange(d, _hello(root_port=free_port()))
-        assert kind == "hello"
+        # worker gives up on it within the net timeout and serves the next root. Meanwhile it
+        # is busy: a ping says so, and another root's hello is refused.
+        kind, meta, _ = exchange(d, _hello(root_port=free_port()))
+        assert kind == "hello" and meta["epoch"] == 1 and meta["memory"] > 0
+        other = dealer()
+        assert exchange(other, pack("ping"))[:2] == ("pong", {"idle": False})
+        kind, meta, _ = exchange(other, _hello())
+        assert kind == "error" and "busy" in meta["message"]
+        other.close()
         d.close()
         w.wait_for("cannot reach the root's data port", timeout=10)
         # Configurations that would crash or exhaust a careless worker; each session ends with
-        # an error reply. (A real data port so that the session lives long enough.)
+        # an error reply. (A real data port so that the session lives long enough.) Stale
+        # epochs and a newer hello: test_heal_transport.py.
         pub = ctx.socket(zmq.PUB)
         port = pub.bind_to_random_port("tcp://127.0.0.1")
         bad_configs = [
@@ -389,7 +427,7 @@ def test_garbage_and_strangers_do_not_hurt_a_worker(tmp_path, synthetic):
         for config in bad_configs:
             d = dealer()
             assert exchange(d, _hello(root_port=port))[0] == "hello"
-            kind, meta, _ = exchange(d, pack("config", config))
+            kind, meta, _ = exchange(d, pack("config", {**config, "epoch": 1}))
             assert kind == "error", meta
             d.close()
         # Oversized frames drop the sender's connection: the sending end sees it close. (Its
@@ -417,7 +455,7 @@ def test_garbage_and_strangers_do_not_hurt_a_worker(tmp_path, synthetic):
         greedy(cluster.transformer, [1, 2, 3], 4)
         cluster.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # every socket, also those a failed assertion left open
         w.stop()
 
 
@@ -511,22 +549,25 @@ def test_a_worker_outlives_its_root(tmp_path, smollm2):
 ZMQ_MAX_TTL_MS = 0xFFFF * 100
 
 
-@pytest.mark.parametrize("net_timeout, timeout_ms", [
-    (0.01, 100), (0.1, 100), (0.1234, 123), (2.0, 2000), (10.0, 10000), (6553.5, 6553500), (6553.59, 6553500),
-    (7000.0, 6553500), (86400.0, 6553500)])
-def test_long_net_timeouts_fit_zeromq_heartbeats(net_timeout, timeout_ms):
-    """A link's heartbeats declare the peer dead after --net-timeout (at least 0.1 s, and at most
-    what ZeroMQ's TTL field holds, instead of an error), ping 4 times per timeout (every 50 ms to
-    1 s), and ask the peer to wait as long."""
-    from dllama.transport.links import new_socket
+@pytest.mark.parametrize("heartbeat, interval_ms, timeout_ms", [
+    (0.01, 20, 80), (0.1, 20, 80), (0.1234, 24, 99), (2.0, 400, 1600), (2.5, 500, 2000), (10.0, 1000, 9000),
+    (6553.5, 1000, 6552500), (6553.59, 1000, 6552500), (7000.0, 1000, 6552500), (86400.0, 1000, 6552500)])
+def test_heartbeat_settings_fit_zeromq(heartbeat, interval_ms, timeout_ms):
+    """A link pings every fifth of --heartbeat-timeout (every 20 ms to 1 s) and declares the peer
+    dead when a ping goes unanswered for the rest of it, so a silent peer is noticed within the
+    heartbeat timeout (at least 0.1 s, and at most what ZeroMQ's TTL field holds, instead of an
+    error); it asks the peer to wait as long."""
+    from dllama.transport.links import heartbeat_settings, new_socket
 
+    assert heartbeat_settings(heartbeat) == (interval_ms, timeout_ms)
+    assert interval_ms + timeout_ms == min(ZMQ_MAX_TTL_MS, max(100, int(heartbeat * 1000)))
     ctx = zmq.Context()
     try:
         for kind in (zmq.DEALER, zmq.ROUTER, zmq.PUB, zmq.SUB):
-            sock = new_socket(ctx, kind, net_timeout, server=kind in (zmq.ROUTER, zmq.PUB))
+            sock = new_socket(ctx, kind, heartbeat, server=kind in (zmq.ROUTER, zmq.PUB))
             try:
+                assert sock.getsockopt(zmq.HEARTBEAT_IVL) == interval_ms
                 assert sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == timeout_ms
-                assert sock.getsockopt(zmq.HEARTBEAT_IVL) == min(1000, max(50, timeout_ms // 4))
                 ttl = sock.getsockopt(zmq.HEARTBEAT_TTL)
                 assert ttl == timeout_ms // 100 * 100 and ttl <= ZMQ_MAX_TTL_MS
             finally:

@@ -46,10 +46,8 @@ def main(args: argparse.Namespace) -> int:
             template = None  # /v1/completions still works; chat requests get a clear 400
             info(f"⚠️  {e}")
         completer = Completer(session, end_of_turn_ids(session.tokenizer))
-        cluster = session.cluster
         api = Api(completer, template, args.model_id or _model_id(args, session), args.api_key,
-                  nodes=len(cluster.plan) if cluster else 1,
-                  cluster_alive=cluster.alive if cluster else None)
+                  cluster=session.cluster)
         info(f"🌐 OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {api.model_id!r})")
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame) -> None:  # Ctrl-C, SIGTERM

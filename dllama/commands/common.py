@@ -105,18 +105,22 @@ def load_session(args: argparse.Namespace) -> "Session":
 
 def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str]):
     """The root's node of a cluster with ``workers``: plan, hand out slices, connect."""
-    from dllama.engine.cluster import describe_plan, start_cluster
+    from dllama.engine.cluster import Cluster, describe_plan
     from dllama.kernels.quants import FloatType
     from dllama.model.forward import Transformer
-    from dllama.model.slicing import plan_slices
 
     if args.buffer_float_type == "q80" and model.header.dim % 32:
         raise DllamaError("--buffer-float-type q80 on a cluster needs a model dimension that is a multiple of 32")
-    plan = plan_slices(model.header, args.split or [1.0] * (1 + len(workers)))
-    for line in describe_plan(model, plan, workers, seq_len):
-        info(line)
     buffer_type = FloatType.parse(args.buffer_float_type)
-    cluster = start_cluster(model, plan, workers, seq_len, args.buffer_float_type, args.net_timeout,
-                            lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync),
-                            info)
-    return cluster.transformer, cluster
+    cluster = Cluster(model, workers, seq_len, args.buffer_float_type, args.net_timeout,
+                      lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync),
+                      info, split=args.split, heartbeat=args.heartbeat_timeout, on_worker_loss=args.on_worker_loss)
+    transformer = cluster.start()
+    for line in describe_plan(model, cluster.plan, workers, seq_len):
+        info(line)
+    for t in cluster.transfers:
+        how = {"local": "cut from its own model file", "cache": "from its slice cache"}.get(
+            t.source, f"sent {t.bytes_sent / 1e6:.1f} MB in {t.seconds:.1f} s")
+        info(f"💡 worker {t.address}: node {t.node}, weights {how}")
+    info(cluster.describe_nodes())
+    return transformer, cluster

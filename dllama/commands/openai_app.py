@@ -133,13 +133,13 @@ class Job:
 # -- the app --------------------------------------------------------------------------------------
 class Api:
     def __init__(self, completer: Completer, template: ChatTemplate | None, model_id: str, api_key: str | None,
-                 nodes: int = 1, cluster_alive: Callable[[], bool] | None = None):
+                 cluster=None):
         self.completer = completer
         self.template = template
         self.model_id = model_id
         self.api_key = api_key
-        self.nodes = nodes
-        self.cluster_alive = cluster_alive
+        self.cluster = cluster  # engine.cluster.Cluster, or None on one node
+        self.cluster_alive: Callable[[], bool] | None = cluster.alive if cluster is not None else None
         self.down: str | None = None  # why the model can no longer run (a worker failed)
         self.turn = asyncio.Lock()
         self.waiting = 0
@@ -186,7 +186,7 @@ class Api:
         """503 once the model cannot run. The cluster's sockets are only probed while no
         generation uses them (the event loop runs this with the turn free, or held by us)."""
         if self.down is None and self.cluster_alive is not None and not self.cluster_alive():
-            self.down = "a worker of the cluster is gone"
+            self.down = self.cluster.broken or "a worker of the cluster is gone"
         if self.down is not None:
             raise ApiError(503, f"the model is unavailable: {self.down}", "server_error", code="unavailable")
 
@@ -233,8 +233,12 @@ class Api:
             ok = self.down is None
         except ApiError:
             ok = False
+        cluster = self.cluster.health() if self.cluster is not None else None
+        nodes = 1 if cluster is None else len(cluster["nodes"])
+        up = 1 if cluster is None else cluster["nodes_up"]
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": self.model_id, "model_loaded": True,
-                             "nodes": self.nodes, "nodes_connected": self.nodes if ok else None,
+                             "nodes": nodes, "nodes_connected": up if ok else None,
+                             "cluster": cluster,
                              "generation": "one request at a time; others wait in arrival order",
                              "busy": self.turn.locked(), "waiting": self.waiting, "error": self.down},
                             200 if ok else 503)

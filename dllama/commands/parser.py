@@ -57,8 +57,18 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", nargs="+", type=float, default=None, metavar="W",
                    help="relative speed of each node, root first: faster nodes get larger slices (default: equal)")
     p.add_argument("--net-timeout", type=float, default=10.0,
-                   help="seconds a worker may stay silent before the root gives up")
+                   help="seconds a worker may take to answer the root's greeting and set-up messages")
+    _heartbeat_flag(p)
+    p.add_argument("--on-worker-loss", choices=["continue", "fail"], default="continue",
+                   help="when a worker is lost: go on with the nodes left (and take it back when it returns), "
+                        "or stop as distributed-llama does")
     p.add_argument("--verbose", action="store_true", help="a line per token on stderr: compute and sync ms, kB sent/received")
+
+
+def _heartbeat_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat-timeout", type=float, default=2.5, metavar="S",
+                   help="a node whose link goes this long without answering a heartbeat is lost (its process "
+                        "died or froze); a slow node still answers, however long its forward takes")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -111,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--nthreads", type=int, default=None, help="threads for the kernels (default: all cores)")
     p.add_argument("--cache-dir", default=None,
-                   help="keep received slices here; a root restarted with the same model sends no weights "
-                        "(default: none, slices are kept in memory only)")
+                   help="keep received slices here; a root restarted with the same model sends no weights, and "
+                        "one that plans again sends only what the cached slices miss (default: none)")
+    p.add_argument("--model", default=None, metavar="FILE_OR_FOLDER",
+                   help="a local copy of the root's .m file (or a folder of them): the worker cuts its slices "
+                        "from it for any plan, and the root sends no weights (default: none)")
+    _heartbeat_flag(p)
 
     p = sub.add_parser("tokenize", help="show the token ids of a text")
     p.add_argument("text", help="the text, or - to read standard input")
@@ -162,9 +176,10 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     port = getattr(args, "port", None)
     if port is not None and not 0 < port < 65536:
         parser.error(f"--port must be in 1..65535, got {port}")
-    timeout = getattr(args, "net_timeout", 1.0)
-    if not (math.isfinite(timeout) and 0.1 <= timeout <= 86400):
-        parser.error(f"--net-timeout must be between 0.1 and 86400 seconds, got {timeout}")
+    for flag in ("net_timeout", "heartbeat_timeout"):
+        timeout = getattr(args, flag, 1.0)
+        if not (math.isfinite(timeout) and 0.1 <= timeout <= 86400):
+            parser.error(f"--{flag.replace('_', '-')} must be between 0.1 and 86400 seconds, got {timeout}")
     split = getattr(args, "split", None)
     if split is not None:
         if len(split) != 1 + len(args.workers):

@@ -27,6 +27,7 @@ class TokenStats:
     sync_ms: float
     sent_bytes: int
     recv_bytes: int
+    unix: float  # when it was ready (wall clock: to line up with events outside, such as a fault)
 
 
 class TokenMeter:
@@ -45,10 +46,11 @@ class TokenMeter:
         now = self._now()
         (t0, before), (t1, after) = self._last, now
         if after is None:
-            stats = TokenStats((t1 - t0) * 1000, 0.0, 0, 0)
+            stats = TokenStats((t1 - t0) * 1000, 0.0, 0, 0, time.time())
         else:
             d = after.since(before)
-            stats = TokenStats((t1 - t0 - d.sync_seconds) * 1000, d.sync_seconds * 1000, d.bytes_sent, d.bytes_received)
+            stats = TokenStats((t1 - t0 - d.sync_seconds) * 1000, d.sync_seconds * 1000, d.bytes_sent,
+                               d.bytes_received, time.time())
         self.tokens.append(stats)
         self._last = now
         return stats
@@ -76,7 +78,9 @@ def _stats_json(session, outcome, meter: TokenMeter, first_token_unix: float | N
         "network": None if network is None else {
             "nodes": network.nodes, "forwards": network.forwards, "sync_seconds": network.sync_seconds,
             "sent_bytes": network.bytes_sent, "recv_bytes": network.bytes_received,
-            "weights": [asdict(t) for t in session.cluster.transfers]},
+            "weights": [asdict(t) for t in session.cluster.transfers],
+            # Workers lost and taken back: what each change cost (seconds), and when it was noticed.
+            "changes": [asdict(r) for r in session.cluster.recoveries]},
         "text": text,
     }
 

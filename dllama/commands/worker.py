@@ -2,8 +2,32 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dllama.commands.common import info
+from dllama.errors import DllamaError
+
+
+def local_models(name: str) -> dict[str, Path]:
+    """``--model``: the .m file, or every .m file of a folder, by SHA-256 (remembered, so that a
+    large file is read once, not at every start)."""
+    from dllama.engine.cluster import model_digest
+    from dllama.formats.mfile import ModelFile
+
+    path = Path(name)
+    files = sorted(path.glob("*.m")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise DllamaError(f"--model {name}: no .m model file there")
+    out = {}
+    for f in files:
+        try:
+            ModelFile(f)  # its header and size check out
+            out[model_digest(f)] = f
+        except (OSError, DllamaError) as e:
+            if not path.is_dir():
+                raise DllamaError(f"--model {name}: {e}") from None
+            info(f"⚠️  {f}: skipped ({e})")
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -16,11 +40,13 @@ def main(args: argparse.Namespace) -> int:
         backend.backend()
         backend.set_threads(args.nthreads)
     except ValueError as e:
-        from dllama.errors import DllamaError
         raise DllamaError(str(e)) from None
     cache = SliceCache(args.cache_dir) if args.cache_dir else None
-    server = WorkerServer(NodeFactory(), args.port, args.host, cache, log=info)
+    models = local_models(args.model) if args.model else {}
+    server = WorkerServer(NodeFactory(models), args.port, args.host, cache, log=info, heartbeat=args.heartbeat_timeout)
     info(f"💡 Kernels: {backend.describe()}")
+    for path in models.values():
+        info(f"💡 Local model: {path} (slices are cut from it)")
     info(f"💡 Listening on {args.host}:{args.port}" + (f", slice cache {args.cache_dir}" if cache else ""))
     try:
         server.serve()

@@ -16,9 +16,11 @@ from typing import Iterator
 
 import numpy as np
 
+from dllama.engine.cluster import CLUSTER_FAILURES
 from dllama.engine.sampler import Sampler
 from dllama.engine.tokenizer import Tokenizer
 from dllama.errors import DllamaError
+from dllama.machine import release_memory
 from dllama.model.forward import MAX_BATCH, Transformer
 
 
@@ -110,9 +112,43 @@ class Session:
         outputs = []
         for start in range(0, len(tokens), MAX_BATCH):
             batch = tokens[start:start + MAX_BATCH]
-            outputs.append(self.transformer.forward(batch, self.pos, all_logits=all_logits))
+            outputs.append(self._forward(batch, all_logits))
             self.tokens.extend(batch)  # only once its forward is complete
         return np.concatenate(outputs) if all_logits else outputs[-1]
+
+    def _forward(self, batch: list[int], all_logits: bool) -> np.ndarray:
+        """One forward at the next position. On a cluster, a worker lost on the way costs a
+        pause, not the generation: the cluster is planned again over the nodes left, the KV
+        caches rebuilt from ``tokens``, and the forward done again (the sampler is not touched,
+        so the text is the one it would have been). Rejoining workers are taken back here too."""
+        cluster = self.cluster
+        if cluster is not None and cluster.rejoin_due():
+            self._rebuild(cluster.admit)
+        while True:
+            try:
+                return self.transformer.forward(batch, self.pos, all_logits=all_logits)
+            except CLUSTER_FAILURES as e:
+                if cluster is None:
+                    raise
+                # Without its traceback: the frames of the failed forward hold the old share.
+                self._rebuild(lambda e=e.with_traceback(None): cluster.recover(e))
+
+    def _rebuild(self, plan_again) -> None:
+        """A new cluster session from ``plan_again``, then every KV cache evaluated again from
+        ``tokens``, in prompt-sized batches; again on a failure meanwhile."""
+        while True:
+            self.transformer = None  # the old share goes before the new one is built
+            self.transformer = plan_again()
+            release_memory()
+            t0 = time.perf_counter()
+            try:
+                for start in range(0, len(self.tokens), MAX_BATCH):
+                    self.transformer.forward(self.tokens[start:start + MAX_BATCH], start)
+            except CLUSTER_FAILURES as e:
+                plan_again = lambda e=e.with_traceback(None): self.cluster.recover(e)  # noqa: E731
+                continue
+            self.cluster.replayed(time.perf_counter() - t0, len(self.tokens))
+            return
 
     def rewind(self, pos: int) -> None:
         """Forget positions ``pos ..`` (their keys and values are overwritten when evaluated again)."""

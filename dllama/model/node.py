@@ -3,14 +3,18 @@ Transformer of that share. The worker's transport calls this; the math is the sa
 that runs on one node."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Mapping
+
 import numpy as np
 
 from dllama.errors import DllamaError
-from dllama.formats.mfile import ModelHeader, encode_header, parse_header
+from dllama.formats.cuts import TensorCut
+from dllama.formats.mfile import ModelFile, ModelHeader, encode_header, parse_header
 from dllama.kernels.quants import BLOCK_SIZE, FloatType
 from dllama.machine import physical_memory
 from dllama.model.forward import MAX_BATCH, Transformer
-from dllama.model.slicing import NodeModel, NodeSlice, node_kv_bytes, node_specs
+from dllama.model.slicing import NodeModel, NodeSlice, node_cuts, node_kv_bytes, node_specs, node_tensors
 from dllama.model.sync import LOCAL, BlockSync
 
 MAX_SEQ_LEN = 1 << 20
@@ -18,10 +22,11 @@ MAX_SEQ_LEN = 1 << 20
 MAX_LAYER_TENSORS = 1 << 16
 
 
-def node_config(h: ModelHeader, node: NodeSlice, seq_len: int, buffer_type: str, cache_key: str) -> dict:
+def node_config(h: ModelHeader, node: NodeSlice, seq_len: int, buffer_type: str, cache_key: str,
+                model_digest: str) -> dict:
     """What the root tells a worker about its node (JSON)."""
     return {"header": encode_header(h).hex(), "node": node.to_json(), "seq_len": seq_len,
-            "buffer_float_type": buffer_type, "cache_key": cache_key}
+            "buffer_float_type": buffer_type, "cache_key": cache_key, "model_digest": model_digest}
 
 
 def _parse(config: dict) -> tuple[ModelHeader, NodeSlice, int, str]:
@@ -81,11 +86,30 @@ def warm_up(tr: Transformer) -> None:
 
 
 class NodeFactory:
-    """Builds a worker's node (``transport.worker.NodeFactory``)."""
+    """Builds a worker's node (``transport.worker.NodeFactory``), from the bytes the root sent
+    or, for a model this worker has a copy of (``local_models``: SHA-256 to path), from its file."""
 
-    def tensor_sizes(self, config: dict) -> list[tuple[str, int]]:
+    def __init__(self, local_models: Mapping[str, Path] | None = None):
+        self.local_models = dict(local_models or {})
+
+    def tensor_cuts(self, config: dict) -> list[TensorCut]:
         h, node, _, _ = _parse(config)
-        return [(s.name, s.nbytes) for s in node_specs(h, node)]
+        return node_cuts(h, node)
+
+    def local_tensors(self, config: dict) -> dict[str, np.ndarray] | None:
+        path = self.local_models.get(config.get("model_digest"))  # type: ignore[arg-type]
+        if path is None:
+            return None
+        h, node, _, _ = _parse(config)
+        try:
+            model = ModelFile(path)
+        except (OSError, DllamaError):
+            return None  # changed or gone since the worker started: the root sends the slices
+        if model.header.with_seq_len(h.seq_len) != h:
+            return None
+        # Rows cut by output are views of the file's pages; columns are gathered (o and w2 only).
+        return {name: np.ascontiguousarray(t).reshape(-1).view(np.uint8)
+                for name, t in node_tensors(model.tensors, model.header, node).items()}
 
     def build(self, config: dict, tensors: dict[str, np.ndarray]) -> WorkerNode:
         h, node, seq_len, buffer_type = _parse(config)

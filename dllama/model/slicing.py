@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dllama.errors import DllamaError
+from dllama.formats.cuts import TensorCut
 from dllama.formats.mfile import ModelHeader, TensorSpec, tensor_plan
 from dllama.kernels.quants import BLOCK_SIZE
 
@@ -189,6 +190,32 @@ def node_tensors(tensors: Mapping[str, np.ndarray], h: ModelHeader, node: NodeSl
                 t = t[a:b]
         out[spec.name] = t
     return out
+
+
+def node_cuts(h: ModelHeader, node: NodeSlice) -> list[TensorCut]:
+    """The node's tensors (``node_specs`` order) as byte ranges of the whole stored tensors."""
+    cuts = []
+    for spec in tensor_plan(h):
+        if spec.name == "embedding" and not node.is_root:
+            continue
+        rows = spec.shape[0] if len(spec.shape) == 2 else 1
+        row_bytes = spec.nbytes // rows
+        cut = _cut(spec.name, h, node)
+        if cut is None:
+            cuts.append(TensorCut(spec.name, rows, row_bytes, 0, 0, rows))
+        elif cut[0] == 0:
+            cuts.append(TensorCut(spec.name, rows, row_bytes, 0, *cut[1]))
+        else:
+            per_byte = spec.shape[1] / row_bytes  # values per byte (a fraction for F32, more for Q40)
+            lo, hi = cut[1]
+            cuts.append(TensorCut(spec.name, rows, row_bytes, 1, round(lo / per_byte), round(hi / per_byte)))
+    return cuts
+
+
+def whole_bytes(tensors: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """A whole stored tensor as rows x bytes (what ``TensorCut`` ranges index)."""
+    t = tensors[name]
+    return t.reshape(t.shape[0] if t.ndim == 2 else 1, -1).view(np.uint8)
 
 
 def node_weight_bytes(h: ModelHeader, node: NodeSlice) -> int:

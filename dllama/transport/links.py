@@ -2,7 +2,8 @@
 
 Liveness: ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by libzmq's I/O thread even while
 Python computes) close a connection whose peer stops answering, so a killed or frozen node
-shows up as a disconnect event within the net timeout, also when no message is due.
+shows up as a disconnect event within the heartbeat timeout, also when no message is due, and
+a node that is only slow (a long forward on a small machine) keeps its links.
 
 Security: every socket goes through a ``LinkSecurity``; plaintext today. CurveZMQ (encrypted,
 authenticated links) slots in as another ``LinkSecurity`` that sets the curve keys on the
@@ -29,6 +30,8 @@ class LinkSecurity:
 
 PLAINTEXT = LinkSecurity()
 MAX_HEARTBEAT_MS = 6_553_500
+# Seconds without an answer to a heartbeat before a link is dropped (--heartbeat-timeout).
+HEARTBEAT_TIMEOUT = 2.5
 
 
 def endpoint(host: str, port: int) -> str:
@@ -49,14 +52,22 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def new_socket(ctx: zmq.Context, kind: int, net_timeout: float, server: bool,
+def heartbeat_settings(heartbeat: float) -> tuple[int, int]:
+    """(interval, timeout) in ms: a ping every interval; no answer within the timeout drops the
+    link, so a silent peer is noticed within ``heartbeat`` seconds (interval + timeout). ZeroMQ's
+    TTL field holds at most 6553.5 s; a longer heartbeat keeps that."""
+    total_ms = min(MAX_HEARTBEAT_MS, max(100, int(heartbeat * 1000)))
+    interval = max(20, min(1000, total_ms // 5))
+    return interval, total_ms - interval
+
+
+def new_socket(ctx: zmq.Context, kind: int, heartbeat: float, server: bool,
                security: LinkSecurity = PLAINTEXT) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.linger = 0
     sock.setsockopt(zmq.IPV6, 1)  # IPv4 and IPv6 both
-    # ZeroMQ's TTL field holds at most 6553.5 s; a longer net timeout keeps that.
-    timeout_ms = min(MAX_HEARTBEAT_MS, max(100, int(net_timeout * 1000)))
-    sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, min(1000, timeout_ms // 4)))
+    interval, timeout_ms = heartbeat_settings(heartbeat)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, interval)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, timeout_ms)
     # Lockstep keeps a handful of messages in flight; the marks only bound a broken peer.

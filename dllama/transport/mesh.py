@@ -7,7 +7,9 @@ of later steps are kept until asked for; a part of an earlier step, a duplicate,
 a node that is not a peer is a protocol error, never silently mixed in.
 
 A peer that dies or freezes makes its connection drop (heartbeats, see ``links``): the
-disconnect, or a wait longer than the net timeout, raises ``PeerFailed`` naming the node.
+disconnect raises ``PeerFailed`` naming the node. A wait has no deadline of its own while every
+peer's link is up, so a slow node is never taken for a dead one. Frames of another epoch (a
+session the root has given up) are dropped; the root's ``ABORT_STEP`` raises ``Abandoned``.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dllama.errors import DllamaError
 from dllama.transport.links import PLAINTEXT, LinkSecurity, new_socket
-from dllama.transport.protocol import HELLO_FWD, ProtocolError, data_frame, parse_data
+from dllama.transport.protocol import ABORT_STEP, HELLO_FWD, ProtocolError, data_frame, parse_data
 
 # Parts buffered ahead of the step being gathered; lockstep needs at most one step per peer.
 MAX_PENDING = 256
 HELLO_INTERVAL = 0.02
-# A waiting gather looks at connection events and its deadline this often (milliseconds).
+# A waiting gather looks at connection events this often (milliseconds).
 WATCH_MS = 100
+ABORT_LINGER_MS = 200
 
 
 class PeerFailed(DllamaError):
@@ -34,14 +37,19 @@ class PeerFailed(DllamaError):
         super().__init__(f"node(s) {nodes} {reason}")
 
 
+class Abandoned(DllamaError):
+    """The root gave up the session's forward (a node was lost): leave it, a new session follows."""
+
+
 class Mesh:
-    def __init__(self, ctx: zmq.Context, index: int, net_timeout: float, bind_host: str = "*",
-                 security: LinkSecurity = PLAINTEXT):
+    def __init__(self, ctx: zmq.Context, index: int, net_timeout: float, heartbeat: float, epoch: int = 0,
+                 bind_host: str = "*", security: LinkSecurity = PLAINTEXT):
         self.index = index
-        self.net_timeout = net_timeout
-        self.pub = new_socket(ctx, zmq.PUB, net_timeout, server=True, security=security)
+        self.epoch = epoch
+        self.net_timeout = net_timeout  # for the handshake: links that never come up
+        self.pub = new_socket(ctx, zmq.PUB, heartbeat, server=True, security=security)
         self.port = self.pub.bind_to_random_port(f"tcp://{bind_host}")
-        self.sub = new_socket(ctx, zmq.SUB, net_timeout, server=False, security=security)
+        self.sub = new_socket(ctx, zmq.SUB, heartbeat, server=False, security=security)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.peers: dict[str, int] = {}  # endpoint -> node
@@ -51,6 +59,7 @@ class Mesh:
         self.pending: dict[tuple[int, int, int], bytes] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.stale = 0  # frames of another epoch, dropped
         self._last: tuple[int, int] = (0, -1)  # the latest step gathered
 
     def connect(self, peers: dict[int, str]) -> None:
@@ -71,7 +80,7 @@ class Mesh:
         while not is_done(seen):
             now = time.monotonic()
             if now >= next_hello:
-                self.pub.send(data_frame(HELLO_FWD, 0, self.index, b""))
+                self.pub.send(data_frame(self.epoch, HELLO_FWD, 0, self.index, b""))
                 next_hello = now + HELLO_INTERVAL
             if now > deadline:
                 missing = sorted(self.peer_nodes - seen)
@@ -79,9 +88,11 @@ class Mesh:
             if self.sub.poll(max(1, int((next_hello - now) * 1000))):
                 while self.sub.poll(0):
                     frame = self.sub.recv()
-                    fwd, step, node, payload = parse_data(frame)
-                    if node not in self.peer_nodes:
+                    epoch, fwd, step, node, payload = parse_data(frame)
+                    if node not in self.peer_nodes or epoch != self.epoch:
                         continue
+                    if step == ABORT_STEP and node == 0:
+                        raise Abandoned("the root abandoned the session")
                     if fwd == HELLO_FWD:
                         seen.add(node)
                     elif len(self.pending) < MAX_PENDING:
@@ -90,7 +101,7 @@ class Mesh:
             self.check_peers()
 
     def publish(self, fwd: int, step: int, payload: bytes) -> None:
-        frame = data_frame(fwd, step, self.index, payload)
+        frame = data_frame(self.epoch, fwd, step, self.index, payload)
         self.pub.send(frame)  # copying a small frame is cheaper than pyzmq's zero-copy tracking
         self.bytes_sent += len(frame)
 
@@ -104,23 +115,21 @@ class Mesh:
             part = self.pending.pop((fwd, step, node), None)
             if part is not None:
                 parts[node] = part
-        deadline = time.monotonic() + self.net_timeout
         while len(parts) < len(sources):
             try:  # a blocking receive (in C, without the GIL) is the fastest wake-up pyzmq has
                 frame = self.sub.recv()
-            except zmq.Again:  # every WATCH_MS: did a peer drop, is the deadline past?
+            except zmq.Again:  # every WATCH_MS: did a peer's link drop?
                 self.check_peers()
-                if time.monotonic() > deadline:
-                    missing = [n for n in sources if n not in parts]
-                    raise PeerFailed(missing, f"sent nothing for {self.net_timeout:g} s (--net-timeout)")
                 continue
             self.bytes_received += len(frame)
-            f, s, node, payload = parse_data(frame)
+            e, f, s, node, payload = parse_data(frame)
+            if e != self.epoch:
+                self.stale += 1
+                continue
             if f == HELLO_FWD:
-                if time.monotonic() > deadline:  # a peer that only says hello is not answering
-                    missing = [n for n in sources if n not in parts]
-                    raise PeerFailed(missing, f"sent nothing for {self.net_timeout:g} s (--net-timeout)")
                 continue  # a late handshake message
+            if s == ABORT_STEP and node == 0:
+                raise Abandoned(f"the root abandoned forward {fwd}")
             if node not in self.peer_nodes:
                 raise ProtocolError(f"a part from node {node}, which is not a peer")
             if (f, s) == (fwd, step) and node in sources:
@@ -134,6 +143,10 @@ class Mesh:
             else:
                 raise ProtocolError(f"node {node} sent step {f}.{s} while {fwd}.{step} was due")
         return parts
+
+    def abort(self) -> None:
+        """The root: every node leaves the forward it is in (they wait for nothing else)."""
+        self.pub.send(data_frame(self.epoch, 0, ABORT_STEP, self.index, b""))
 
     def check_peers(self) -> None:
         """Note new connections; raise PeerFailed when a peer's connection dropped (it died, or
@@ -153,5 +166,6 @@ class Mesh:
             self.sub.disable_monitor()
         except zmq.ZMQError:
             pass
-        for s in (self.monitor, self.sub, self.pub):
+        for s in (self.monitor, self.sub):
             s.close(linger=0)
+        self.pub.close(linger=ABORT_LINGER_MS)  # an abort just published still leaves

@@ -2,29 +2,35 @@
 
 Control plane (ROUTER on the worker, one DEALER per worker on the root): multipart messages
 ``[kind, meta, blob...]``: ``kind`` one of ``KINDS``, ``meta`` a JSON object, then raw byte
-frames (a weight chunk, logits). A session goes:
+frames (a weight piece, logits). Every message of a session carries the session's ``epoch``
+(the root counts them up: a new one each time it plans the cluster again); a message of any
+other epoch is stale and dropped, so a worker that froze and resumed cannot disturb a cluster
+that went on without it. A session goes:
 
-    root                                   worker
-    hello {version, index, n_nodes}   ->
-                                      <-   hello {version, data_port} | error {message}
-    config {node config, cache_key}   ->
-                                      <-   config {cached}
-    chunk {tensor, offset} + bytes    ->   (only when not cached; each chunk is acknowledged)
-                                      <-   ack {seq}
-    build {}                          ->
-                                      <-   built {weight_bytes, kv_bytes}
-    mesh {peers}                      ->   (data plane: every node subscribes to every other)
-                                      <-   mesh_ready {}
-    go {}                             ->
-    forward {fwd, pos, n, all_logits} ->   (then the all-gathers on the data plane)
-                                      <-   logits {fwd} + float32 bytes
-    stop {}                           ->
-                                      <-   bye {}
+    root                                      worker
+    hello {version, epoch, index, n_nodes,
+           root_port, heartbeat}         ->   (a hello ends the worker's current session)
+                                         <-   hello {version, epoch, data_port, memory} | error
+    config {node config, model digest}   ->
+                                         <-   config {source, need: [[tensor, lo, hi], ...]}
+    chunk {piece, offset} + bytes        ->   (the needed pieces only; each chunk acknowledged)
+                                         <-   ack {seq}
+    mesh {peers}                         ->   (data plane: every node subscribes to every other)
+                                         <-   mesh_ready {}
+    build {}                             ->
+                                         <-   built {weight_bytes, kv_bytes}
+    go {}                                ->
+    forward {fwd, pos, rows, all_logits} ->   (then the all-gathers on the data plane)
+                                         <-   logits {fwd} + float32 bytes
+    stop {}                              ->
+                                         <-   bye {}
+    ping {} (anyone, any time)           ->
+                                         <-   pong {idle}: whether it could start a session now
 
 Data plane (PUB/SUB): one frame per part: ``DATA_HEADER`` then the payload. ``fwd`` counts the
 forwards of a session; ``step`` 0 is the root's embedded input, step ``data_step(layer, block)``
-the partial output of a block. ``HELLO_FWD`` marks the
-handshake that proves every subscription is live before the first forward.
+the partial output of a block, ``ABORT_STEP`` (from the root) abandons the session's forward.
+``HELLO_FWD`` marks the handshake that proves every subscription is live before the first forward.
 """
 from __future__ import annotations
 
@@ -33,9 +39,9 @@ import struct
 
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 KINDS = frozenset({"hello", "error", "config", "chunk", "ack", "build", "built", "mesh", "mesh_ready", "go",
-                   "forward", "logits", "stop", "bye"})
+                   "forward", "logits", "stop", "bye", "ping", "pong"})
 # A weight chunk; a control message may not exceed CHUNK_BYTES plus room for its meta.
 CHUNK_BYTES = 8 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
@@ -43,9 +49,10 @@ MAX_META_BYTES = 1 << 20
 MAX_FRAMES = 3  # kind, meta, at most one blob
 
 DATA_MAGIC = b"DLD1"
-DATA_HEADER = struct.Struct("<4sIHH")  # magic, fwd, step, node
+DATA_HEADER = struct.Struct("<4sIIHH")  # magic, epoch, fwd, step, node
 HELLO_FWD = 0xFFFFFFFF
 INPUT_STEP = 0  # the root's embedded input
+ABORT_STEP = 0xFFFF  # the root gave up the forward: every node leaves it
 
 
 class ProtocolError(DllamaError):
@@ -75,6 +82,9 @@ def unpack(frames: list) -> tuple[str, dict, list]:
     return kind, meta, list(frames[2:])
 
 
+MAX_EPOCH = (1 << 32) - 1
+
+
 def field(meta: dict, name: str, kind: type, minimum: int | None = None):
     """A typed field of a message's metadata, or ProtocolError."""
     value = meta.get(name)
@@ -93,14 +103,15 @@ def data_step(layer: int, block: int) -> int:
     return 1 + 2 * layer + block
 
 
-def data_frame(fwd: int, step: int, node: int, payload: bytes) -> bytes:
-    return DATA_HEADER.pack(DATA_MAGIC, fwd, step, node) + payload
+def data_frame(epoch: int, fwd: int, step: int, node: int, payload: bytes) -> bytes:
+    return DATA_HEADER.pack(DATA_MAGIC, epoch, fwd, step, node) + payload
 
 
-def parse_data(frame: bytes) -> tuple[int, int, int, memoryview]:
+def parse_data(frame: bytes) -> tuple[int, int, int, int, memoryview]:
+    """(epoch, fwd, step, node, payload) of a data frame."""
     if len(frame) < DATA_HEADER.size:
         raise ProtocolError("data frame too short")
-    magic, fwd, step, node = DATA_HEADER.unpack_from(frame)
+    magic, epoch, fwd, step, node = DATA_HEADER.unpack_from(frame)
     if magic != DATA_MAGIC:
         raise ProtocolError("data frame with a wrong magic")
-    return fwd, step, node, memoryview(frame)[DATA_HEADER.size:]
+    return epoch, fwd, step, node, memoryview(frame)[DATA_HEADER.size:]

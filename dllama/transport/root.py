@@ -1,12 +1,18 @@
-"""The root's end of the control plane: one DEALER per worker.
+"""The root's end of the control plane: one DEALER per worker, and the sessions run over them.
 
-Every wait has a deadline and watches the worker's connection, so a dead, frozen or absent
-worker ends the root with a message naming its address instead of a hang.
+A ``WorkerLink`` (the DEALER to one worker) lives as long as the worker is a member of the
+cluster: its heartbeats tell whether the worker's process is alive, across sessions. A
+``RootLink`` is one session (one epoch) with some of those workers: the greeting, the weights,
+the data plane and the forwards. When a worker is lost the root abandons the session and starts
+another one, of a new epoch, with the workers left (``engine.cluster``).
+
+Every wait watches the worker's connection, so a dead, frozen or absent worker ends the wait
+with a message naming its address instead of a hang.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -40,136 +46,190 @@ STOP_LINGER_MS = 200
 
 
 class WorkerFailed(DllamaError):
-    pass
+    """A worker failed the session: ``nodes`` are the session's node indices to blame (empty
+    when the failure names none)."""
+
+    def __init__(self, message: str, nodes: Iterable[int] = ()):
+        super().__init__(message)
+        self.nodes = sorted(set(nodes))
 
 
 @dataclass
 class WorkerLink:
+    """The DEALER to one worker, kept across sessions while the worker is alive."""
+
     address: str  # host:port as the user gave it
     host: str
-    index: int  # node index (the root is 0)
+    port: int
     sock: zmq.Socket
     monitor: zmq.Socket
     poller: zmq.Poller  # both of the above: what every wait on this worker watches
+    up: bool = True  # False once its connection dropped: the process died, froze or is unreachable
+    index: int = 0  # node index in the current session (the root is 0)
     data_port: int = 0
+    memory: int = 0  # bytes of RAM it reported
     weight_bytes_sent: int = 0
+    errors: list = dataclass_field(default_factory=list)  # "error" replies that named failed nodes
+
+    def watch(self) -> None:
+        """Note whether the connection dropped (without waiting)."""
+        while self.up and self.monitor.poll(0):
+            if recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                self.up = False
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=STOP_LINGER_MS)
+
+
+def open_worker(ctx: zmq.Context, address: str, heartbeat: float, security: LinkSecurity = PLAINTEXT) -> WorkerLink:
+    """A DEALER connected (in the background, as ZeroMQ does) to the worker at ``address``."""
+    try:
+        host, port = parse_address(address)
+    except ValueError as e:
+        raise DllamaError(str(e)) from None
+    sock = new_socket(ctx, zmq.DEALER, heartbeat, server=False, security=security)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    try:
+        sock.connect(endpoint(host, port))
+    except zmq.ZMQError as e:
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        raise WorkerFailed(f"worker {address}: cannot connect: {e.strerror}") from None
+    return WorkerLink(address, host, port, sock, monitor, poller)
 
 
 class RootLink:
-    def __init__(self, addresses: list[str], net_timeout: float, security: LinkSecurity = PLAINTEXT):
-        try:
-            parsed = [parse_address(a) for a in addresses]
-        except ValueError as e:
-            raise DllamaError(str(e)) from None
+    """One session (``epoch``) with ``workers`` (node i is ``workers[i - 1]``)."""
+
+    def __init__(self, ctx: zmq.Context, workers: list[WorkerLink], epoch: int, net_timeout: float,
+                 heartbeat: float, security: LinkSecurity = PLAINTEXT):
+        self.ctx = ctx
+        self.workers = workers
+        self.epoch = epoch
         self.net_timeout = net_timeout
-        self.security = security
-        self.ctx = zmq.Context()
-        self.workers: list[WorkerLink] = []
+        self.heartbeat = heartbeat
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.mesh = Mesh(self.ctx, 0, net_timeout, security=security)
-        for i, (address, (host, port)) in enumerate(zip(addresses, parsed), start=1):
-            sock = new_socket(self.ctx, zmq.DEALER, net_timeout, server=False, security=security)
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(monitor, zmq.POLLIN)
-            self.workers.append(WorkerLink(address, host, i, sock, monitor, poller))
-            try:
-                sock.connect(endpoint(host, port))
-            except zmq.ZMQError as e:
-                self.close()
-                raise WorkerFailed(f"worker {address}: cannot connect: {e.strerror}") from None
+        self.stale = 0  # messages of another epoch, dropped
+        for i, w in enumerate(workers, start=1):
+            w.index = i
+            w.weight_bytes_sent = 0
+            w.errors = []
+        self.mesh = Mesh(ctx, 0, net_timeout, heartbeat, epoch, security=security)
+        self.closed = False
 
     def worker(self, node: int) -> WorkerLink:
         return self.workers[node - 1]
 
     def failed(self, err: PeerFailed) -> WorkerFailed:
-        """A data-plane failure, told by worker address. A worker that saw another one fail
-        says so before it hangs up (its own disconnect may reach us first): that is the cause."""
-        deadline = time.monotonic() + min(0.5, self.net_timeout)
-        blamed: list[int] = []
-        for w in self.workers:
-            if w.index in err.nodes:
-                continue  # its own report cannot be trusted to come
-            while not blamed and w.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                try:
-                    kind, meta, _ = unpack(w.sock.recv_multipart())
-                except ProtocolError:
-                    continue
-                failed = meta.get("failed") if kind == "error" else None
-                if isinstance(failed, list):
-                    blamed = [n for n in failed if isinstance(n, int) and 1 <= n <= len(self.workers)]
-                    if blamed:
-                        err = PeerFailed(blamed, f"stopped answering (noticed by worker {w.address})")
+        """A data-plane failure, told by worker address (the cluster decides who is lost)."""
         names = ", ".join(self.worker(n).address for n in err.nodes if 1 <= n <= len(self.workers))
-        return WorkerFailed(f"worker {names or '?'} {err.reason}")
+        return WorkerFailed(f"worker {names or '?'} {err.reason}", err.nodes)
 
     # -- messages -----------------------------------------------------------------------------
     def send(self, w: WorkerLink, kind: str, meta: dict | None = None, *blobs) -> None:
-        frames = pack(kind, meta, *blobs)
+        frames = pack(kind, {**(meta or {}), "epoch": self.epoch}, *blobs)
         self.bytes_sent += sum(len(f) for f in frames)
-        w.sock.send_multipart(frames, copy=False)
+        try:
+            w.sock.send_multipart(frames, copy=False)
+        except zmq.Again:  # its queue stayed full for the send timeout: the link is down
+            raise WorkerFailed(f"worker {w.address} takes no messages", [w.index]) from None
 
-    def recv(self, w: WorkerLink, kind: str, timeout: float | None = None) -> tuple[dict, list]:
-        """The next message of worker ``w``, which must be ``kind``."""
-        timeout = self.net_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+    def recv(self, w: WorkerLink, kind: str, timeout: float | None = -1.0) -> tuple[dict, list]:
+        """The next message of this session from worker ``w``, which must be ``kind``. Waits at
+        most ``timeout`` seconds (default the net timeout; None: as long as the worker's link is up)."""
+        timeout = self.net_timeout if timeout == -1.0 else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise WorkerFailed(f"worker {w.address} did not answer within {timeout:g} s "
-                                   f"(is `dllama worker` running there? --net-timeout sets the limit)")
-            ready = dict(w.poller.poll(left * 1000))
+                                   f"(is `dllama worker` running there? --net-timeout sets the limit)", [w.index])
+            ready = dict(w.poller.poll(None if left is None else left * 1000))
             if w.monitor in ready:
-                event = recv_monitor_message(w.monitor)
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    raise WorkerFailed(f"worker {w.address} disconnected")
+                w.watch()
+                if not w.up:
+                    raise WorkerFailed(f"worker {w.address} disconnected", [w.index])
             if w.sock in ready:
                 frames = w.sock.recv_multipart()
                 self.bytes_received += sum(len(f) for f in frames)
                 try:
                     got, meta, blobs = unpack(frames)
                 except ProtocolError as e:
-                    raise WorkerFailed(f"worker {w.address}: {e}") from None
+                    raise WorkerFailed(f"worker {w.address}: {e}", [w.index]) from None
+                if meta.get("epoch") != self.epoch:
+                    self.stale += 1  # from a session given up: refused
+                    continue
                 if got == "error":
-                    raise WorkerFailed(f"worker {w.address}: {meta.get('message', 'error')}")
+                    failed = meta.get("failed")
+                    if isinstance(failed, list):
+                        blamed = [n for n in failed if isinstance(n, int) and 1 <= n <= len(self.workers)]
+                        if blamed:
+                            names = ", ".join(self.worker(n).address for n in blamed)
+                            raise WorkerFailed(f"worker {names} stopped answering (noticed by worker "
+                                               f"{w.address})", blamed)
+                    raise WorkerFailed(f"worker {w.address}: {meta.get('message', 'error')}", [w.index])
                 if got != kind:
-                    raise WorkerFailed(f"worker {w.address} sent {got!r} where {kind!r} was due")
+                    raise WorkerFailed(f"worker {w.address} sent {got!r} where {kind!r} was due", [w.index])
                 return meta, blobs
+
+    def drain(self) -> None:
+        """Read what the workers said since the failure (their reports name the nodes they lost)."""
+        for w in self.workers:
+            w.watch()
+            while w.up and w.sock.poll(0):
+                try:
+                    got, meta, _ = unpack(w.sock.recv_multipart())
+                except ProtocolError:
+                    continue
+                failed = meta.get("failed")
+                if got == "error" and meta.get("epoch") == self.epoch and isinstance(failed, list):
+                    w.errors += [n for n in failed if isinstance(n, int)]
 
     # -- session ------------------------------------------------------------------------------
     def hello(self, n_nodes: int) -> None:
-        """Greet every worker; each learns its index and the root's data-plane port."""
+        """Start the session on every worker; each learns its index, the epoch and the root's
+        data-plane port, and says how much memory it has."""
         for w in self.workers:
             self.send(w, "hello", {"version": PROTOCOL_VERSION, "index": w.index, "n_nodes": n_nodes,
-                                   "net_timeout": self.net_timeout, "root_port": self.mesh.port})
+                                   "net_timeout": self.net_timeout, "heartbeat": self.heartbeat,
+                                   "root_port": self.mesh.port})
         for w in self.workers:
             meta, _ = self.recv(w, "hello")
             try:
                 version = field(meta, "version", int)
                 w.data_port = field(meta, "data_port", int, 1)
+                w.memory = field(meta, "memory", int, 0)
             except ProtocolError as e:
-                raise WorkerFailed(f"worker {w.address}: {e}") from None
+                raise WorkerFailed(f"worker {w.address}: {e}", [w.index]) from None
             if version != PROTOCOL_VERSION:
                 raise WorkerFailed(f"worker {w.address} speaks protocol version {version}, this root "
-                                   f"{PROTOCOL_VERSION}: install the same dllama on both")
+                                   f"{PROTOCOL_VERSION}: install the same dllama on both", [w.index])
 
-    def configure(self, w: WorkerLink, config: dict) -> bool:
-        """Send a worker its configuration; True when it already has the weights cached."""
+    def configure(self, w: WorkerLink, config: dict) -> dict:
+        """Send a worker its node's configuration; its answer says where its weights come from
+        and which pieces it still needs."""
         self.send(w, "config", config)
-        meta, _ = self.recv(w, "config", timeout=BUILD_TIMEOUT)  # it checks its slice cache first
-        return bool(meta.get("cached"))
+        meta, _ = self.recv(w, "config", timeout=BUILD_TIMEOUT)  # it reads its model file or cache first
+        return meta
 
-    def send_weights(self, w: WorkerLink, tensors: Iterable[tuple[str, np.ndarray]],
-                     progress: Callable[[int], None]) -> None:
+    def send_pieces(self, w: WorkerLink, pieces: Iterable[np.ndarray], progress: Callable[[int], None]) -> None:
+        """The bytes of each piece the worker asked for, in its order, in acknowledged chunks."""
         in_flight = 0
         seq = 0
-        for name, array in tensors:
+        for i, array in enumerate(pieces):
             raw = memoryview(np.ascontiguousarray(array)).cast("B")
             for offset in range(0, len(raw), CHUNK_BYTES):
                 chunk = raw[offset:offset + CHUNK_BYTES]
-                self.send(w, "chunk", {"tensor": name, "offset": offset, "seq": seq}, chunk)
+                self.send(w, "chunk", {"piece": i, "offset": offset, "seq": seq}, chunk)
                 w.weight_bytes_sent += len(chunk)
                 seq += 1
                 in_flight += 1
@@ -184,7 +244,8 @@ class RootLink:
     def _ack(self, w: WorkerLink, seq: int) -> None:
         meta, _ = self.recv(w, "ack")
         if meta.get("seq") != seq:
-            raise WorkerFailed(f"worker {w.address} acknowledged chunk {meta.get('seq')} where {seq} was due")
+            raise WorkerFailed(f"worker {w.address} acknowledged chunk {meta.get('seq')} where {seq} was due",
+                               [w.index])
 
     def start_mesh(self) -> None:
         """Connect the data plane: every node subscribes to every other, proven by hellos."""
@@ -207,9 +268,10 @@ class RootLink:
         try:
             mesh.handshake(all_ready)
         except PeerFailed as e:
-            silent = [w.address for w in self.workers if w.index in e.nodes or w.index not in ready]
-            raise WorkerFailed(f"worker {', '.join(silent)} did not join the data plane within "
-                               f"{self.net_timeout:g} s (can every node reach every other's data port?)") from None
+            silent = [w for w in self.workers if w.index in e.nodes or w.index not in ready]
+            raise WorkerFailed(f"worker {', '.join(w.address for w in silent)} did not join the data plane within "
+                               f"{self.net_timeout:g} s (can every node reach every other's data port?)",
+                               [w.index for w in silent]) from None
 
     def send_all(self, kind: str) -> None:
         for w in self.workers:
@@ -224,34 +286,39 @@ class RootLink:
             self.send(w, "forward", {"fwd": fwd, "pos": pos, "rows": rows, "all_logits": all_logits})
 
     def logits(self, fwd: int) -> list[bytes]:
+        """Every worker's slice of forward ``fwd``'s logits; waits as long as their links are up
+        (a slow node is not a dead one: heartbeats tell them apart)."""
         out = []
         for w in self.workers:
-            meta, blobs = self.recv(w, "logits")
+            meta, blobs = self.recv(w, "logits", timeout=None)
             if meta.get("fwd") != fwd:
                 raise WorkerFailed(f"worker {w.address} sent logits of forward {meta.get('fwd')} in "
-                                   f"forward {fwd}")
+                                   f"forward {fwd}", [w.index])
             if len(blobs) != 1:
-                raise WorkerFailed(f"worker {w.address} sent logits without data")
+                raise WorkerFailed(f"worker {w.address} sent logits without data", [w.index])
             out.append(blobs[0])
         return out
 
+    def abandon(self) -> None:
+        """Give the session up: every worker leaves its forward now (the next hello, of a new
+        epoch, starts the next session); the worker links stay."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.mesh.abort()
+        except zmq.ZMQError:
+            pass
+        self.mesh.close()
+
     def close(self) -> None:
-        """Tell every worker the session is over (so it frees its memory), then hang up."""
-        if self.ctx.closed:
+        """Tell every worker the session is over (so it frees its memory); the links stay."""
+        if self.closed:
             return
         for w in self.workers:
-            try:
-                w.sock.send_multipart(pack("stop"), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-        self.mesh.close()
-        for w in self.workers:
-            try:
-                w.sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            w.monitor.close(linger=0)
-            # A moment for "stop" to leave (not for a dead worker to take it): live workers
-            # free their memory at once, the others when they notice the root is gone.
-            w.sock.close(linger=STOP_LINGER_MS)
-        self.ctx.term()
+            if w.up:
+                try:
+                    w.sock.send_multipart(pack("stop", {"epoch": self.epoch}), flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        self.abandon()

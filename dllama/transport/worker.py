@@ -3,8 +3,15 @@
 The worker knows nothing of models until a root sends its configuration; a ``NodeFactory``
 (the model side) turns configuration and received bytes into a runnable node. When the
 session ends (the root says stop, dies, freezes, or breaks the protocol) everything of it is
-dropped and the worker waits for the next root. Messages from anyone else get an error reply;
-nothing they send can end the session or grow memory beyond one bounded message.
+dropped and the worker waits for the next root. A hello of a newer epoch from the same root
+ends the session at once and starts the next one (the root planned the cluster again); the
+root's abort on the data plane gets the worker out of a forward. Messages of another epoch are
+stale and dropped. Messages from anyone else get an error reply (a ping, a pong); nothing they
+send can end the session or grow memory beyond one bounded message.
+
+The weights of a node come, cheapest first, from a local copy of the model file (the root then
+sends only the configuration), from the slice cache (what earlier plans left there, the overlap
+of every tensor kept), and for whatever is still missing from the root.
 """
 from __future__ import annotations
 
@@ -17,9 +24,12 @@ import numpy as np
 import zmq
 
 from dllama.errors import DllamaError
-from dllama.transport.links import PLAINTEXT, LinkSecurity, endpoint, new_socket
-from dllama.transport.mesh import Mesh, PeerFailed
+from dllama.formats.cuts import TensorCut
+from dllama.machine import physical_memory
+from dllama.transport.links import HEARTBEAT_TIMEOUT, PLAINTEXT, LinkSecurity, endpoint, new_socket
+from dllama.transport.mesh import Abandoned, Mesh, PeerFailed
 from dllama.transport.protocol import (
+    MAX_EPOCH,
     MAX_FRAMES,
     PROTOCOL_VERSION,
     ProtocolError,
@@ -43,8 +53,11 @@ class Node(Protocol):
 
 
 class NodeFactory(Protocol):
-    def tensor_sizes(self, config: dict) -> list[tuple[str, int]]:
-        """(name, bytes) of every tensor the configuration's node holds; DllamaError if invalid."""
+    def tensor_cuts(self, config: dict) -> list[TensorCut]:
+        """What the configuration's node holds of every tensor; DllamaError if invalid."""
+
+    def local_tensors(self, config: dict) -> dict[str, np.ndarray] | None:
+        """Every tensor's bytes cut from a local copy of the configuration's model, or None."""
 
     def build(self, config: dict, tensors: dict[str, np.ndarray]) -> Node: ...
 
@@ -55,6 +68,14 @@ _ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 
 class SessionEnded(Exception):
     pass
+
+
+class NextSession(Exception):
+    """The root started a new session (a new epoch): end this one, serve that one."""
+
+    def __init__(self, identity: bytes, peer: str, hello: dict):
+        super().__init__("the root planned the cluster again")
+        self.identity, self.peer, self.hello = identity, peer, hello
 
 
 def _describe(e: BaseException) -> str:
@@ -85,23 +106,28 @@ def _peer_endpoints(meta: dict, index: int, n_nodes: int) -> dict[int, str]:
 
 class WorkerServer:
     def __init__(self, factory: NodeFactory, port: int, host: str = "0.0.0.0", cache: SliceCache | None = None,
-                 log: Callable[[str], None] = print, security: LinkSecurity = PLAINTEXT):
+                 log: Callable[[str], None] = print, security: LinkSecurity = PLAINTEXT,
+                 heartbeat: float = HEARTBEAT_TIMEOUT):
         self.factory = factory
         self.cache = cache
         self.log = log
         self.security = security
         self.bind_host = "*" if host in ("0.0.0.0", "*") else host
         self.ctx = zmq.Context()
-        # Until a root says otherwise: how long a silent root may take during a transfer.
-        self.router = new_socket(self.ctx, zmq.ROUTER, 10.0, server=True, security=security)
+        self.router = new_socket(self.ctx, zmq.ROUTER, heartbeat, server=True, security=security)
         try:
             self.router.bind(f"tcp://{self.bind_host}:{port}")
         except zmq.ZMQError as e:
             raise DllamaError(f"cannot listen on {host}:{port}: {e}") from None
         self.sessions = 0
+        self.stale = 0  # messages of an earlier epoch, dropped
+        self._root_deadline = 0.0
 
     # -- messages ------------------------------------------------------------------------------
-    def _reply(self, identity: bytes, kind: str, meta: dict | None = None, *blobs) -> None:
+    def _reply(self, identity: bytes, kind: str, meta: dict | None = None, *blobs, epoch: int | None = None) -> None:
+        meta = dict(meta or {})
+        if epoch is not None:
+            meta["epoch"] = epoch
         try:
             self.router.send_multipart([identity, *pack(kind, meta, *blobs)], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
@@ -110,7 +136,7 @@ class WorkerServer:
     def _read(self, owner: bytes | None) -> tuple | None:
         """One message from the ROUTER: (identity, peer address, kind, meta, blobs) when it is
         well-formed and its sender may speak now (``owner``, or anyone saying hello when there
-        is no session); everyone else gets an error reply and None."""
+        is no session); a ping gets a pong, everyone else an error reply, and None."""
         frames = self.router.recv_multipart(copy=False)
         identity = frames[0].bytes
         if len(frames) > 1 + MAX_FRAMES:
@@ -130,18 +156,24 @@ class WorkerServer:
                 raise  # the session's error reply says it
             self._reply(identity, "error", {"message": str(e)})
             return None
+        epoch = meta.get("epoch") if isinstance(meta.get("epoch"), int) else None
+        if kind == "ping":
+            self._reply(identity, "pong", {"idle": owner is None}, epoch=epoch)
+            return None
         if owner is not None and identity != owner:
-            self._reply(identity, "error", {"message": "this worker is busy with another root"})
+            self._reply(identity, "error", {"message": "this worker is busy with another root"}, epoch=epoch)
             return None
         if owner is None and kind != "hello":
-            self._reply(identity, "error", {"message": f"{kind!r} before hello"})
+            if kind != "stop":  # a stop that arrives after its session ended needs no answer
+                self._reply(identity, "error", {"message": f"{kind!r} before hello"}, epoch=epoch)
             return None
         return identity, peer, kind, meta, blobs
 
-    def _next(self, owner: bytes | None, mesh: Mesh | None) -> tuple:
-        """The next message that ``owner`` (anyone, for a hello, when None) may send. Waits as
-        long as the root's data-plane link is up: a root that dies or freezes drops it. Until
-        that link is up, waits at most the net timeout."""
+    def _next(self, owner: bytes | None, mesh: Mesh | None, epoch: int = 0) -> tuple:
+        """The next message of session ``epoch`` that ``owner`` (anyone, for a hello, when None)
+        may send. Waits as long as the root's data-plane link is up: a root that dies or freezes
+        drops it. Until that link is up, waits at most the net timeout. A hello of a newer epoch
+        from the owner raises ``NextSession``; the owner's messages of other epochs are dropped."""
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         if mesh is not None:
@@ -158,117 +190,143 @@ class WorkerServer:
                 mesh.check_peers()
             if self.router in ready:
                 message = self._read(owner)
-                if message is not None:
+                if message is None:
+                    continue
+                if owner is None:
                     return message
+                identity, peer, kind, meta, _ = message
+                got = meta.get("epoch")
+                if got == epoch:
+                    return message
+                if kind == "hello" and isinstance(got, int) and not isinstance(got, bool) and got > epoch:
+                    raise NextSession(identity, peer, meta)
+                self.stale += 1  # a session given up: refused
 
-    def _expect(self, owner: bytes, mesh: Mesh, kind: str) -> tuple[dict, list]:
-        _, _, got, meta, blobs = self._next(owner, mesh)
-        self._check_kind(owner, got, kind)
+    def _expect(self, owner: bytes, mesh: Mesh, epoch: int, kind: str) -> tuple[dict, list]:
+        _, _, got, meta, blobs = self._next(owner, mesh, epoch)
+        self._check_kind(owner, got, kind, epoch)
         return meta, blobs
 
-    def _check_kind(self, owner: bytes, got: str, kind: str) -> None:
+    def _check_kind(self, owner: bytes, got: str, kind: str, epoch: int) -> None:
         if got == "stop":
-            self._reply(owner, "bye")
+            self._reply(owner, "bye", epoch=epoch)
             raise SessionEnded("the root ended the session")
         if got != kind:
             raise ProtocolError(f"{got!r} where {kind!r} was due")
 
     # -- the loop ------------------------------------------------------------------------------
     def serve(self, max_sessions: int | None = None) -> None:
+        following = None  # the hello of a session that ended the previous one
         while max_sessions is None or self.sessions < max_sessions:
-            owner, peer, _, meta, _ = self._next(None, None)
+            if following is None:
+                owner, peer, _, meta, _ = self._next(None, None)
+            else:
+                owner, peer, meta = following.identity, following.peer, following.hello
+                following = None
             self.sessions += 1
             try:
                 self._session(owner, peer, meta)
+            except NextSession as e:
+                self.log(f"⭕ session ended: {e}")
+                following = e
             except SessionEnded as e:
                 self.log(f"⭕ session ended: {e}")
             except Exception as e:  # noqa: BLE001 - whatever a root sends, the worker serves on
                 self.log(f"⭕ session ended: {_describe(e)}")
             finally:
                 gc.collect()  # the node's weights and KV cache go now, not at the next session
-            self.log("💡 waiting for a root")
+            if following is None:
+                self.log("💡 waiting for a root")
 
     def _session(self, owner: bytes, peer: str, hello: dict) -> None:
         """One root's session; on any failure the root hears why (and which peer failed)
         before the data plane closes, so that it can tell the user the real cause."""
         mesh = None
+        epoch = hello.get("epoch")
         try:
             version = hello.get("version")
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(f"the root speaks protocol version {version}, this worker {PROTOCOL_VERSION}: "
                                     f"install the same dllama on both")
+            epoch = field(hello, "epoch", int, 1)
             index = field(hello, "index", int, 1)
             n_nodes = field(hello, "n_nodes", int, 2)
             root_port = field(hello, "root_port", int, 1)
-            net_timeout = hello.get("net_timeout")
-            if index >= n_nodes or n_nodes > MAX_NODES or root_port > 65535:
-                raise ProtocolError("node index, node count or port out of range")
-            if isinstance(net_timeout, bool) or not isinstance(net_timeout, (int, float)) \
-                    or not 0.1 <= net_timeout <= 86400:
-                raise ProtocolError("net_timeout out of range")
-            mesh = Mesh(self.ctx, index, float(net_timeout), self.bind_host, self.security)
-            self._run(owner, peer, index, n_nodes, root_port, float(net_timeout), mesh)
-        except SessionEnded:
+            net_timeout = _seconds(hello, "net_timeout")
+            heartbeat = _seconds(hello, "heartbeat")
+            if index >= n_nodes or n_nodes > MAX_NODES or root_port > 65535 or epoch > MAX_EPOCH:
+                raise ProtocolError("epoch, node index, node count or port out of range")
+            mesh = Mesh(self.ctx, index, net_timeout, heartbeat, epoch, self.bind_host, self.security)
+            self._run(owner, peer, epoch, index, n_nodes, root_port, net_timeout, mesh)
+        except (SessionEnded, NextSession):
             raise
+        except Abandoned as e:
+            raise SessionEnded(str(e)) from None
         except Exception as e:
             meta = {"message": _describe(e)}
             if isinstance(e, PeerFailed):
                 meta["failed"] = e.nodes
-            self._reply(owner, "error", meta)
+            self._reply(owner, "error", meta, epoch=epoch if isinstance(epoch, int) else None)
             raise
         finally:
             if mesh is not None:
                 mesh.close()
 
-    def _run(self, owner, peer, index, n_nodes, root_port, net_timeout, mesh: Mesh) -> None:
+    def _run(self, owner, peer, epoch, index, n_nodes, root_port, net_timeout, mesh: Mesh) -> None:
         self._root_deadline = time.monotonic() + net_timeout
         mesh.connect({0: endpoint(peer or "127.0.0.1", root_port)})
-        self._reply(owner, "hello", {"version": PROTOCOL_VERSION, "data_port": mesh.port})
-        self.log(f"💡 root {peer or '?'} connected: this is node {index} of {n_nodes}")
+        self._reply(owner, "hello", {"version": PROTOCOL_VERSION, "data_port": mesh.port,
+                                     "memory": physical_memory()}, epoch=epoch)
+        self.log(f"💡 root {peer or '?'} connected: this is node {index} of {n_nodes} (epoch {epoch})")
 
-        config, _ = self._expect(owner, mesh, "config")
-        sizes = self.factory.tensor_sizes(config)
-        key = config.get("cache_key")
-        use_cache = self.cache is not None and isinstance(key, str)
-        tensors = self.cache.load(key, sizes) if use_cache else None
-        cached = tensors is not None
-        self._reply(owner, "config", {"cached": cached})
-        if tensors is None:
-            tensors = self._receive_weights(owner, mesh, sizes)
-        self.log(f"💡 weights: {sum(n for _, n in sizes) / 1e6:.1f} MB "
-                 f"({'from the slice cache' if cached else 'received'})")
+        config, _ = self._expect(owner, mesh, epoch, "config")
+        cuts = self.factory.tensor_cuts(config)
+        tensors, source, need = self._weights(config, cuts)
+        store = source not in ("local", "cached")
+        source = "cache" if source == "cached" else source
+        self._reply(owner, "config", {"source": source, "need": [[c.name, c.lo, c.hi] for c in need]}, epoch=epoch)
+        if need:
+            self._receive_pieces(owner, mesh, epoch, cuts, need, tensors)
+        received = sum(c.nbytes for c in need)
+        self.log(f"💡 weights: {sum(c.nbytes for c in cuts) / 1e6:.1f} MB ({source}"
+                 + (f", {received / 1e6:.1f} MB received)" if received else ")"))
 
-        meta, _ = self._expect(owner, mesh, "mesh")
+        meta, _ = self._expect(owner, mesh, epoch, "mesh")
         mesh.connect(_peer_endpoints(meta, index, n_nodes))
         reported = []
 
         def build_due(seen: set[int]) -> bool:
             if not reported and len(seen) == n_nodes - 1:
-                self._reply(owner, "mesh_ready")
+                self._reply(owner, "mesh_ready", epoch=epoch)
                 reported.append(True)
             while reported and self.router.poll(0):  # the root says build once all are ready
                 message = self._read(owner)
                 if message is not None:
-                    self._check_kind(owner, message[2], "build")
+                    if message[3].get("epoch") != epoch:
+                        if message[2] == "hello":
+                            raise NextSession(message[0], message[1], message[3])
+                        continue
+                    self._check_kind(owner, message[2], "build", epoch)
                     return True
             return False
 
         mesh.handshake(build_due)
-        if use_cache and not cached:  # while the root waits for "built", which may take long
-            try:
-                self.cache.store(key, sizes, tensors)
+        key = config.get("cache_key")
+        if self.cache is not None and store and isinstance(key, str):
+            try:  # while the root waits for "built", which may take long
+                self.cache.store(key, cuts, tensors, config.get("model_digest"))
             except OSError as e:
                 self.log(f"⚠️  cannot write the slice cache: {e.strerror or e}")
         node = self.factory.build(config, tensors)
         del tensors
         codec = WireCodec(node.wire_q80)  # compiles its kernels now, not in the first timed sync
-        self._reply(owner, "built", {"weight_bytes": node.weight_bytes, "kv_bytes": node.kv_bytes})
+        self._reply(owner, "built", {"weight_bytes": node.weight_bytes, "kv_bytes": node.kv_bytes}, epoch=epoch)
         self.log(f"💡 node ready: {node.weight_bytes / 1e6:.1f} MB of weights, KV cache {node.kv_bytes / 1e6:.1f} MB")
-        self._expect(owner, mesh, "go")
+        self._expect(owner, mesh, epoch, "go")
         sync = MeshSync(mesh, codec, n_nodes, node.dim)
         last_fwd = 0
         while True:
-            meta, _ = self._expect(owner, mesh, "forward")
+            meta, _ = self._expect(owner, mesh, epoch, "forward")
             fwd = field(meta, "fwd", int, last_fwd + 1)
             pos = field(meta, "pos", int, 0)
             rows = field(meta, "rows", int, 1)
@@ -276,34 +334,57 @@ class WorkerServer:
             last_fwd = fwd
             x, steps = sync.receive_input(fwd, rows)
             logits = node.forward(x, pos, all_logits, steps)
-            self._reply(owner, "logits", {"fwd": fwd}, np.ascontiguousarray(logits, dtype=np.float32).data)
+            self._reply(owner, "logits", {"fwd": fwd}, np.ascontiguousarray(logits, dtype=np.float32).data,
+                        epoch=epoch)
 
-    def _receive_weights(self, owner, mesh, sizes) -> dict[str, np.ndarray]:
-        buffers = {name: np.empty(n, dtype=np.uint8) for name, n in sizes}
-        filled = {name: 0 for name, _ in sizes}
-        left = sum(n for _, n in sizes)
+    def _weights(self, config: dict, cuts: list[TensorCut]) -> tuple[dict[str, np.ndarray], str, list[TensorCut]]:
+        """The node's tensors as far as this worker has them (flat bytes), where they came from
+        ("local", "cached": this slice's own cache entry, "cache": other entries held all of it,
+        "cache+root", "root"), and the pieces still missing (to fill in, in the returned buffers)."""
+        local = self.factory.local_tensors(config)
+        if local is not None:
+            return local, "local", []
+        key = config.get("cache_key")
+        digest = config.get("model_digest")
+        if self.cache is None or not isinstance(key, str) or not isinstance(digest, str):
+            return {c.name: np.empty(c.nbytes, np.uint8) for c in cuts}, "root", list(cuts)
+        tensors = self.cache.load(key, cuts)
+        if tensors is not None:
+            return tensors, "cached", []  # under this very key: nothing to store
+        tensors, need = self.cache.assemble(digest, cuts)
+        kept = sum(c.nbytes for c in cuts) - sum(c.nbytes for c in need)
+        return tensors, ("root" if not kept else "cache+root" if need else "cache"), need
+
+    def _receive_pieces(self, owner, mesh, epoch, cuts: list[TensorCut], need: list[TensorCut],
+                        tensors: dict[str, np.ndarray]) -> None:
+        """Fill the ``need`` pieces of ``tensors`` from the root's chunks (in that order)."""
+        cuts = {c.name: c for c in cuts}
         seq = 0
-        order = [name for name, _ in sizes]
-        while left > 0:
-            meta, blobs = self._expect(owner, mesh, "chunk")
-            name = meta.get("tensor")
-            if name not in buffers or len(blobs) != 1:
-                raise ProtocolError(f"chunk of unknown tensor {str(name)[:64]!r}")
-            if meta.get("seq") != seq or meta.get("offset") != filled[name]:
-                raise ProtocolError(f"chunk {meta.get('seq')} of {name} out of order")
-            data = blobs[0]
-            if filled[name] + len(data) > len(buffers[name]) or not data:
-                raise ProtocolError(f"chunk overruns tensor {name}")
-            buffers[name][filled[name]:filled[name] + len(data)] = np.frombuffer(data, dtype=np.uint8)
-            filled[name] += len(data)
-            left -= len(data)
-            seq += 1
-            self._reply(owner, "ack", {"seq": seq - 1})
-        missing = [n for n in order if filled[n] != len(buffers[n])]
-        if missing:
-            raise ProtocolError(f"tensor {missing[0]} incomplete")
-        return buffers
+        for i, piece in enumerate(need):
+            whole = cuts[piece.name]
+            buf = np.empty(piece.nbytes, dtype=np.uint8)
+            filled = 0
+            while filled < len(buf):
+                meta, blobs = self._expect(owner, mesh, epoch, "chunk")
+                if meta.get("piece") != i or meta.get("seq") != seq or meta.get("offset") != filled or len(blobs) != 1:
+                    raise ProtocolError(f"chunk {meta.get('seq')} of piece {meta.get('piece')} out of order")
+                data = blobs[0]
+                if not data or filled + len(data) > len(buf):
+                    raise ProtocolError(f"chunk overruns piece {i} ({piece.name})")
+                buf[filled:filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
+                filled += len(data)
+                seq += 1
+                self._reply(owner, "ack", {"seq": seq - 1}, epoch=epoch)
+            out = tensors[piece.name].reshape(whole.shape)
+            whole.place(out, piece.lo, piece.hi)[...] = buf.reshape(piece.shape)
 
     def close(self) -> None:
         self.router.close(linger=0)
         self.ctx.term()
+
+
+def _seconds(meta: dict, name: str) -> float:
+    value = meta.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 86400:
+        raise ProtocolError(f"{name} out of range")
+    return float(value)
