@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
-import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -39,62 +35,34 @@ from typing import Any
 
 # bench/common.py: puts the repository on sys.path first.
 from common import (
-    LLAMA_LABEL,
     RESULTS,
     ROOT,
     BenchModel,
-    child_env,
+    WorkerProcess,
+    add_node_options,
+    cluster_model,
+    fill_defaults,
     fmt,
     machine_info,
-    pyplot,
+    model_panels,
+    node_env,
+    print_table,
+    print_table_head,
+    print_tails,
+    read_stats,
+    root_command,
+    root_failure,
+    save_figure,
     say,
-    smollm2,
+    stats_file,
+    stop_process,
     tail,
-    write_llama_1b,
     write_results,
 )
 
 PROMPT = "Tell me about the sea."
 NOTE = ("Every node runs on this one machine, sharing its cores and talking over loopback; one run on a "
         "shared, noisy machine: read the numbers as ratios, not as absolutes.")
-
-
-# -- models -----------------------------------------------------------------------------------
-
-def write_synthetic_tokenizer(path: Path, vocab_size: int, prompt: str) -> None:
-    """A legacy tokenizer of ``vocab_size`` tokens for the synthetic model: ASCII bytes, every prefix
-    of the prompt's words (so the prompt is a few tokens, as with a real tokenizer), then filler
-    tokens " w<id>". No EOS: generation always runs the full steps."""
-    from dllama.formats.tfile import TokenizerData, write_tokenizer
-
-    vocab = [bytes([i]) for i in range(128)]
-    scores = [0.0] * 128
-    known = set(vocab)
-    for word in re.findall(r" ?\w+|[^\w ]", prompt):
-        raw = word.encode()
-        for end in range(2, len(raw) + 1):
-            if raw[:end] not in known:
-                known.add(raw[:end])
-                vocab.append(raw[:end])
-                scores.append(float(end))  # longer merges first
-    for i in range(len(vocab), vocab_size):
-        vocab.append(f" w{i}".encode())
-        scores.append(-1e11)  # at or below distributed-llama's floor: never a merge result
-    write_tokenizer(path, TokenizerData(vocab=vocab, scores=scores))
-
-
-def prepare_models(args, workdir: Path) -> list[BenchModel]:
-    models = []
-    for key in args.models:
-        if key == "smollm2":
-            models.append(smollm2(key))
-        else:
-            path = workdir / "synthetic-llama-1b-q40.m"
-            header = write_llama_1b(path)
-            tokenizer = workdir / "synthetic-llama-1b.t"
-            write_synthetic_tokenizer(tokenizer, header.vocab_size, args.prompt)
-            models.append(BenchModel("1b", LLAMA_LABEL, path, tokenizer))
-    return models
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -132,65 +100,6 @@ class Lines:
         raise RuntimeError(f"no {prefix!r} line within {timeout:g} s")
 
 
-def node_env() -> dict[str, str]:
-    """The environment of every process: ours (DLLAMA_HOME included, pinned so all agree), the
-    repository on the path, UTF-8 output, and one thread for the numeric libraries."""
-    from dllama.default_model import dllama_home
-
-    return child_env(1, DLLAMA_HOME=str(dllama_home()), PYTHONIOENCODING="utf-8:backslashreplace")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """End a child we started: SIGINT (a worker's clean exit), then SIGKILL; always reaped."""
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        say(f"! process {proc.pid} did not exit after SIGKILL")
-
-
-class Worker:
-    """`python -m dllama worker` on a free loopback port, its log in a file."""
-
-    def __init__(self, cache_dir: Path, log_path: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
-               "--nthreads", "1", "--cache-dir", str(cache_dir)]
-        with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def wait_listening(self, deadline: float) -> None:
-        while "Listening on" not in self.output():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.address} exited with {self.proc.returncode}:\n{tail(self.output())}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.address} not listening in time:\n{tail(self.output())}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        stop(self.proc)
-
-
 def from_cache(transfer: dict) -> bool:
     """Whether a worker's weights came without the root sending any (a ``network.weights`` entry:
     its ``source``, "local" or "cache"; ``from_cache`` in older stats)."""
@@ -201,15 +110,8 @@ def from_cache(transfer: dict) -> bool:
 
 def run_root(model: BenchModel, steps: int, buffer: str, addresses: list[str], args) -> dict:
     """One `dllama inference --stats-json FILE` run; its numbers, or a failure with its stderr tail."""
-    fd, stats_name = tempfile.mkstemp(prefix="dllama-stats-", suffix=".json", dir=args.tmp_dir)
-    os.close(fd)
-    stats_path = Path(stats_name)
-    cmd = [sys.executable, "-m", "dllama", "inference", "--model", str(model.path), "--tokenizer",
-           str(model.tokenizer), "--prompt", args.prompt, "--steps", str(steps), "--max-seq-len", str(steps),
-           "--temperature", "0", "--nthreads", "1", "--buffer-float-type", buffer,
-           "--net-timeout", str(args.net_timeout), "--stats-json", str(stats_path)]
-    if addresses:
-        cmd += ["--workers", *addresses]
+    stats_path = stats_file(args.tmp_dir)
+    cmd = root_command(model, steps, buffer, stats_path, addresses, args)
     try:
         spawned_unix = time.time()  # first token s: the root's first_token_unix minus this
         t0 = time.perf_counter()
@@ -221,13 +123,12 @@ def run_root(model: BenchModel, steps: int, buffer: str, addresses: list[str], a
             rc, stderr = None, e.stderr.decode("utf-8", "replace") if isinstance(e.stderr, bytes) else e.stderr
         wall = time.perf_counter() - t0
         if rc != 0:
-            why = f"ran over {args.timeout:g} s" if rc is None else f"exited with {rc}"
-            return {"failed": True, "error": f"root {why}", "stderr_tail": tail(stderr or ""), "wall_s": wall}
-        try:
-            stats = json.loads(stats_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            return {"failed": True, "error": f"no readable --stats-json output: {e}", "stderr_tail": tail(stderr),
+            return {"failed": True, "error": root_failure(rc, args.timeout), "stderr_tail": tail(stderr or ""),
                     "wall_s": wall}
+        try:
+            stats = read_stats(stats_path)
+        except RuntimeError as e:
+            return {"failed": True, "error": str(e), "stderr_tail": tail(stderr), "wall_s": wall}
     finally:
         stats_path.unlink(missing_ok=True)
     try:
@@ -286,13 +187,13 @@ def root_figures(stats: dict, spawned_unix: float, wall: float) -> dict:
 
 def run_layout(model: BenchModel, nodes: int, steps: int, buffer: str, cache_root: Path, args) -> dict:
     """One run with ``nodes - 1`` fresh workers on the slice cache folders under ``cache_root``."""
-    env = node_env()
-    workers: list[Worker] = []
+    workers: list[WorkerProcess] = []
     try:
         for i in range(1, nodes):
             cache = cache_root / f"node{i}"
             cache.mkdir(parents=True, exist_ok=True)
-            workers.append(Worker(cache, cache_root / f"node{i}-{time.monotonic_ns()}.log", env))
+            log = cache_root / f"node{i}-{time.monotonic_ns()}.log"
+            workers.append(WorkerProcess(log, ["--cache-dir", str(cache)]))
         deadline = time.monotonic() + args.worker_start_timeout
         for w in workers:
             w.wait_listening(deadline)
@@ -496,7 +397,7 @@ def run_allgather(args) -> dict:
                 "stderr_tail": detail}
     finally:
         for p in procs:
-            stop(p, grace=5.0)
+            stop_process(p, grace=5.0)
     summary: dict[str, Any] = {"failed": False, "dim": args.dim, "iters": cfg["iters"], "warmup": cfg["warmup"],
                                "nodes": results, "codecs": {}}
     for name in cfg["codecs"]:
@@ -518,30 +419,29 @@ def _kb(row: dict) -> str:
     return f"{row['sent_kb_per_token']:.1f}+{row['recv_kb_per_token']:.1f}"
 
 
+def _cells(r: dict) -> str:
+    """The main table's cells of a run that did not fail."""
+    warm = r.get("warm")
+    if r["nodes"] == 1:
+        warm_text = f"(no workers: {fmt(r['first_token_s'], '.2f')} / {r['wall_s']:.2f})"
+    elif warm is None or warm["failed"]:
+        warm_text = "FAILED" if warm else "-"
+    else:
+        sent = "no weights sent" if not warm["weights_sent_mb"] else f"{warm['weights_sent_mb']:.1f} MB SENT"
+        warm_text = f"{fmt(warm['first_token_s'], '.2f')} / {warm['wall_s']:.2f} ({sent})"
+    return (f"{fmt(r['decode_tok_s'], '.2f')} | {fmt(r['speedup'], '.2f')}x | "
+            f"{fmt(r['prefill_tok_s'], '.1f')} | {fmt(r['sync_ms_per_token'], '.2f')} | {_kb(r)} | "
+            f"{fmt(r['weight_transfer_s'], '.1f')} | {fmt(r['first_token_s'], '.2f')} | {warm_text} |")
+
+
 def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) -> None:
     print()
     print(NOTE)
     print()
-    head = ("| model | nodes | decode tok/s | speedup vs 1 node | prefill tok/s | sync ms/token | kB/token sent+recv "
-            "| weight transfer s | first token s (cold) | warm-cache start s (first token / total) |")
-    print(head)
-    print("|" + "---|" * head.count(" | ") + "---|")
-    for r in rows:
-        lead = f"| {r['model']} | {r['nodes']} |"
-        if r["failed"]:
-            print(f"{lead} FAILED: {r['error']} | | | | | | | |")
-            continue
-        warm = r.get("warm")
-        if r["nodes"] == 1:
-            warm_text = f"(no workers: {fmt(r['first_token_s'], '.2f')} / {r['wall_s']:.2f})"
-        elif warm is None or warm["failed"]:
-            warm_text = "FAILED" if warm else "-"
-        else:
-            sent = "no weights sent" if not warm["weights_sent_mb"] else f"{warm['weights_sent_mb']:.1f} MB SENT"
-            warm_text = f"{fmt(warm['first_token_s'], '.2f')} / {warm['wall_s']:.2f} ({sent})"
-        print(f"{lead} {fmt(r['decode_tok_s'], '.2f')} | {fmt(r['speedup'], '.2f')}x | "
-              f"{fmt(r['prefill_tok_s'], '.1f')} | {fmt(r['sync_ms_per_token'], '.2f')} | {_kb(r)} | "
-              f"{fmt(r['weight_transfer_s'], '.1f')} | {fmt(r['first_token_s'], '.2f')} | {warm_text} |")
+    print_table("| model | nodes | decode tok/s | speedup vs 1 node | prefill tok/s | sync ms/token "
+                "| kB/token sent+recv | weight transfer s | first token s (cold) "
+                "| warm-cache start s (first token / total) |",
+                rows, lambda r: f"| {r['model']} | {r['nodes']} |", _cells)
     print()
     print("From the root's --stats-json: decode/prefill tok/s: totals pred_tok_s/eval_tok_s; sync ms, kB: means "
           "over the decode steps (tokens, without the prompt's interval); weight transfer: network.weights' "
@@ -555,9 +455,8 @@ def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) 
             print(f"one all-gather of a [1, {allgather['dim']}] float32 vector between 2 processes on loopback "
                   f"(median of {allgather['iters']}, µs):")
             print()
-            print("| wire | frame bytes | dllama MeshSync.all_reduce | bare pyzmq PUB/SUB exchange | codec "
-                  "(encode + 2 adds) | the rest (mesh Python) | ZeroMQ share |")
-            print("|---|---|---|---|---|---|---|")
+            print_table_head("| wire | frame bytes | dllama MeshSync.all_reduce | bare pyzmq PUB/SUB exchange | codec "
+                             "(encode + 2 adds) | the rest (mesh Python) | ZeroMQ share |")
             for name, c in allgather["codecs"].items():
                 print(f"| {name} | {c['frame_bytes']} | {c['dllama_us']:.1f} | {c['bare_pyzmq_us']:.1f} | "
                       f"{c['codec_us']:.1f} | {c['mesh_python_us']:.1f} | {fmt(c['zmq_share'], '.0%')} |")
@@ -565,21 +464,15 @@ def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) 
         for run, label in ((r, ""), (r.get("warm") or {}, ", warm cache")):
             if run.get("failed"):
                 print(f"\nFAILED {r['model']}, {r['nodes']} node(s){label}: {run['error']}")
-                if run.get("stderr_tail"):
-                    print(run["stderr_tail"])
-                for node, text in (run.get("worker_tails") or {}).items():
-                    print(f"-- {node}:\n{text}")
+                print_tails(run)
     for f in failures:
         print(f"FAILED {f}")
     print()
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        mine = [r for r in rows if r["model"] == model]
+    fig, panels = model_panels(rows, 6.0)
+    for ax, model, mine in panels:
         x = [r["nodes"] for r in mine]
         tok = [r["decode_tok_s"] or 0 if not r["failed"] else 0 for r in mine]
         ax.bar(x, tok, 0.6, color="tab:blue", label="decode tok/s")
@@ -601,9 +494,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax2.legend(fontsize=8, loc="upper right")
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("dllama on one machine, nodes over loopback; one run on a noisy machine: ratios", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -622,12 +513,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=2048, help="all-gather micro-benchmark: vector length")
     p.add_argument("--allgather-iters", type=int, default=None, help="timed all-gathers (default 3000; --quick 400)")
     p.add_argument("--no-allgather", action="store_true", help="skip the all-gather micro-benchmark")
-    p.add_argument("--timeout", type=float, default=1200.0, help="seconds one root run (or micro-benchmark) may take")
-    p.add_argument("--worker-start-timeout", type=float, default=300.0, help="seconds for workers to listen")
-    p.add_argument("--net-timeout", type=float, default=60.0, help="the root's --net-timeout (busy shared cores)")
-    p.add_argument("--tmp-dir", default=None, help="where the synthetic model and slice caches go")
-    p.add_argument("--output", default=None, help="JSON path (default bench/results/cluster.json, "
-                                                  "--quick cluster_quick.json); the PNG goes next to it")
+    add_node_options(p, "cluster", "seconds one root run (or micro-benchmark) may take",
+                     "where the synthetic model and slice caches go")
     p.add_argument("--child", choices=["allgather"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -635,9 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {"models": ["smollm2"] if quick else ["smollm2", "1b"], "nodes": [1, 2] if quick else [1, 2, 3, 4],
                 "steps_smollm2": 24 if quick else 64, "allgather_iters": 400 if quick else 3000,
                 "output": str(RESULTS / ("cluster_quick.json" if quick else "cluster.json"))}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_defaults(args, defaults)
     args.models = list(dict.fromkeys(args.models))
     args.nodes = sorted(set(args.nodes))
     if any(n < 1 for n in args.nodes):
@@ -659,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     allgather = None
     workdir = Path(tempfile.mkdtemp(prefix="dllama-cluster-bench-", dir=args.tmp_dir))
     try:
-        for model in prepare_models(args, workdir):
+        for model in [cluster_model(key, workdir, args.prompt) for key in args.models]:
             rows += measure_model(model, args, workdir, failures)
             if model.path.is_relative_to(workdir):
                 model.path.unlink()  # 1.75 GB: gone before the next model runs

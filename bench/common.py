@@ -1,6 +1,8 @@
-"""What bench/decode.py and bench/cluster.py share: paths, the models they measure (SmolLM2 and
-the synthetic Llama-1B-shaped model), child-process environments, formatting, machine facts and
-writing results. Each bench imports this module, never the other bench.
+"""What the benches (bench/decode.py, bench/cluster.py, bench/recovery.py) share: paths, the models
+they measure (SmolLM2 and the synthetic Llama-1B-shaped model, with a tokenizer for the cluster
+benches), child-process environments, the cluster benches' processes (workers on free loopback
+ports, the root's command line and its --stats-json file), formatting, machine facts and writing
+results. Each bench imports this module, never another bench.
 
 Importing it puts the repository on ``sys.path`` (``python bench/x.py`` without an installed
 dllama) and imports no module that imports numba: a bench's parent process never starts numba,
@@ -8,11 +10,17 @@ each child configures it (threads, cache folder) before its first import.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+import re
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,6 +145,41 @@ def write_llama_1b(path: Path, n_layers: int = 16) -> ModelHeader:
     return header
 
 
+def write_synthetic_tokenizer(path: Path, vocab_size: int, prompt: str) -> None:
+    """A legacy tokenizer of ``vocab_size`` tokens for the synthetic model: ASCII bytes, every prefix
+    of the prompt's words (so the prompt is a few tokens, as with a real tokenizer), then filler
+    tokens " w<id>". No EOS: generation always runs the full steps."""
+    from dllama.formats.tfile import TokenizerData, write_tokenizer
+
+    vocab = [bytes([i]) for i in range(128)]
+    scores = [0.0] * 128
+    known = set(vocab)
+    for word in re.findall(r" ?\w+|[^\w ]", prompt):
+        raw = word.encode()
+        for end in range(2, len(raw) + 1):
+            if raw[:end] not in known:
+                known.add(raw[:end])
+                vocab.append(raw[:end])
+                scores.append(float(end))  # longer merges first
+    for i in range(len(vocab), vocab_size):
+        vocab.append(f" w{i}".encode())
+        scores.append(-1e11)  # at or below distributed-llama's floor: never a merge result
+    write_tokenizer(path, TokenizerData(vocab=vocab, scores=scores))
+
+
+def cluster_model(key: str, workdir: Path, prompt: str) -> BenchModel:
+    """A cluster bench's model: "smollm2" (the default model), or "1b": the synthetic
+    Llama-1B-shaped Q40 model written into ``workdir`` (about 1.75 GB), with a tokenizer that
+    makes ``prompt`` a few tokens."""
+    if key == "smollm2":
+        return smollm2(key)
+    path = workdir / "synthetic-llama-1b-q40.m"
+    header = write_llama_1b(path)
+    tokenizer = workdir / "synthetic-llama-1b.t"
+    write_synthetic_tokenizer(tokenizer, header.vocab_size, prompt)
+    return BenchModel("1b", LLAMA_LABEL, path, tokenizer)
+
+
 # -- child processes -------------------------------------------------------------------------------
 
 def child_env(threads: int, **extra: str) -> dict[str, str]:
@@ -148,6 +191,150 @@ def child_env(threads: int, **extra: str) -> dict[str, str]:
         env[name] = str(threads)
     env.update(extra)
     return env
+
+
+# -- the cluster benches' nodes ------------------------------------------------------------------------
+
+def node_env() -> dict[str, str]:
+    """The environment of every node (root or worker): ours (DLLAMA_HOME included, pinned so all
+    agree), the repository on the path, UTF-8 output, and one thread for the numeric libraries."""
+    from dllama.default_model import dllama_home
+
+    return child_env(1, DLLAMA_HOME=str(dllama_home()), PYTHONIOENCODING="utf-8:backslashreplace")
+
+
+def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """A node's process: in the repository, with ``node_env()``, no stdin."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=node_env(), stdin=subprocess.DEVNULL, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End a child we started: SIGINT (a worker's clean exit), then SIGKILL; always reaped."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        say(f"! process {proc.pid} did not exit after SIGKILL")
+
+
+class WorkerProcess:
+    """`python -m dllama worker --nthreads 1` with ``options`` (where its weights come from, its
+    timeouts) on a free loopback port, started by ``start`` (``spawn``'s signature), its log in a
+    file."""
+
+    def __init__(self, log_path: Path, options: list[str], start: Callable[..., subprocess.Popen] = spawn) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+               "--nthreads", "1", *options]
+        with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own descriptor
+            self.proc = start(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def wait_listening(self, deadline: float) -> None:
+        while "Listening on" not in self.output():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.address} exited with {self.proc.returncode}:\n{tail(self.output())}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.address} not listening in time:\n{tail(self.output())}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
+def add_node_options(p: argparse.ArgumentParser, name: str, timeout_help: str, tmp_dir_help: str) -> None:
+    """The cluster benches' options for their nodes (how long they may take, where their files
+    go) and for their results (bench/results/``name``.json, ``name``_quick.json with --quick)."""
+    p.add_argument("--timeout", type=float, default=1200.0, help=timeout_help)
+    p.add_argument("--worker-start-timeout", type=float, default=300.0, help="seconds for workers to listen")
+    p.add_argument("--net-timeout", type=float, default=60.0, help="the root's --net-timeout (busy shared cores)")
+    p.add_argument("--tmp-dir", default=None, help=tmp_dir_help)
+    p.add_argument("--output", default=None, help=f"JSON path (default bench/results/{name}.json, "
+                                                  f"--quick {name}_quick.json); the PNG goes next to it")
+
+
+def root_command(model: BenchModel, steps: int, buffer: str, stats_path: Path, addresses: list[str], args,
+                 *extra: str) -> list[str]:
+    """The root's `python -m dllama inference` as the cluster benches run it: ``args.prompt``,
+    greedy, one thread, ``steps`` positions (the prompt's included) and no more, ``buffer``
+    buffers, ``args.net_timeout``, ``--stats-json stats_path``, ``extra``, and the workers at
+    ``addresses`` (none: one node)."""
+    cmd = [sys.executable, "-m", "dllama", "inference", "--model", str(model.path), "--tokenizer",
+           str(model.tokenizer), "--prompt", args.prompt, "--steps", str(steps), "--max-seq-len", str(steps),
+           "--temperature", "0", "--nthreads", "1", "--buffer-float-type", buffer,
+           "--net-timeout", str(args.net_timeout), "--stats-json", str(stats_path), *extra]
+    return cmd + ["--workers", *addresses] if addresses else cmd
+
+
+def stats_file(folder: str | None) -> Path:
+    """A fresh, empty file for a root's --stats-json, in ``folder`` (None: the system's)."""
+    fd, name = tempfile.mkstemp(prefix="dllama-stats-", suffix=".json", dir=folder)
+    os.close(fd)
+    return Path(name)
+
+
+def read_stats(path: Path) -> dict:
+    """A root's --stats-json output; RuntimeError when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"no readable --stats-json output: {e}") from None
+
+
+def root_failure(rc: int | None, timeout: float) -> str:
+    """Why a root run failed: its exit status ``rc``, None when it ran over ``timeout`` seconds."""
+    why = f"ran over {timeout:g} s" if rc is None else f"exited with {rc}"
+    return f"root {why}"
+
+
+# -- reports ---------------------------------------------------------------------------------------
+
+def print_table_head(head: str) -> None:
+    """A Markdown table's header line ``head`` and the rule under it."""
+    print(head)
+    print("|" + "---|" * (head.count(" | ") + 1))
+
+
+def print_table(head: str, rows: list[dict], lead: Callable[[dict], str], cells: Callable[[dict], str]) -> None:
+    """A Markdown table of runs: ``head``, its rule, then a line a run: its first cells
+    ``lead(run)`` (what it ran), then ``cells(run)`` (what it measured), or for a failed run FAILED
+    and its ``error``, empty cells after."""
+    print_table_head(head)
+    for run in rows:
+        first = lead(run)
+        if run["failed"]:
+            rest = f"FAILED: {run['error']} |" + " |" * (head.count(" | ") - first.count(" | ") - 1)
+        else:
+            rest = cells(run)
+        print(f"{first} {rest}")
+
+
+def print_tails(run: dict) -> None:
+    """What a failed run left to read: its ``detail``, the root's ``stderr_tail`` and each
+    worker's log tail (``worker_tails``, by node)."""
+    for text in (run.get("detail"), run.get("stderr_tail")):
+        if text:
+            print(text)
+    for node, text in (run.get("worker_tails") or {}).items():
+        print(f"-- {node}:\n{text}")
 
 
 # -- machine and results -----------------------------------------------------------------------------
@@ -196,6 +383,30 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def model_panels(rows: list[dict], width: float) -> tuple[Any, list[tuple[Any, str, list[dict]]]]:
+    """A figure with a chart a model of ``rows`` (their "model"), side by side, ``width`` inches
+    each: the figure, and each chart's axes, model and rows."""
+    plt = pyplot()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 4.5), squeeze=False)
+    return fig, [(ax, model, [r for r in rows if r["model"] == model]) for ax, model in zip(axes[0], models)]
+
+
+def save_figure(fig, path: Path) -> None:
+    """A chart, laid out, written as a PNG (120 dpi) at ``path``, then closed."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def fill_defaults(args, defaults: dict[str, Any]) -> None:
+    """Each option in ``defaults`` left unset (None) takes its value there (defaults that depend
+    on --quick)."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def write_results(out: Path, result: dict, draw: Callable[[Path], None] | None) -> None:

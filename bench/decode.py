@@ -37,11 +37,13 @@ from common import (
     SMOL_LABEL,
     BenchModel,
     child_env,
+    fill_defaults,
     fmt,
     last_level_cache_bytes,
     llama_1b_label,
     machine_info,
     pyplot,
+    save_figure,
     say,
     smollm2,
     write_llama_1b,
@@ -542,9 +544,7 @@ def plot(rows: list[dict], bandwidth: dict[int, float], path: Path) -> None:
         ax.legend(fontsize=8, loc="upper right")
     bw = ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in sorted(bandwidth.items()))
     fig.suptitle(f"dllama decode/prefill speed (bandwidth {bw}); one run on a noisy machine: ratios", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -595,9 +595,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "overhead_steps": 4 if quick else 16, "prefill_repeats": 1 if quick else 2,
                 "bandwidth_repeats": 2 if quick else 5,
                 "output": str(RESULTS / ("decode_quick.json" if quick else "decode.json"))}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_defaults(args, defaults)
     for name, allowed in (("models", {"llama1b", "smollm2"}), ("backends", {"numba", "numpy"}),
                           ("numba_buffers", {"q80", "f32"})):
         bad = set(getattr(args, name)) - allowed

@@ -30,14 +30,11 @@ and orders of magnitude. Prints a table, writes bench/results/recovery.json and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,21 +42,10 @@ from pathlib import Path
 from typing import Any
 
 # bench/common.py: puts the repository on sys.path first.
-from common import (
-    LLAMA_LABEL,
-    RESULTS,
-    ROOT,
-    BenchModel,
-    child_env,
-    fmt,
-    machine_info,
-    pyplot,
-    say,
-    smollm2,
-    tail,
-    write_llama_1b,
-    write_results,
-)
+from common import (RESULTS, BenchModel, WorkerProcess, add_node_options, cluster_model, fill_defaults, fmt,
+                    machine_info, model_panels, print_table, print_tails, read_stats, root_command, root_failure,
+                    save_figure, say, stats_file, stop_process, tail, write_results)
+from common import spawn as spawn_node
 
 PROMPT = "Tell me about the sea."
 NOTE = ("Every node runs on this one machine, sharing its cores and talking over loopback; one run on a "
@@ -78,40 +64,6 @@ def target_s(model_key: str, fault: str) -> float:
     return KILL_TARGET_S[model_key] + (FREEZE_EXTRA_S if fault == "freeze" else 0.0)
 
 
-# -- models (the synthetic model and its tokenizer as bench/cluster.py makes them) -------------------
-
-def write_synthetic_tokenizer(path: Path, vocab_size: int, prompt: str) -> None:
-    """A legacy tokenizer of ``vocab_size`` tokens for the synthetic model: ASCII bytes, every prefix
-    of the prompt's words (so the prompt is a few tokens, as with a real tokenizer), then filler
-    tokens " w<id>". No EOS: generation always runs the full steps."""
-    from dllama.formats.tfile import TokenizerData, write_tokenizer
-
-    vocab = [bytes([i]) for i in range(128)]
-    scores = [0.0] * 128
-    known = set(vocab)
-    for word in re.findall(r" ?\w+|[^\w ]", prompt):
-        raw = word.encode()
-        for end in range(2, len(raw) + 1):
-            if raw[:end] not in known:
-                known.add(raw[:end])
-                vocab.append(raw[:end])
-                scores.append(float(end))  # longer merges first
-    for i in range(len(vocab), vocab_size):
-        vocab.append(f" w{i}".encode())
-        scores.append(-1e11)  # at or below distributed-llama's floor: never a merge result
-    write_tokenizer(path, TokenizerData(vocab=vocab, scores=scores))
-
-
-def prepare_model(key: str, args, workdir: Path) -> BenchModel:
-    if key == "smollm2":
-        return smollm2(key)
-    path = workdir / "synthetic-llama-1b-q40.m"
-    header = write_llama_1b(path)
-    tokenizer = workdir / "synthetic-llama-1b.t"
-    write_synthetic_tokenizer(tokenizer, header.vocab_size, args.prompt)
-    return BenchModel("1b", LLAMA_LABEL, path, tokenizer)
-
-
 # -- processes --------------------------------------------------------------------------------
 
 # Every child this bench started and has not reaped, and those it froze (SIGCONT before the end).
@@ -119,22 +71,9 @@ _CHILDREN: list[subprocess.Popen] = []
 _FROZEN: set[int] = set()
 
 
-def node_env() -> dict[str, str]:
-    """The environment of every process: ours (DLLAMA_HOME included, pinned so all agree), the
-    repository on the path, UTF-8 output, and one thread for the numeric libraries."""
-    from dllama.default_model import dllama_home
-
-    return child_env(1, DLLAMA_HOME=str(dllama_home()), PYTHONIOENCODING="utf-8:backslashreplace")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=node_env(), stdin=subprocess.DEVNULL, **kwargs)
+    """spawn_node, the child remembered (stop_all ends it if the bench does not)."""
+    proc = spawn_node(cmd, **kwargs)
     _CHILDREN.append(proc)
     return proc
 
@@ -151,19 +90,10 @@ def thaw(proc: subprocess.Popen) -> None:
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """End a child we started: SIGCONT if frozen, SIGINT (a worker's clean exit), then SIGKILL;
-    always reaped."""
+    """stop_process (SIGINT, then SIGKILL; always reaped) of a child we started, thawed first if
+    frozen, then forgotten."""
     thaw(proc)
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        say(f"! process {proc.pid} did not exit after SIGKILL")
+    stop_process(proc, grace)
     if proc.returncode is not None and proc in _CHILDREN:
         _CHILDREN.remove(proc)
 
@@ -176,43 +106,23 @@ def stop_all() -> None:
         stop(proc, grace=5.0)
 
 
-class Worker:
-    """`python -m dllama worker` on a free loopback port (a local model file or a slice cache),
-    its log in a file."""
+class Worker(WorkerProcess):
+    """A worker on a local model file or a slice cache, which can be killed or frozen."""
 
     def __init__(self, log_path: Path, model: Path | None, cache_dir: Path | None, args) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
-               "--nthreads", "1"]
+        options = []
         if model is not None:
-            cmd += ["--model", str(model)]
+            options += ["--model", str(model)]
         if cache_dir is not None:
-            cmd += ["--cache-dir", str(cache_dir)]
+            options += ["--cache-dir", str(cache_dir)]
         if args.heartbeat_timeout is not None:
-            cmd += ["--heartbeat-timeout", str(args.heartbeat_timeout)]
-        with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own descriptor
-            self.proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
+            options += ["--heartbeat-timeout", str(args.heartbeat_timeout)]
+        super().__init__(log_path, options, spawn)
 
     def weight_lines(self) -> list[dict]:
         """Each session's "💡 weights: ..." line: MB, source, MB received."""
         return [{"mb": float(m[1]), "source": m[2], "received_mb": float(m[3]) if m[3] else 0.0}
                 for m in WEIGHTS_LINE.finditer(self.output())]
-
-    def wait_listening(self, deadline: float) -> None:
-        while "Listening on" not in self.output():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.address} exited with {self.proc.returncode}:\n{tail(self.output())}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.address} not listening in time:\n{tail(self.output())}")
-            time.sleep(0.05)
 
     def fault(self, kind: str) -> float:
         """SIGKILL or SIGSTOP it; the wall clock as the signal goes."""
@@ -232,13 +142,10 @@ class Root:
     (one line per token) read on threads."""
 
     def __init__(self, model: BenchModel, steps: int, addresses: list[str], stats_path: Path, args) -> None:
-        cmd = [sys.executable, "-m", "dllama", "inference", "--model", str(model.path), "--tokenizer",
-               str(model.tokenizer), "--prompt", args.prompt, "--steps", str(steps), "--max-seq-len", str(steps),
-               "--temperature", "0", "--nthreads", "1", "--buffer-float-type", args.buffer,
-               "--net-timeout", str(args.net_timeout), "--stats-json", str(stats_path), "--verbose",
-               "--workers", *addresses]
+        extra = ["--verbose"]
         if args.heartbeat_timeout is not None:
-            cmd += ["--heartbeat-timeout", str(args.heartbeat_timeout)]
+            extra += ["--heartbeat-timeout", str(args.heartbeat_timeout)]
+        cmd = root_command(model, steps, args.buffer, stats_path, addresses, args, *extra)
         self.prompt = args.prompt
         self.stdout = bytearray()
         self.stderr: list[str] = []
@@ -316,9 +223,7 @@ def run_case(model: BenchModel, steps: int, setup: str, fault: str | None, cache
              logs: Path, args) -> dict:
     """One root run with 2 fresh workers, ``fault`` (None: none) sent to one of them mid-generation.
     ``setup`` "local": workers on the model file; "cache": on ``cache_dirs``."""
-    fd, stats_name = tempfile.mkstemp(prefix="dllama-stats-", suffix=".json", dir=args.tmp_dir)
-    os.close(fd)
-    stats_path = Path(stats_name)
+    stats_path = stats_file(args.tmp_dir)
     tag = f"{model.key}-{setup}-{fault or 'none'}-{time.monotonic_ns()}"
     workers: list[Worker] = []
     root: Root | None = None
@@ -343,12 +248,8 @@ def run_case(model: BenchModel, steps: int, setup: str, fault: str | None, cache
         rc = root.finish(max(1.0, args.timeout - (time.monotonic() - started)))
         ended_unix = time.time()
         if rc != 0:
-            why = f"ran over {args.timeout:g} s" if rc is None else f"exited with {rc}"
-            raise RuntimeError(f"root {why}")
-        try:
-            stats = json.loads(stats_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"no readable --stats-json output: {e}") from None
+            raise RuntimeError(root_failure(rc, args.timeout))
+        stats = read_stats(stats_path)
         try:
             row.update(figures(stats, root, fault_unix, fault_chars, ended_unix))
         except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -525,35 +426,29 @@ def _verdict(r: dict) -> str:
     return f"{r['target_s']:.0f} ({'met' if r['total_s'] <= r['target_s'] else 'MISSED'})"
 
 
+def _fault_cells(r: dict) -> str:
+    """The fault table's cells of a run that did not fail."""
+    sources = ",".join(str(s["source"]) for s in r["survivor"]) or "-"
+    return (f"{r['detect_s']:.2f} | {r['plan_s']:.3f} | {r['load_s']:.2f} | {r['replay_s']:.2f} "
+            f"({r['replayed_tokens']}) | {r['other_s']:.2f} | **{r['total_s']:.2f}** | {_verdict(r)} | "
+            f"{fmt(r['tok_s_before'], '.1f')} / {fmt(r['tok_s_after'], '.1f')} | {r['mb_to_survivor']:.1f} "
+            f"({sources}) | {_same(r)} |")
+
+
 def print_report(bases: list[dict], rows: list[dict], failures: list[str]) -> None:
     print()
     print(NOTE)
     print()
     print("Fault-free baselines (3 nodes):")
     print()
-    print("| model | workers | decode tok/s | tokens | first token s | text chars |")
-    print("|---|---|---|---|---|---|")
-    for b in bases:
-        if b["failed"]:
-            print(f"| {b['model']} | {b['setup']} | FAILED: {b['error']} | | | |")
-        else:
-            print(f"| {b['model']} | {b['setup']} | {fmt(b['decode_tok_s'], '.1f')} | {b['generated_tokens']} "
-                  f"({b['finish_reason']}) | {b['first_token_s']:.2f} | {len(b['text'])} |")
+    print_table("| model | workers | decode tok/s | tokens | first token s | text chars |", bases,
+                lambda b: f"| {b['model']} | {b['setup']} |",
+                lambda b: f"{fmt(b['decode_tok_s'], '.1f')} | {b['generated_tokens']} ({b['finish_reason']}) | "
+                          f"{b['first_token_s']:.2f} | {len(b['text'])} |")
     print()
-    head = ("| model | workers | fault | detect s | re-plan s | load s | replay s (tokens) | other s | total s "
-            "| target s | tok/s before / after | MB to survivor (source) | same text |")
-    print(head)
-    print("|" + "---|" * head.count(" | ") + "---|")
-    for r in rows:
-        lead = f"| {r['model']} | {r['setup']} | {r['fault']} |"
-        if r["failed"]:
-            print(f"{lead} FAILED: {r['error']} |" + " |" * (head.count(" | ") - 3))
-            continue
-        sources = ",".join(str(s["source"]) for s in r["survivor"]) or "-"
-        print(f"{lead} {r['detect_s']:.2f} | {r['plan_s']:.3f} | {r['load_s']:.2f} | {r['replay_s']:.2f} "
-              f"({r['replayed_tokens']}) | {r['other_s']:.2f} | **{r['total_s']:.2f}** | {_verdict(r)} | "
-              f"{fmt(r['tok_s_before'], '.1f')} / {fmt(r['tok_s_after'], '.1f')} | {r['mb_to_survivor']:.1f} "
-              f"({sources}) | {_same(r)} |")
+    print_table("| model | workers | fault | detect s | re-plan s | load s | replay s (tokens) | other s | total s "
+                "| target s | tok/s before / after | MB to survivor (source) | same text |",
+                rows, lambda r: f"| {r['model']} | {r['setup']} | {r['fault']} |", _fault_cells)
     print()
     print(f"Targets (the issue's, with local model files): a killed worker at most "
           f"{KILL_TARGET_S['smollm2']:g} s on SmolLM2 and {KILL_TARGET_S['1b']:g} s on the 1B shape, a frozen one at "
@@ -565,11 +460,7 @@ def print_report(bases: list[dict], rows: list[dict], failures: list[str]) -> No
     for r in bases + rows:
         if r["failed"]:
             print(f"\nFAILED {r['model']}, {r['setup']}, {r.get('fault', 'no fault')}: {r['error']}")
-            for text in (r.get("detail"), r.get("stderr_tail")):
-                if text:
-                    print(text)
-            for node, text in (r.get("worker_tails") or {}).items():
-                print(f"-- {node}:\n{text}")
+            print_tails(r)
     for f in failures:
         print(f"FAILED {f}")
     print()
@@ -588,11 +479,8 @@ PARTS = (("detect_s", "detect", "tab:red"), ("plan_s", "re-plan", "tab:purple"),
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        mine = [r for r in rows if r["model"] == model]
+    fig, panels = model_panels(rows, 5.5)
+    for ax, model, mine in panels:
         labelled: set[str] = set()
         for x, r in enumerate(mine):
             if r["failed"]:
@@ -613,9 +501,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("dllama: a worker lost, 3 nodes to 2 over loopback; one run on a noisy machine", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -642,21 +528,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat-timeout", type=float, default=None,
                    help="--heartbeat-timeout of the root and workers (default: dllama's, 2.5 s)")
     p.add_argument("--prompt", default=PROMPT)
-    p.add_argument("--timeout", type=float, default=1200.0, help="seconds one root run may take")
-    p.add_argument("--worker-start-timeout", type=float, default=300.0, help="seconds for workers to listen")
-    p.add_argument("--net-timeout", type=float, default=60.0, help="the root's --net-timeout (busy shared cores)")
-    p.add_argument("--tmp-dir", default=None, help="where the synthetic model, slice caches and logs go")
-    p.add_argument("--output", default=None, help="JSON path (default bench/results/recovery.json, "
-                                                  "--quick recovery_quick.json); the PNG goes next to it")
+    add_node_options(p, "recovery", "seconds one root run may take",
+                     "where the synthetic model, slice caches and logs go")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"models": ["smollm2"] if quick else ["smollm2", "1b"],
                 "setups": ["local"] if quick else list(SETUPS), "faults": ["kill"] if quick else list(FAULTS),
                 "fault_after": 12 if quick else 16, "steps_smollm2": 48 if quick else 96,
                 "output": str(RESULTS / ("recovery_quick.json" if quick else "recovery.json"))}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_defaults(args, defaults)
     for name in ("models", "setups", "faults"):
         setattr(args, name, list(dict.fromkeys(getattr(args, name))))
     if args.fault_after < 2:
@@ -679,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dllama-recovery-bench-", dir=args.tmp_dir))
     try:
         for key in args.models:
-            model = prepare_model(key, args, workdir)
+            model = cluster_model(key, workdir, args.prompt)
             try:
                 base, mine = measure_model(model, args, workdir, failures)
             finally:

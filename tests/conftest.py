@@ -7,6 +7,15 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def smollm2() -> tuple[Path, Path]:
+    """The default SmolLM2 model (Q40) and its tokenizer, downloaded once into $DLLAMA_HOME."""
+    from dllama.default_model import ensure_default_model
+    from dllama.kernels.quants import FloatType
+
+    return ensure_default_model(FloatType.Q40)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF, downloaded once into $DLLAMA_HOME by the default-model code."""
     from dllama.default_model import ensure_smollm2_gguf

@@ -8,12 +8,9 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
@@ -25,51 +22,17 @@ try:
 except ImportError:  # some environments ship httpx's successor under this name
     import httpx2 as httpx
 
-from tests.test_cluster import ROOT, Worker, free_port
+from tests.processes import API_SEQ_LEN as SEQ_LEN
+from tests.processes import Server, wait_health, wait_idle, workers_in
 
 pytestmark = pytest.mark.slow
 
 KEY = "secret"
 MODEL_ID = "smollm2-test"
-READY = "OpenAI-compatible API on http://"
-SEQ_LEN = 512
-STARTUP_TIMEOUT = 120
 TIMEOUT = 120  # per HTTP request: generous for a busy shared machine
 
 QUESTION = "What is the capital of France?"
 STORY = "Write a long story about a dragon who lives in a castle."
-
-
-class Server:
-    """A `dllama api` process on a free port; ready once it prints its URL."""
-
-    def __init__(self, tmp: Path, *extra: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"api-{self.port}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "dllama", "api", "--host", "127.0.0.1", "--port", str(self.port),
-               "--nthreads", "1", "--max-seq-len", str(SEQ_LEN), *extra]
-        with open(self.log, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=err)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while READY not in self.output():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"the API server did not start:\n{self.output()}")
-            time.sleep(0.05)
-        self.model_id = re.search(r"\(model '([^']*)'\)", self.output()).group(1)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -134,21 +97,6 @@ def sse_data(text: str) -> list[str]:
         assert line.startswith("data: "), line
         out.append(line[len("data: "):])
     return out
-
-
-def wait_health(http, condition, timeout: float, why: str) -> dict:
-    """Poll /health (answered at once, also while the model generates) until ``condition``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        health = http.get("/health").json()
-        if condition(health):
-            return health
-        assert time.monotonic() < deadline, f"{why}: {health}"
-        time.sleep(0.02)
-
-
-def wait_idle(http, timeout: float = 60) -> dict:
-    return wait_health(http, lambda h: not h["busy"] and h["waiting"] == 0, timeout, "still busy")
 
 
 def cached_tokens(http, prompt: str) -> tuple[int, int]:
@@ -819,17 +767,13 @@ def test_the_server_is_healthy_after_the_fuzzing(server, http, client):
 def cluster(tmp_path_factory):
     """An API server (no key) on the root of a cluster with 2 workers that stops on a lost worker."""
     tmp = tmp_path_factory.mktemp("api-cluster")
-    workers = []
-    s = None
-    try:
-        workers = [Worker(tmp) for _ in range(2)]
+    with workers_in(tmp) as start:
+        workers = [start() for _ in range(2)]
         s = Server(tmp, "--net-timeout", "5", "--on-worker-loss", "fail", "--workers", *[w.address for w in workers])
-        yield s, workers
-    finally:
-        if s is not None:
+        try:
+            yield s, workers
+        finally:
             s.stop()
-        for w in workers:
-            w.stop()
 
 
 @pytest.mark.timeout(300)

@@ -16,7 +16,6 @@ import pytest
 import zmq
 import zmq.utils.monitor
 
-from dllama.default_model import ensure_default_model
 from dllama.engine.cluster import Cluster
 from dllama.engine.sampler import Sampler
 from dllama.engine.session import Outcome, Session, tokens_for_steps
@@ -28,67 +27,18 @@ from dllama.model.slicing import node_cuts, plan_slices
 from dllama.transport.links import HEARTBEAT_TIMEOUT
 from dllama.transport.protocol import PROTOCOL_VERSION, pack, unpack
 from tests.helpers import PipeWatcher, tiny_header, write_random_model
+from tests.processes import ROOT, Worker, free_port, workers_in
 from tests.threaded_cluster import ThreadedCluster
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
 PARAGRAPH = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
              "after the engineer Gustave Eiffel, whose company designed and built the tower.")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Worker:
-    """A `dllama worker` process on a free port."""
-
-    def __init__(self, tmp: Path, cache_dir: Path | None = None, port: int | None = None):
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = tmp / f"worker-{self.port}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
-               "--nthreads", "1"]
-        if cache_dir is not None:
-            cmd += ["--cache-dir", str(cache_dir)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
-        deadline = time.monotonic() + 120
-        while "Listening" not in self.output():
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while self.output().count(text) < count:
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, f"{text!r} not in worker output:\n{self.output()}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("workers")
-    ws = [Worker(tmp) for _ in range(3)]
-    yield ws
-    for w in ws:
-        w.stop()
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return ensure_default_model(FloatType.Q40)
+    with workers_in(tmp_path_factory.mktemp("workers")) as start:
+        yield [start() for _ in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +174,7 @@ def test_q80_sync_stays_within_its_bound(smollm2, workers):
 
 def test_worker_slice_cache_skips_the_transfer(tmp_path, synthetic):
     cache = tmp_path / "cache"
-    w = Worker(tmp_path, cache_dir=cache)
+    w = Worker(tmp_path, "--cache-dir", str(cache))
     model = ModelFile(synthetic)
     h = model.header
     tokens = [1, 2, 3, 4]
@@ -316,7 +266,8 @@ def test_with_on_worker_loss_fail_a_failing_worker_ends_the_root_within_the_hear
         assert last.startswith("error: worker 127.0.0.1:") and w.address in last, err
         assert "Traceback" not in err and "lost worker" not in err
         if how == "kill":
-            w = Worker(tmp_path, port=w.port)  # the port is free again
+            w.stop()  # reaped: its port is free again
+            w.start()  # on that port
         else:
             w.proc.send_signal(signal.SIGCONT)
             w.wait_for("waiting for a root", timeout=heartbeat + 20)

@@ -12,7 +12,7 @@ import zmq
 from dllama.transport.links import heartbeat_settings, new_socket
 from dllama.transport.mesh import Abandoned, Mesh, PeerFailed
 from dllama.transport.protocol import PROTOCOL_VERSION, data_frame, pack, unpack
-from tests.test_recovery import Worker
+from tests.processes import Worker
 
 
 def _mesh_pair(ctx, heartbeat: float, epoch: int = 3) -> tuple[Mesh, Mesh]:

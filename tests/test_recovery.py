@@ -7,85 +7,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from dllama.default_model import ensure_default_model
 from dllama.formats.mfile import ModelFile
-from dllama.kernels.quants import FloatType
 from dllama.model.slicing import node_kv_bytes, node_weight_bytes, plan_slices
 from tests.helpers import PipeWatcher
+from tests.processes import ENV, ROOT, Worker, workers_in
 
-ROOT = Path(__file__).resolve().parent.parent
 SHORT = "The capital of France is"
 # About 1100 tokens: its evaluation takes seconds, so that a fault lands inside it.
 LONG = " ".join(["The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris."] * 55)
-ENV = {**os.environ, "NUMBA_THREADING_LAYER": "omp"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Worker:
-    """A `dllama worker` process that can be killed, frozen and started again on its port."""
-
-    def __init__(self, tmp: Path, *extra: str, port: int | None = None, env: dict | None = None):
-        self.tmp, self.extra, self.env = tmp, extra, env or ENV
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.start()
-
-    def start(self) -> None:
-        self.log = self.tmp / f"worker-{self.port}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
-               "--nthreads", "1", *self.extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "w"))
-        self.wait_for("Listening", timeout=120)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.output().count(text) < count:
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, f"{text!r} not in worker output:\n{self.output()}"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.kill()
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return ensure_default_model(FloatType.Q40)
 
 
 @pytest.fixture
 def workers(tmp_path):
-    made: list[Worker] = []
-
-    def make(*extra: str, **kw) -> Worker:
-        made.append(Worker(tmp_path, *extra, **kw))
-        return made[-1]
-    yield make
-    for w in made:
-        w.stop()
+    """``workers(*extra, port=..., env=...)`` starts a worker; every one is stopped after the test."""
+    with workers_in(tmp_path) as start:
+        yield start
 
 
 class Root:
@@ -128,6 +72,27 @@ def text_of(stdout: str) -> str:
     return stdout.split("\nEvaluation\n")[0]
 
 
+def run(smollm2, tmp: Path, ws: list[Worker], prompt: str, steps: int,
+        fault: Callable[[Root], None] | None = None) -> tuple[Root, int, str, str]:
+    """``prompt`` on the root and the workers ``ws``, ``fault(root)`` done while it runs (None: no
+    fault): the root, its exit status, its stdout and its stderr."""
+    root = Root(smollm2, tmp, ws, prompt, steps)
+    try:
+        if fault is not None:
+            fault(root)
+        return (root, *root.finish())
+    finally:
+        root.kill()
+
+
+def lose_worker_0(smollm2, tmp: Path, ws: list[Worker], steps: int) -> tuple[Root, int, str, str]:
+    """SHORT on the root and ``ws``, worker 0 killed once 40 characters of text are out."""
+    def kill_worker_0(root: Root) -> None:
+        root.generated(40)
+        ws[0].kill()
+    return run(smollm2, tmp, ws, SHORT, steps, kill_worker_0)
+
+
 _baselines: dict = {}
 
 
@@ -135,8 +100,7 @@ def baseline(smollm2, tmp: Path, workers, prompt: str, steps: int) -> str:
     """The fault-free text on 3 nodes (computed once per prompt)."""
     if (prompt, steps) not in _baselines:
         ws = [workers(), workers()]
-        root = Root(smollm2, tmp, ws, prompt, steps)
-        rc, out, err = root.finish()
+        _, rc, out, err = run(smollm2, tmp, ws, prompt, steps)
         assert rc == 0, err
         _baselines[(prompt, steps)] = text_of(out)
         for w in ws:
@@ -152,8 +116,8 @@ def faulted_run(smollm2, tmp, workers, prompt, steps, fault: str, during: str):
     """A 3-node run where worker 2 gets ``fault`` (kill or freeze) during the prompt or the decode."""
     expected = baseline(smollm2, tmp, workers, prompt, steps)
     ws = [workers(), workers()]
-    root = Root(smollm2, tmp, ws, prompt, steps)
-    try:
+
+    def fault_worker_2(root: Root) -> None:
         if during == "prompt":
             root.started()
             time.sleep(1.0)
@@ -166,9 +130,7 @@ def faulted_run(smollm2, tmp, workers, prompt, steps, fault: str, during: str):
             ws[1].proc.send_signal(signal.SIGSTOP)
             root.err.wait_for(lambda t: "lost worker" in t, 60)
             ws[1].proc.send_signal(signal.SIGCONT)
-        rc, out, err = root.finish()
-    finally:
-        root.kill()
+    root, rc, out, err = run(smollm2, tmp, ws, prompt, steps, fault_worker_2)
     assert rc == 0, err
     assert text_of(out) == expected
     lost = [line for line in err.splitlines() if "lost worker" in line]
@@ -213,16 +175,14 @@ def test_a_worker_lost_during_the_decode(smollm2, tmp_path, workers, fault):
 def test_both_workers_lost_one_after_the_other(smollm2, tmp_path, workers):
     expected = baseline(smollm2, tmp_path, workers, SHORT, 400)
     ws = [workers(), workers()]
-    root = Root(smollm2, tmp_path, ws, SHORT, 400)
-    try:
+
+    def kill_both(root: Root) -> None:
         root.generated(60)
         ws[0].kill()
         root.err.wait_for(lambda t: "lost worker" in t, 60)
         root.generated(300)
         ws[1].kill()
-        rc, out, err = root.finish()
-    finally:
-        root.kill()
+    root, rc, out, err = run(smollm2, tmp_path, ws, SHORT, 400, kill_both)
     assert rc == 0, err
     assert text_of(out) == expected
     assert "continuing on 2 nodes" in err and "continuing on 1 node," in err
@@ -245,9 +205,9 @@ def test_a_flapping_worker_changes_nothing_and_leaks_nothing(smollm2, tmp_path, 
     steps = 1600
     expected = baseline(smollm2, tmp_path, workers, SHORT, steps)
     ws = [workers(), workers()]
-    root = Root(smollm2, tmp_path, ws, SHORT, steps)
     fds, rss = [], []
-    try:
+
+    def flap(root: Root) -> None:
         root.generated(40)
         for cycle in range(1, 4):
             ws[1].kill()
@@ -257,9 +217,7 @@ def test_a_flapping_worker_changes_nothing_and_leaks_nothing(smollm2, tmp_path, 
             time.sleep(0.3)
             fds.append(_fds(root.proc.pid))
             rss.append(_rss(root.proc.pid))
-        rc, out, err = root.finish()
-    finally:
-        root.kill()
+    root, rc, out, err = run(smollm2, tmp_path, ws, SHORT, steps, flap)
     assert rc == 0, err
     assert text_of(out) == expected, "the text changed; faults came at tokens: see stderr\n" + err
     assert [c["kind"] for c in changes(root)] == ["lost", "rejoined"] * 3
@@ -277,13 +235,7 @@ def test_nodes_left_too_small_for_the_model_fail_in_one_line(smollm2, tmp_path, 
     assert need3 < need2
     small = {**ENV, "DLLAMA_MEMORY_BYTES": str((need3 + need2) // 2)}  # holds a third, not a half
     ws = [workers(), workers(env=small)]
-    root = Root(smollm2, tmp_path, ws, SHORT, 400)
-    try:
-        root.generated(40)
-        ws[0].kill()
-        rc, out, err = root.finish()
-    finally:
-        root.kill()
+    _, rc, _, err = lose_worker_0(smollm2, tmp_path, ws, 400)
     assert rc == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: the 2 nodes left cannot hold the model") and ws[1].address in last, err
@@ -295,13 +247,7 @@ def test_workers_with_the_model_file_get_no_weights(smollm2, tmp_path, workers):
     """`worker --model`: the root sends the plan and the model's digest, never its weights, also
     when it plans again after a loss."""
     ws = [workers("--model", str(smollm2[0])), workers("--model", str(Path(smollm2[0]).parent))]
-    root = Root(smollm2, tmp_path, ws, SHORT, 300)
-    try:
-        root.generated(40)
-        ws[0].kill()
-        rc, out, err = root.finish()
-    finally:
-        root.kill()
+    root, rc, out, err = lose_worker_0(smollm2, tmp_path, ws, 300)
     assert rc == 0, err
     weights = root.stats()["network"]["weights"]
     assert [(w["address"], w["source"], w["bytes_sent"]) for w in weights] == [(ws[1].address, "local", 0)]
@@ -315,15 +261,35 @@ def test_a_slice_cache_keeps_what_still_fits(smollm2, tmp_path, workers):
     h = ModelFile(Path(smollm2[0])).header
     cache = tmp_path / "cache"
     ws = [workers(), workers("--cache-dir", str(cache))]
-    root = Root(smollm2, tmp_path, ws, SHORT, 300)
-    try:
-        root.generated(40)
-        ws[0].kill()
-        rc, out, err = root.finish()
-    finally:
-        root.kill()
+    root, rc, out, err = lose_worker_0(smollm2, tmp_path, ws, 300)
     assert rc == 0, err
     [w] = root.stats()["network"]["weights"]
     full = node_weight_bytes(h, plan_slices(h, [1.0, 1.0])[1])
     assert w["source"] == "cache+root" and 0 < w["bytes_sent"] < full, w
     assert text_of(out) == baseline(smollm2, tmp_path, workers, SHORT, 300)
+
+
+@pytest.mark.timeout(300)
+def test_perplexity_goes_on_through_a_lost_worker(smollm2, tmp_path, workers):
+    def perplexity(ws: list[Worker], fault: bool) -> float:
+        cmd = [sys.executable, "-m", "dllama", "perplexity", "--model", str(smollm2[0]), "--tokenizer",
+               str(smollm2[1]), "--prompt", LONG, "--nthreads", "1", "--max-seq-len", "2048",
+               "--workers", *[w.address for w in ws]]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = PipeWatcher(proc.stdout), PipeWatcher(proc.stderr)
+        try:
+            if fault:
+                err.wait_for(lambda t: "💡 Kernels:" in t, 120)
+                time.sleep(1.0)  # inside the evaluation of ~1100 tokens
+                assert proc.poll() is None
+                ws[1].kill()
+            assert proc.wait(240) == 0, err.join(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if fault:
+            assert "lost worker " + ws[1].address in err.join(10)
+        return float(out.join(10).split("perplexity:")[1])
+
+    clean = perplexity([workers(), workers()], fault=False)
+    assert perplexity([workers(), workers()], fault=True) == pytest.approx(clean, rel=1e-4)

@@ -9,13 +9,8 @@ observe (stream chunks, chat output, log lines, /health states), with generous d
 from __future__ import annotations
 
 import json
-import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -24,119 +19,22 @@ try:
 except ImportError:  # some environments ship httpx's successor under this name
     import httpx2 as httpx
 
-from dllama.default_model import ensure_default_model
-from dllama.kernels.quants import FloatType
 from tests.helpers import PipeWatcher
+from tests.processes import ROOT, Server, Worker, wait_health, wait_idle, workers_in
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120  # per HTTP request: generous for a busy shared machine
 STORY = "Write a long story about a dragon who lives in a castle."
 QUESTION = "What is the capital of France?"
 ASSISTANT = "\n🤖 Assistant: "  # what `chat` writes before each answer (and nothing else on stdout)
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[Path, Path]:
-    """The default SmolLM2 model (Q40) and its tokenizer, downloaded once into $DLLAMA_HOME."""
-    return ensure_default_model(FloatType.Q40)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_log(path: Path, text: str, proc: subprocess.Popen, timeout: float, what: str) -> str:
-    deadline = time.monotonic() + timeout
-    while text not in (log := path.read_text(errors="replace")):
-        assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start:\n{log}"
-        time.sleep(0.05)
-    return log
-
-
-class Worker:
-    """A `dllama worker` process (one thread) on a free port, or on ``port``; ready once it listens.
-    (As in test_cluster.py.)"""
-
-    def __init__(self, tmp: Path, port: int | None = None):
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = tmp / f"worker-{self.port}-{time.monotonic_ns()}.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port",
-                                          str(self.port), "--nthreads", "1"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            wait_log(self.log, "Listening", self.proc, 120, f"worker {self.address}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-class Server:
-    """A `dllama api` process (one thread) on a free port; ready once it prints its URL. (As in
-    test_api.py.)"""
-
-    def __init__(self, tmp: Path, *extra: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"api-{self.port}-{time.monotonic_ns()}.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dllama", "api", "--host", "127.0.0.1", "--port",
-                                          str(self.port), "--nthreads", "1", "--max-seq-len", "512", *extra],
-                                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            text = wait_log(self.log, "OpenAI-compatible API on http://", self.proc, 120, "the API server")
-        except BaseException:
-            self.stop()
-            raise
-        self.model_id = re.search(r"\(model '([^']*)'\)", text).group(1)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-def wait_health(http, condition, timeout: float, why: str) -> dict:
-    """Poll /health (answered at once, also while the model generates) until ``condition``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        health = http.get("/health").json()
-        if condition(health):
-            return health
-        assert time.monotonic() < deadline, f"{why}: {health}"
-        time.sleep(0.05)
-
-
-def wait_idle(http, timeout: float = 60) -> dict:
-    return wait_health(http, lambda h: not h["busy"] and h["waiting"] == 0, timeout, "still busy")
-
-
-def kill(worker: Worker) -> None:
-    """SIGKILL, and wait until the process is gone (its port then refuses connections)."""
-    worker.proc.send_signal(signal.SIGKILL)
-    worker.proc.wait(10)
-
-
-def stop_all(workers: list[Worker]) -> None:
-    for w in workers:
-        w.stop()
+@pytest.fixture
+def workers(tmp_path):
+    """2 workers, started on free ports; stopped after the test."""
+    with workers_in(tmp_path) as start:
+        yield [start(), start()]
 
 
 # -- the API ----------------------------------------------------------------------------------------
@@ -181,13 +79,10 @@ def states(health: dict) -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-def test_api_stream_survives_a_killed_worker_and_takes_it_back(tmp_path, smollm2):
-    workers: list[Worker] = []
-    server = None
+def test_api_stream_survives_a_killed_worker_and_takes_it_back(tmp_path, smollm2, workers):
+    server = Server(tmp_path, "--model", str(smollm2[0]), "--tokenizer", str(smollm2[1]),
+                    "--buffer-float-type", "f32", "--workers", *[w.address for w in workers])
     try:
-        workers = [Worker(tmp_path) for _ in range(2)]
-        server = Server(tmp_path, "--model", str(smollm2[0]), "--tokenizer", str(smollm2[1]),
-                        "--buffer-float-type", "f32", "--workers", *[w.address for w in workers])
         a, b = (w.address for w in workers)
         with httpx.Client(base_url=server.base, timeout=TIMEOUT) as http:
             health = http.get("/health").json()
@@ -206,7 +101,7 @@ def test_api_stream_survives_a_killed_worker_and_takes_it_back(tmp_path, smollm2
 
             def kill_a(n: int) -> None:
                 if n == 10:
-                    kill(workers[0])
+                    workers[0].kill()
                     killed_at.append(n)
 
             got, finish, got_chunks = stream_chat(server.base, server.model_id, STORY, 150, on_chunk=kill_a)
@@ -243,7 +138,7 @@ def test_api_stream_survives_a_killed_worker_and_takes_it_back(tmp_path, smollm2
             assert len(health["cluster"]["recoveries"]) == 1 and health["cluster"]["epoch"] == 2, health
 
             # Restarted on its port: the prober finds it (rejoining); the next request takes it back.
-            workers[0] = Worker(tmp_path, port=workers[0].port)
+            workers[0].start()
             wait_health(http, lambda h: states(h)[a] in ("rejoining", "up"), 120,
                         "the restarted worker was not found again")
             assert "rejoined" not in server.output()  # admitted at a forward, not before
@@ -261,9 +156,7 @@ def test_api_stream_survives_a_killed_worker_and_takes_it_back(tmp_path, smollm2
             assert all("reason" not in n for n in cluster["nodes"]), cluster
             assert server.alive() and "Traceback" not in server.output()
     finally:
-        if server is not None:
-            server.stop()
-        stop_all(workers)
+        server.stop()
 
 
 # -- chat through a pipe ------------------------------------------------------------------------------
@@ -290,11 +183,9 @@ def turn_ends(stdout: str) -> list[int]:
 
 
 @pytest.mark.timeout(300)
-def test_chat_through_a_pipe_survives_workers_lost_between_and_during_turns(tmp_path, smollm2):
-    workers: list[Worker] = []
+def test_chat_through_a_pipe_survives_workers_lost_between_and_during_turns(smollm2, workers):
     proc = None
     try:
-        workers = [Worker(tmp_path) for _ in range(2)]
         a, b = (w.address for w in workers)
         # Fault-free reference, on 3 nodes.
         ref = subprocess.run(chat_cmd(smollm2, workers), input="".join(line + "\n" for line in CHAT_LINES),
@@ -325,12 +216,12 @@ def test_chat_through_a_pipe_survives_workers_lost_between_and_during_turns(tmp_
         # Turn 1 on 3 nodes; then worker a dies while the chat waits for the next line.
         send(CHAT_LINES[0])
         wait_until(ends[0])
-        kill(workers[0])
+        workers[0].kill()
         send(CHAT_LINES[1])
         # Turn 2 starts on 2 nodes (the loss is noticed at its first forward); worker b dies
         # while its answer streams, 20 characters into it.
         wait_until(ends[0] + len(ASSISTANT) + 20)
-        kill(workers[1])
+        workers[1].kill()
         wait_until(ends[1])
         # Both losses were noticed during turn 2 (the root only looks while it computes: a loss
         # noticed later would show only once turn 3 runs).
@@ -343,7 +234,6 @@ def test_chat_through_a_pipe_survives_workers_lost_between_and_during_turns(tmp_
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        stop_all(workers)
     assert stdout == want, f"\nwithout faults: {want!r}\nwith faults:    {stdout!r}"
     lost = [line for line in stderr.splitlines() if "lost worker" in line]
     assert len(lost) == 2, stderr

@@ -105,7 +105,7 @@ def load_session(args: argparse.Namespace) -> "Session":
 
 def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str]):
     """The root's node of a cluster with ``workers``: plan, hand out slices, connect."""
-    from dllama.engine.cluster import Cluster, describe_plan
+    from dllama.engine.cluster import Cluster
     from dllama.kernels.quants import FloatType
     from dllama.model.forward import Transformer
 
@@ -116,8 +116,6 @@ def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[
                       lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync),
                       info, split=args.split, heartbeat=args.heartbeat_timeout, on_worker_loss=args.on_worker_loss)
     transformer = cluster.start()
-    for line in describe_plan(model, cluster.plan, workers, seq_len):
-        info(line)
     for t in cluster.transfers:
         how = {"local": "cut from its own model file", "cache": "from its slice cache"}.get(
             t.source, f"sent {t.bytes_sent / 1e6:.1f} MB in {t.seconds:.1f} s")

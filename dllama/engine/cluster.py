@@ -202,6 +202,9 @@ class Cluster:
         t0 = time.perf_counter()
         plan = plan_slices(h, [self.root_weight] + [m.weight for m in members])
         self.plan_seconds = time.perf_counter() - t0
+        if self.epoch == 1:  # the banner, before anything slow (a change says one line instead)
+            for line in describe_plan(self.model, plan, [m.address for m in members], self.seq_len):
+                self.log(line)
         if not members:  # the root alone: no sync at all
             self.plan, self.transfers = plan, []
             self.transformer = self.build_root(NodeModel.from_model(self.model, plan[0]), LOCAL)

@@ -43,6 +43,7 @@ WINDOW = 4
 # worker that dies or freezes meanwhile is still caught by its connection dropping.
 BUILD_TIMEOUT = 1800.0
 STOP_LINGER_MS = 200
+NET_TIMEOUT = -1.0  # recv's default: the link's net timeout
 
 
 class WorkerFailed(DllamaError):
@@ -143,10 +144,10 @@ class RootLink:
         except zmq.Again:  # its queue stayed full for the send timeout: the link is down
             raise WorkerFailed(f"worker {w.address} takes no messages", [w.index]) from None
 
-    def recv(self, w: WorkerLink, kind: str, timeout: float | None = -1.0) -> tuple[dict, list]:
+    def recv(self, w: WorkerLink, kind: str, timeout: float | None = NET_TIMEOUT) -> tuple[dict, list]:
         """The next message of this session from worker ``w``, which must be ``kind``. Waits at
         most ``timeout`` seconds (default the net timeout; None: as long as the worker's link is up)."""
-        timeout = self.net_timeout if timeout == -1.0 else timeout
+        timeout = self.net_timeout if timeout == NET_TIMEOUT else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
