@@ -275,7 +275,7 @@ class Cluster:
         record = Recovery("lost", [], "", 0, time.time())
         while True:
             t0 = time.perf_counter()
-            lost = self._settle(err)
+            lost = self._settle(err) if self.link is not None else []
             if not lost:
                 self.broken = str(err)
                 raise err  # nobody to blame: not a lost node
