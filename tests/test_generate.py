@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dllama.engine.session import Outcome, Session, format_summary, tokens_for_steps
+from dllama.engine.session import check_pair, Outcome, Session, format_summary, tokens_for_steps
 from dllama.engine.sampler import Sampler
 from dllama.engine.tokenizer import Tokenizer
 from dllama.errors import DllamaError
@@ -87,6 +87,20 @@ def test_padded_vocabulary_rows_are_never_sampled(session_and_values):
         session.rewind(0)
         got = list(session.generate([1, 2, 3], sampler, Outcome(), max_tokens=tokens_for_steps(3, 40, session.seq_len)))
         assert len(got) == 40 - 3 and max(got) < n_tokens
+
+
+def test_another_models_smaller_tokenizer_is_refused_but_padding_is_not():
+    """Llama 2's 32000 tokens with SmolLM2's 49152 rows: another model's tokenizer, refused.
+    Qwen3's 151669 tokens with 151936 rows, Qwen2.5's 151665 with 152064: padding, accepted."""
+    def tokenizer(n: int):
+        return type("T", (), {"vocab_size": n})()
+
+    with pytest.raises(DllamaError, match="32000 tokens but the model's vocabulary has 49152: they do not belong"):
+        check_pair(tokenizer(32000), 49152)
+    for tokens, rows in ((151669, 151936), (151665, 152064), (49152, 49152), (300, 320)):
+        check_pair(tokenizer(tokens), rows)
+    with pytest.raises(DllamaError):
+        check_pair(tokenizer(49153), 49152)
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):

@@ -613,6 +613,18 @@ def test_transformers_5_rope_parameters():
             _config_header(bad)
 
 
+def test_transformers_5_num_local_experts():
+    """transformers 5 saves Qwen3-MoE's expert count as num_local_experts (4: num_experts)."""
+    old = _config_header({}, "qwen3_moe")
+    new = _config_header({"num_local_experts": old.n_experts}, "qwen3_moe", drop=("num_experts",))
+    assert new == old and new.n_experts == 4
+    assert _config_header({"num_local_experts": 4}, "qwen3_moe") == old  # both spellings, agreeing
+    with pytest.raises(FormatError, match="num_experts 4 and num_local_experts 8 disagree"):
+        _config_header({"num_local_experts": 8}, "qwen3_moe")
+    with pytest.raises(FormatError, match="config has no num_experts or num_local_experts"):
+        _config_header({}, "qwen3_moe", drop=("num_experts",))
+
+
 def test_transformers_defaults_for_absent_and_null_values():
     assert _config_header({"num_key_value_heads": None}).n_kv_heads == 6  # null: as many as heads
     assert _config_header({"rope_theta": None}).rope_theta == 10000

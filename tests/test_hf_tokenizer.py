@@ -1017,3 +1017,37 @@ def test_writing_bad_new_fields_is_refused(tmp_path, change):
         write_tokenizer(tmp_path / "w.t", _data(**change))
     assert not list(tmp_path.iterdir())
 
+
+
+@pytest.mark.parametrize("which", ["llama3", "llama2"])
+def test_the_dropped_characters_warning_is_only_for_dropped_characters(which, tmp_path, capsys, request):
+    """Tokenizers that add a BOS (Llama 3's BPE, Llama 2's SentencePiece) warn only when text
+    was really lost, not because the BOS decodes to text of its own."""
+    from dllama.commands.common import encode_text
+
+    from dataclasses import replace
+
+    data = tokenizer_from_hf(request.getfixturevalue(f"{which}_hf_folder"))
+    write_tokenizer(tmp_path / "t.t", replace(data, add_bos=True))  # as a .t of the model would say
+    tok = Tokenizer.load(tmp_path / "t.t")
+    assert tok.add_bos and tok.bos_id >= 0
+    for text in ("The capital of France is", " leading space", "caf\u00e9 \u4e16\u754c"):
+        ids = encode_text(tok, text)
+        assert ids[0] == tok.bos_id and "left out" not in capsys.readouterr().err, text
+    encode_text(tok, "a\ud800b")  # a lone surrogate has no bytes, so no token: really left out
+    assert "left out" in capsys.readouterr().err
+
+
+def test_another_models_tokenizer_is_refused_in_one_line(llama2_hf_folder, smollm2, tmp_path):
+    """Llama 2's 32000-token tokenizer with SmolLM2 (49152 rows): one line, exit 1, no text."""
+    import subprocess
+    import sys
+
+    convert(llama2_hf_folder, tmp_path / "llama2.t")
+    run = subprocess.run([sys.executable, "-m", "dllama", "inference", "--model", str(smollm2[0]), "--tokenizer",
+                          str(tmp_path / "llama2.t"), "--prompt", "Hello", "--steps", "8"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "error: the tokenizer has 32000 tokens but the model's vocabulary has 49152: they do not belong together")
+    assert "Traceback" not in run.stderr

@@ -43,9 +43,11 @@ def load_tokenizer(path: Path) -> "Tokenizer":
 
 
 def encode_text(tokenizer: "Tokenizer", text: str) -> list[int]:
-    """Token ids of user text; says so when characters had no token and were left out."""
+    """Token ids of user text; says so when characters had no token and were left out (the
+    text of the ids the tokenizer added itself, a BOS, is not the user's)."""
     ids = tokenizer.encode(text)
-    if tokenizer.decode(ids) != text:
+    added = 1 if ids and tokenizer.add_bos and tokenizer.bos_id >= 0 and ids[0] == tokenizer.bos_id else 0
+    if tokenizer.decode(ids[added:]) != text:
         info("⚠️  some characters of the input have no token in this vocabulary and were left out")
     return ids
 

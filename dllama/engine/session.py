@@ -60,12 +60,22 @@ def _rate(tokens: int, seconds: float) -> float | None:
     return tokens / seconds if tokens and seconds > 0 else None
 
 
+def max_vocab_padding(vocab_size: int) -> int:
+    """How many rows a model's vocabulary may have past its tokenizer's: padding to a round size
+    (Qwen3 pads 151669 tokens to 151936 rows, Qwen2.5 151665 to 152064), not another model's
+    tokenizer (Llama 2's 32000 tokens with SmolLM2's 49152 rows)."""
+    return max(128, vocab_size // 100)
+
+
 def check_pair(tokenizer: Tokenizer, vocab_size: int) -> None:
-    """A model's vocabulary may be padded past its tokenizer's (Qwen3 pads to a multiple of 128);
-    the extra rows are never sampled (see ``Session.sample``). Fewer rows than tokens is a mismatch."""
-    if tokenizer.vocab_size > vocab_size:
+    """A model's vocabulary may be padded past its tokenizer's; the extra rows are never sampled
+    (see ``Session.sample``). Fewer rows than tokens, or more than padding explains, is a mismatch."""
+    padding = vocab_size - tokenizer.vocab_size
+    if padding < 0 or padding > max_vocab_padding(vocab_size):
         raise DllamaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                          f"has {vocab_size}: they do not belong together")
+                          f"has {vocab_size}: they do not belong together"
+                          + (f" (a vocabulary padded past its tokenizer has at most "
+                             f"{max_vocab_padding(vocab_size)} more rows)" if padding > 0 else ""))
 
 
 def tokens_for_steps(prompt_tokens: int, steps: int, seq_len: int) -> int:

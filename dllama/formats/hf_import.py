@@ -64,6 +64,17 @@ def _int(config: dict, key: str, path: Path, default: int | None = None) -> int:
     return int(value)
 
 
+def _int_spelled(config: dict, keys: tuple[str, ...], path: Path) -> int:
+    """An integer that transformers versions spell differently (the first key is the oldest);
+    spellings present must agree."""
+    values = {key: _int(config, key, path) for key in keys if _value(config, key) is not None}
+    if not values:
+        raise FormatError(f"{path}: config has no {' or '.join(keys)}")
+    if len(set(values.values())) > 1:
+        raise FormatError(f"{path}: {' and '.join(f'{k} {v}' for k, v in values.items())} disagree")
+    return next(iter(values.values()))
+
+
 def _whole(value, what: str, path: Path) -> int:
     """``.m`` headers hold integers; a fractional value cannot be stored without changing the model."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
@@ -172,7 +183,8 @@ def header_from_config(config: dict, folder: Path, weight_type: FloatType) -> Mo
         if _value(config, "decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
             raise FormatError(f"{path}: dense layers inside a MoE model (decoder_sparse_step, mlp_only_layers) "
                               f"are not supported")
-        kwargs.update(n_experts=_int(config, "num_experts", path),
+        # transformers 5 writes num_local_experts where 4 wrote num_experts.
+        kwargs.update(n_experts=_int_spelled(config, ("num_experts", "num_local_experts"), path),
                       n_active_experts=_int(config, "num_experts_per_tok", path),
                       moe_hidden_dim=_int(config, "moe_intermediate_size", path))
     header = ModelHeader(**kwargs)
