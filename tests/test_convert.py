@@ -27,8 +27,20 @@ def _byte_vocab():
     return tokens, types, merges
 
 
+def random_blocks(rng, quant, shape) -> np.ndarray:
+    """Blocks of ``quant`` with random scales and quants, as bytes (rows x row bytes): unlike
+    what a max-abs quantizer writes, quantizing their values again would not give them back."""
+    from dllama.kernels.quants import Q40_BLOCK, Q80_BLOCK
+
+    dtype = Q40_BLOCK if quant == gguf.GGMLQuantizationType.Q4_0 else Q80_BLOCK
+    blocks = np.zeros(shape[0] * shape[1] // 32, dtype=dtype)
+    blocks["d"] = rng.uniform(0.001, 0.05, blocks.shape).astype(np.float16)
+    blocks["qs"] = rng.integers(0, 256, blocks["qs"].shape).astype(blocks["qs"].dtype)
+    return blocks.view(np.uint8).reshape(shape[0], -1)
+
+
 def write_gguf(path, arch="llama", tied=True, quant=gguf.GGMLQuantizationType.Q8_0, seed=0, rope_freqs=None,
-               theta=10000.0):
+               theta=10000.0, raw_blocks=False):
     rng = np.random.default_rng(seed)
     tokens, types, merges = _byte_vocab()
     vocab = len(tokens)
@@ -55,7 +67,7 @@ def write_gguf(path, arch="llama", tied=True, quant=gguf.GGMLQuantizationType.Q8
         if name.endswith("norm.weight"):
             v = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         if quantized and quant != gguf.GGMLQuantizationType.F32:
-            data = gguf.quants.quantize(v, quant)
+            data = random_blocks(rng, quant, shape) if raw_blocks else gguf.quants.quantize(v, quant)
             v = gguf.quants.dequantize(data, quant).reshape(shape)
             w.add_tensor(name, data, raw_dtype=quant)
         else:
@@ -99,6 +111,39 @@ def as_model_values(g: dict) -> dict:
             out[f"layers.{i}.{parts[part]}"] = v
     out.setdefault("output", out["embedding"])
     return out
+
+
+@pytest.mark.parametrize("quant, ft", [(gguf.GGMLQuantizationType.Q4_0, FloatType.Q40),
+                                       (gguf.GGMLQuantizationType.Q8_0, FloatType.Q80)])
+def test_same_type_blocks_are_copied_bit_for_bit(tmp_path, quant, ft, capsys):
+    """ggml's Q4_0 and Q8_0 blocks are our Q40 and Q80 blocks: copied, never rounded again (the
+    blocks are random, so dequantizing and quantizing again would change them). Without a
+    chosen type, the GGUF's own is chosen, and said."""
+    write_gguf(tmp_path / "t.gguf", tied=False, quant=quant, raw_blocks=True)
+    reader = gguf.GGUFReader(tmp_path / "t.gguf")
+    source = {t.name: np.asarray(t.data).view(np.uint8).reshape(-1) for t in reader.tensors}
+    said = []
+    for chosen in (None, ft):
+        out = tmp_path / f"out-{chosen}"
+        model = ModelFile(convert_gguf(tmp_path / "t.gguf", out, chosen, progress=False, say=said.append).model)
+        assert model.header.weight_type == ft
+        names = {"output": "output.weight", "layers.0.q": "blk.0.attn_q.weight", "layers.1.w2": "blk.1.ffn_down.weight",
+                 "layers.0.o": "blk.0.attn_output.weight", "layers.1.w3": "blk.1.ffn_up.weight"}
+        for ours, theirs in names.items():
+            got = np.ascontiguousarray(model.tensors[ours]).view(np.uint8).reshape(-1)
+            assert np.array_equal(got, source[theirs]), ours
+    assert said == [f"💡 weights: {ft.name} (the GGUF's matrices are {quant.name}: copied bit for bit; "
+                    f"--weights-float-type chooses another)"]
+
+
+def test_default_type_of_other_quantized_types_is_q80(tmp_path):
+    from dllama.formats.gguf_import import default_weight_type
+
+    write_gguf(tmp_path / "t.gguf", quant=gguf.GGMLQuantizationType.Q4_1)
+    ft, why = default_weight_type(gguf.GGUFReader(tmp_path / "t.gguf"))
+    assert ft == FloatType.Q80 and "Q4_1" in why and "rounds them the least" in why
+    write_gguf(tmp_path / "f.gguf", quant=gguf.GGMLQuantizationType.F32)
+    assert default_weight_type(gguf.GGUFReader(tmp_path / "f.gguf"))[0] == FloatType.F32
 
 
 @pytest.mark.parametrize("tied", [True, False])

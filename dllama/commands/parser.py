@@ -147,17 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser, required=True)
     g = conv.add_parser("gguf", help="from a llama.cpp GGUF file")
     g.add_argument("file", help="the .gguf file")
-    _output_flags(g, "the GGUF's")
+    _output_flags(g, "the GGUF's", None, "the GGUF's own type when .m has it (Q4_0: q40, Q8_0: q80, F16, F32: "
+                                          "copied bit for bit), else q80 for other quantized types")
     g = conv.add_parser("hf", help="from a Hugging Face model folder (config.json, *.safetensors, tokenizer)")
     g.add_argument("folder", help="the folder with config.json, the safetensors shards and tokenizer.json")
-    _output_flags(g, "the folder's name")
+    _output_flags(g, "the folder's name", "q40")
     return parser
 
 
-def _output_flags(p: argparse.ArgumentParser, default_name: str) -> None:
+def _output_flags(p: argparse.ArgumentParser, default_name: str, default_type: str | None,
+                  default_words: str = "") -> None:
     """What every converter writes, and where."""
-    p.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default="q40",
-                   help="type of the weights in the .m file")
+    p.add_argument("--weights-float-type", choices=["q40", "q80", "f16", "f32"], default=default_type,
+                   help="type of the weights in the .m file" + (f" (default: {default_words})" if default_words else ""))
     p.add_argument("--output-dir", default=".", help="where to write the .m and .t files")
     p.add_argument("--name", default=None, help=f"file name stem (default: {default_name})")
 

@@ -1,13 +1,17 @@
 """GGUF (llama.cpp) to distributed-llama files: ``.m`` weights, ``.t`` tokenizer and its sidecar.
 
-Tensors are read through the ``gguf`` package, dequantized one at a time and re-encoded in the
-chosen weight type, so memory stays near the size of the largest tensor. llama.cpp stores Llama
+Tensors are read through the ``gguf`` package one at a time, so memory stays near the size of
+the largest tensor. A tensor whose GGUF type is the ``.m`` type (ggml's Q4_0 and Q8_0 blocks are
+our Q40 and Q80 blocks; F16, F32) is copied bit for bit; any other is dequantized and encoded in
+the chosen type (rounded once more). Without a chosen type, ``default_weight_type`` picks the
+one that loses nothing, or the least. llama.cpp stores Llama
 q/k rows already permuted for interleaved rope, the layout ``.m`` uses, so they are copied as
 they are (the perplexity test guards this); Qwen3 uses NeoX rope and no permutation either.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -106,6 +110,33 @@ def header_from_gguf(reader, path: Path, weight_type: FloatType) -> tuple[ModelH
     return header, tensors
 
 
+def _same_blocks() -> dict:
+    """GGUF tensor types stored exactly as a ``.m`` weight type stores them."""
+    from gguf import GGMLQuantizationType as G
+
+    return {G.Q4_0: FloatType.Q40, G.Q8_0: FloatType.Q80, G.F16: FloatType.F16, G.F32: FloatType.F32}
+
+
+def default_weight_type(reader) -> tuple[FloatType, str]:
+    """The ``.m`` weight type for a GGUF's matrices when the user chose none, and why: its own
+    type when ``.m`` has it (copied bit for bit), Q80 for other quantized types (the least
+    rounding ``.m`` offers), F32 when float weights are wider than F16."""
+    from gguf import GGMLQuantizationType as G
+
+    types = {t.tensor_type for t in reader.tensors if len(t.shape) >= 2 and t.name != "token_embd.weight"}
+    names = ", ".join(sorted(t.name for t in types))
+    same = _same_blocks()
+    if len(types) == 1 and next(iter(types)) in same:
+        chosen = same[next(iter(types))]
+        return chosen, f"the GGUF's matrices are {names}: copied bit for bit"
+    floats = {G.F32, G.F16, G.BF16}
+    if types and not types & floats:
+        return FloatType.Q80, f"the GGUF's matrices are {names}, which .m does not store: Q80 rounds them the least"
+    if types & {G.F32, G.BF16}:
+        return FloatType.F32, f"the GGUF's matrices are {names}: F32 holds them without rounding"
+    return FloatType.F16, f"the GGUF's matrices are {names}: F16 holds them without rounding"
+
+
 def _source_name(name: str) -> tuple[str, int | None]:
     """GGUF tensor (and expert index, for stacked MoE tensors) behind a ``.m`` tensor name."""
     if name == "embedding":
@@ -125,22 +156,36 @@ def _source_name(name: str) -> tuple[str, int | None]:
     return f"blk.{layer}.{simple[parts[2]]}.weight", None
 
 
-def _tensor_values(t, expert: int | None) -> np.ndarray:
+def _tensor_values(t, expert: int | None, spec: TensorSpec) -> np.ndarray:
+    """The tensor as ``spec``'s stored elements (bit for bit) when its GGUF type is ``spec``'s,
+    else as float32 values."""
     from gguf import GGMLQuantizationType, quants
 
     data = t.data if expert is None else t.data[expert]
+    if _same_blocks().get(t.tensor_type) == spec.float_type:
+        elements = np.ascontiguousarray(data).view(np.uint8).reshape(-1).view(spec.float_type.element_dtype)
+        if elements.size != int(np.prod(spec.stored_shape)):
+            raise FormatError(f"tensor {t.name} has {elements.size} {spec.float_type.name} elements, expected "
+                              f"{int(np.prod(spec.stored_shape))} for shape {spec.shape}")
+        return elements.reshape(spec.stored_shape)
     if t.tensor_type == GGMLQuantizationType.F32:
         return np.asarray(data, dtype=np.float32)
     return np.asarray(quants.dequantize(data, t.tensor_type), dtype=np.float32)
 
 
-def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatType,
-                 name: str | None = None, progress: bool = True) -> ConvertedPaths:
-    """Write ``<name>_<type>.m``, ``<name>.t`` and ``<name>.t.json`` into ``output_dir``."""
+def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatType | None,
+                 name: str | None = None, progress: bool = True,
+                 say: Callable[[str], None] | None = None) -> ConvertedPaths:
+    """Write ``<name>_<type>.m``, ``<name>.t`` and ``<name>.t.json`` into ``output_dir``
+    (``weight_type`` None: ``default_weight_type``'s choice, told to ``say``)."""
     from dllama.formats.gguf_tokenizer import tokenizer_from_gguf
 
     path = Path(path)
     reader = _open(path)
+    if weight_type is None:
+        weight_type, why = default_weight_type(reader)
+        if say is not None:
+            say(f"💡 weights: {weight_type.name} ({why}; --weights-float-type chooses another)")
     try:
         header, tensors = header_from_gguf(reader, path, weight_type)
         validate_header(header)
@@ -157,10 +202,14 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
         if src not in tensors:
             raise FormatError(f"{path}: GGUF has no tensor {src}")
         try:
-            values = _tensor_values(tensors[src], expert)
+            values = _tensor_values(tensors[src], expert, spec)
         except NotImplementedError:
             raise FormatError(f"{path}: tensor {src} is of type {tensors[src].tensor_type.name}, "
                               f"which the gguf package cannot dequantize") from None
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+        if values.dtype == spec.float_type.element_dtype and values.dtype != np.float32:
+            return values  # the stored blocks, bit for bit
         if values.size != spec.n_values:
             raise FormatError(f"{path}: tensor {src} has {values.size} values, expected "
                               f"{spec.n_values} for shape {spec.shape}")
