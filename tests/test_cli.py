@@ -245,3 +245,21 @@ def test_bad_kernel_variables_are_one_line(default_files, env):
     out = dllama_env("perplexity", "--prompt", "hi there", **env)
     assert_one_line_error(out, 1)
     assert next(iter(env)) in out.stderr or "DLLAMA_CPU_PATH" in out.stderr
+
+
+@pytest.mark.timeout(900)
+def test_a_first_run_says_it_compiles_and_the_next_one_does_not(tmp_path, default_files):
+    """An empty kernel cache: one line before compiling, its duration after, and the text as
+    always; the next run loads the cache without a word about compiling."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "kernels"), "NUMBA_THREADING_LAYER": "omp"}
+    cmd = [sys.executable, "-m", "dllama", "inference", "--model", str(default_files[0]), "--tokenizer",
+           str(default_files[1]), "--prompt", "The capital of France is", "--steps", "12", "--temperature", "0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr
+    lines = first.stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("⏳ compiling the kernels")]
+    ready = [i for i, line in enumerate(lines) if line.startswith("💡 kernels compiled in")]
+    assert len(starts) == 1 and len(ready) == 1 and starts[0] < ready[0], first.stderr
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0 and "compiling" not in second.stderr and "kernels compiled" not in second.stderr
+    assert second.stdout.split("\nEvaluation")[0] == first.stdout.split("\nEvaluation")[0]

@@ -84,6 +84,7 @@ def load_session(args: argparse.Namespace) -> "Session":
     try:
         backend.backend()
         backend.set_threads(args.nthreads)
+        compiling = _compiling_notice()
         if workers:
             transformer, cluster = _start_cluster(args, model, seq_len, workers)
         else:
@@ -92,6 +93,7 @@ def load_session(args: argparse.Namespace) -> "Session":
         raise DllamaError(str(e)) from None
     try:
         transformer.prepare()
+        _warm_kernels(transformer, compiling)
         info(f"💡 Model: {model_path.name} ({h.arch.name.lower()}, {h.n_layers} layers, dim {h.dim}, "
              f"{h.n_heads} heads, {h.n_kv_heads} KV heads, {h.weight_type.name} weights, "
              f"{model.weight_bytes / 1e6:.0f} MB)")
@@ -103,6 +105,37 @@ def load_session(args: argparse.Namespace) -> "Session":
         if cluster is not None:
             cluster.close()
         raise
+
+
+def _compiling_notice() -> float | None:
+    """When the numba kernels were never compiled on this machine (checked before any runs),
+    say so now, and return the clock to time it: a first run would otherwise sit silent for half
+    a minute."""
+    import time
+
+    from dllama.kernels import backend
+
+    if backend.backend() != backend.NUMBA or backend.kernels_cached():
+        return None
+    info("⏳ compiling the kernels for this machine (the first run only; about half a minute)")
+    return time.perf_counter()
+
+
+def _warm_kernels(transformer, compiling: float | None) -> None:
+    """Load (or compile) every kernel before the first token, so that the API reports healthy
+    only when it can answer at full speed."""
+    import time
+
+    import numpy as np
+
+    from dllama.engine.sampler import Sampler
+    from dllama.model.node import warm_up
+
+    warm_up(transformer, batches=True)
+    logits = np.zeros(transformer.header.vocab_size, dtype=np.float32)
+    Sampler(0.0).sample(logits), Sampler(0.8, 0.9, seed=0).sample(logits)
+    if compiling is not None:
+        info(f"💡 kernels compiled in {time.perf_counter() - compiling:.0f} s (cached for the next runs)")
 
 
 def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str]):

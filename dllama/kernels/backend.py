@@ -74,6 +74,17 @@ def cpu_path() -> int:
     return PATH_NAMES.index(best)
 
 
+def kernels_cached() -> bool:
+    """Whether the numba kernels of these sources were compiled on this machine before (their
+    cache folder holds an index): if not, the first calls compile them."""
+    from pathlib import Path
+
+    from dllama.kernels.numba_config import cache_dir
+
+    folder = Path(os.environ.get("NUMBA_CACHE_DIR") or cache_dir())
+    return folder.is_dir() and any(folder.rglob("*.nbi"))
+
+
 def describe() -> str:
     """One line for the start-up summary: backend, SIMD path and threads."""
     if backend() != NUMBA:

@@ -80,9 +80,12 @@ class WorkerNode:
         return tr.forward_embedded(x, pos, all_logits, sync)
 
 
-def warm_up(tr: Transformer) -> None:
-    """Run every block once alone, so kernels compile now and not inside the first timed sync."""
+def warm_up(tr: Transformer, batches: bool = False) -> None:
+    """Run every block once alone, so kernels compile (or load from their cache) now and not
+    inside the first timed sync; with ``batches`` also the prompt's batched kernels."""
     tr.forward_embedded(np.zeros((1, tr.header.dim), dtype=np.float32), 0, False, LOCAL)
+    if batches and tr.seq_len >= 2:
+        tr.forward_embedded(np.zeros((2, tr.header.dim), dtype=np.float32), 0, True, LOCAL)
 
 
 class NodeFactory:
