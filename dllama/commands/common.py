@@ -133,7 +133,8 @@ def _warm_kernels(transformer, compiling: float | None) -> None:
 
     warm_up(transformer, batches=True)
     logits = np.zeros(transformer.header.vocab_size, dtype=np.float32)
-    Sampler(0.0).sample(logits), Sampler(0.8, 0.9, seed=0).sample(logits)
+    Sampler(0.0).sample(logits)
+    Sampler(0.8, 0.9, seed=0).sample(logits)
     if compiling is not None:
         info(f"💡 kernels compiled in {time.perf_counter() - compiling:.0f} s (cached for the next runs)")
 

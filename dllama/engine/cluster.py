@@ -404,22 +404,20 @@ class Cluster:
 
     def health(self) -> dict:
         """The nodes (up, lost, rejoining) and the current split, as ``GET /health`` shows them."""
-        slices = {0: self.plan[0]} if self.plan else {}
-        nodes = [{"address": "root", "state": "up", "node": 0}]
+        def entry(address: str, state: str, node: int | None, reason: str) -> dict:
+            out = {"address": address, "state": state}
+            if node is not None and node < len(self.plan):
+                s = self.plan[node]
+                out.update(node=node, slice={"q_heads": list(s.q_heads), "kv_heads": list(s.kv_heads),
+                                             "hidden": list(s.hidden), "vocab": list(s.vocab)})
+            elif reason:
+                out["reason"] = reason
+            return out
+
         with self.lock:
-            for m in self.members:
-                entry = {"address": m.address, "state": m.state}
-                if m.state == "up" and m.link is not None:
-                    entry["node"] = m.link.index
-                    slices[m.link.index] = self.plan[m.link.index] if m.link.index < len(self.plan) else None
-                elif m.state != "up":
-                    entry["reason"] = m.reason
-                nodes.append(entry)
-        for entry in nodes:
-            node = slices.get(entry.get("node"))
-            if node is not None:
-                entry["slice"] = {"q_heads": list(node.q_heads), "kv_heads": list(node.kv_heads),
-                                  "hidden": list(node.hidden), "vocab": list(node.vocab)}
+            nodes = [entry("root", "up", 0, "")] + [
+                entry(m.address, m.state, m.link.index if m.state == "up" and m.link is not None else None, m.reason)
+                for m in self.members]
         return {"nodes_up": len(self.plan), "nodes": nodes, "epoch": self.epoch,
                 "recoveries": [asdict(r) for r in self.recoveries]}
 

@@ -157,20 +157,21 @@ def _source_name(name: str) -> tuple[str, int | None]:
 
 
 def _tensor_values(t, expert: int | None, spec: TensorSpec) -> np.ndarray:
-    """The tensor as ``spec``'s stored elements (bit for bit) when its GGUF type is ``spec``'s,
-    else as float32 values."""
+    """The tensor as ``spec``'s stored elements: its blocks bit for bit when its GGUF type is
+    ``spec``'s, else dequantized and encoded once (``ModelWriter`` takes float32 values)."""
     from gguf import GGMLQuantizationType, quants
 
     data = t.data if expert is None else t.data[expert]
     if _same_blocks().get(t.tensor_type) == spec.float_type:
-        elements = np.ascontiguousarray(data).view(np.uint8).reshape(-1).view(spec.float_type.element_dtype)
-        if elements.size != int(np.prod(spec.stored_shape)):
-            raise FormatError(f"tensor {t.name} has {elements.size} {spec.float_type.name} elements, expected "
-                              f"{int(np.prod(spec.stored_shape))} for shape {spec.shape}")
-        return elements.reshape(spec.stored_shape)
-    if t.tensor_type == GGMLQuantizationType.F32:
-        return np.asarray(data, dtype=np.float32)
-    return np.asarray(quants.dequantize(data, t.tensor_type), dtype=np.float32)
+        values = np.ascontiguousarray(data).view(np.uint8).reshape(-1).view(spec.float_type.element_dtype)
+        n_wanted = int(np.prod(spec.stored_shape))
+    elif t.tensor_type == GGMLQuantizationType.F32:
+        values, n_wanted = np.asarray(data, dtype=np.float32).reshape(-1), spec.n_values
+    else:
+        values, n_wanted = np.asarray(quants.dequantize(data, t.tensor_type), dtype=np.float32).reshape(-1), spec.n_values
+    if values.size != n_wanted:
+        raise FormatError(f"tensor {t.name} has {values.size} values, expected {n_wanted} for shape {spec.shape}")
+    return values.reshape(spec.stored_shape if values.dtype == spec.float_type.element_dtype else spec.shape)
 
 
 def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatType | None,
@@ -208,11 +209,6 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
                               f"which the gguf package cannot dequantize") from None
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None
-        if values.dtype == spec.float_type.element_dtype and values.dtype != np.float32:
-            return values  # the stored blocks, bit for bit
-        if values.size != spec.n_values:
-            raise FormatError(f"{path}: tensor {src} has {values.size} values, expected "
-                              f"{spec.n_values} for shape {spec.shape}")
-        return values.reshape(spec.shape)
+        return values
 
     return write_converted(path, output_dir, name or path.stem, header, tok, values_of, progress)

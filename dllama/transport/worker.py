@@ -281,9 +281,7 @@ class WorkerServer:
 
         config, _ = self._expect(owner, mesh, epoch, "config")
         cuts = self.factory.tensor_cuts(config)
-        tensors, source, need = self._weights(config, cuts)
-        store = source not in ("local", "cached")
-        source = "cache" if source == "cached" else source
+        tensors, source, need, store = self._weights(config, cuts)
         self._reply(owner, "config", {"source": source, "need": [[c.name, c.lo, c.hi] for c in need]}, epoch=epoch)
         if need:
             self._receive_pieces(owner, mesh, epoch, cuts, need, tensors)
@@ -312,7 +310,7 @@ class WorkerServer:
 
         mesh.handshake(build_due)
         key = config.get("cache_key")
-        if self.cache is not None and store and isinstance(key, str):
+        if store:
             try:  # while the root waits for "built", which may take long
                 self.cache.store(key, cuts, tensors, config.get("model_digest"))
             except OSError as e:
@@ -337,23 +335,23 @@ class WorkerServer:
             self._reply(owner, "logits", {"fwd": fwd}, np.ascontiguousarray(logits, dtype=np.float32).data,
                         epoch=epoch)
 
-    def _weights(self, config: dict, cuts: list[TensorCut]) -> tuple[dict[str, np.ndarray], str, list[TensorCut]]:
+    def _weights(self, config: dict, cuts: list[TensorCut]) -> tuple[dict[str, np.ndarray], str, list[TensorCut], bool]:
         """The node's tensors as far as this worker has them (flat bytes), where they came from
-        ("local", "cached": this slice's own cache entry, "cache": other entries held all of it,
-        "cache+root", "root"), and the pieces still missing (to fill in, in the returned buffers)."""
+        ("local", "cache", "cache+root" or "root"), the pieces still missing (to fill in, in the
+        returned buffers), and whether the slice cache should keep them under this plan's key."""
         local = self.factory.local_tensors(config)
         if local is not None:
-            return local, "local", []
+            return local, "local", [], False
         key = config.get("cache_key")
         digest = config.get("model_digest")
         if self.cache is None or not isinstance(key, str) or not isinstance(digest, str):
-            return {c.name: np.empty(c.nbytes, np.uint8) for c in cuts}, "root", list(cuts)
+            return {c.name: np.empty(c.nbytes, np.uint8) for c in cuts}, "root", list(cuts), False
         tensors = self.cache.load(key, cuts)
         if tensors is not None:
-            return tensors, "cached", []  # under this very key: nothing to store
+            return tensors, "cache", [], False  # this plan's own entry
         tensors, need = self.cache.assemble(digest, cuts)
         kept = sum(c.nbytes for c in cuts) - sum(c.nbytes for c in need)
-        return tensors, ("root" if not kept else "cache+root" if need else "cache"), need
+        return tensors, ("root" if not kept else "cache+root" if need else "cache"), need, True
 
     def _receive_pieces(self, owner, mesh, epoch, cuts: list[TensorCut], need: list[TensorCut],
                         tensors: dict[str, np.ndarray]) -> None:
