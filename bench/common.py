@@ -45,7 +45,7 @@ from dllama.formats.mfile import (
     RopeType,
     tensor_plan,
 )
-from dllama.kernels.quants import Q40_BLOCK, FloatType
+from dllama.kernels.quants import Q40_BLOCK, Q80_BLOCK, FloatType
 
 # numba and the BLAS libraries size their thread pools from these when they start.
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -86,10 +86,10 @@ def smollm2(key: str = "smollm2") -> BenchModel:
     return BenchModel(key, SMOL_LABEL, path, tokenizer)
 
 
-def llama_1b_header(n_layers: int = 16, seq_len: int = 2048) -> ModelHeader:
+def llama_1b_header(n_layers: int = 16, seq_len: int = 2048, weight_type: FloatType = FloatType.Q40) -> ModelHeader:
     """Llama 3.2 1B's shape, with its rope (theta 500000, Llama 3.1 frequency scaling)."""
     return ModelHeader(arch=ArchType.LLAMA, dim=2048, hidden_dim=8192, n_layers=n_layers, n_heads=32,
-                       n_kv_heads=8, vocab_size=128256, seq_len=seq_len, weight_type=FloatType.Q40,
+                       n_kv_heads=8, vocab_size=128256, seq_len=seq_len, weight_type=weight_type,
                        hidden_act=HiddenAct.SILU, rope_theta=500000.0, rope_type=RopeType.LLAMA3_1,
                        rope_scaling_factor=32.0, rope_scaling_low_freq_factor=1.0,
                        rope_scaling_high_freq_factor=4.0, rope_scaling_orig_max_seq_len=8192,
@@ -119,6 +119,28 @@ def random_q40(rng: np.random.Generator, stored_shape: tuple[int, ...], chunk_ro
     return out
 
 
+def random_q80(rng: np.random.Generator, stored_shape: tuple[int, ...], chunk_rows: int = 8192) -> np.ndarray:
+    """Q80 blocks made directly, with values of the same spread as ``random_q40``'s (uniform
+    int8 values have a standard deviation of about 73 d)."""
+    rows, nb = stored_shape
+    out = np.empty((rows, nb), dtype=Q80_BLOCK)
+    for start in range(0, rows, chunk_rows):
+        n = min(chunk_rows, rows - start)
+        d = 0.02 * 4.3 / 8 / 73 * (1.0 + 0.1 * rng.standard_normal((n, nb), dtype=np.float32))
+        out["d"][start:start + n] = d.astype(np.float16)
+        out["qs"][start:start + n] = rng.integers(-127, 128, (n, nb, 32), dtype=np.int8)
+    return out
+
+
+def random_floats(rng: np.random.Generator, shape: tuple[int, ...], dtype: str, chunk_rows: int = 8192) -> np.ndarray:
+    """F16 or F32 weights with the spread of ``random_q40``'s values, made in bounded chunks."""
+    out = np.empty(shape, dtype=dtype)
+    for start in range(0, shape[0], chunk_rows):
+        n = min(chunk_rows, shape[0] - start)
+        out[start:start + n] = 0.02 * 4.3 / 8 * rng.standard_normal((n,) + shape[1:], dtype=np.float32)
+    return out
+
+
 def write_synthetic_model(path: Path, header: ModelHeader, seed: int = 0) -> None:
     """Random weights, written tensor by tensor: at most one tensor (the 1 GB embedding) in memory."""
     rng = np.random.default_rng(seed)
@@ -126,6 +148,10 @@ def write_synthetic_model(path: Path, header: ModelHeader, seed: int = 0) -> Non
         for spec in tensor_plan(header):
             if spec.float_type == FloatType.Q40:
                 values = random_q40(rng, spec.stored_shape)
+            elif spec.float_type == FloatType.Q80:
+                values = random_q80(rng, spec.stored_shape)
+            elif spec.float_type == header.weight_type and spec.name != "embedding" and not spec.name.endswith("norm"):
+                values = random_floats(rng, spec.shape, "<f2" if spec.float_type == FloatType.F16 else "<f4")
             elif spec.name.endswith("norm"):
                 values = (1.0 + 0.05 * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
             else:  # the embedding
@@ -134,11 +160,11 @@ def write_synthetic_model(path: Path, header: ModelHeader, seed: int = 0) -> Non
             del values
 
 
-def write_llama_1b(path: Path, n_layers: int = 16) -> ModelHeader:
-    """The synthetic Llama-1B-shaped Q40 model at ``path`` (about 1.75 GB with 16 layers), with
+def write_llama_1b(path: Path, n_layers: int = 16, weight_type: FloatType = FloatType.Q40) -> ModelHeader:
+    """The synthetic Llama-1B-shaped model at ``path`` (about 1.75 GB in Q40 with 16 layers), with
     progress on stderr; its header."""
-    header = llama_1b_header(n_layers=n_layers)
-    say(f"· writing the synthetic Llama-1B-shaped model ({n_layers} layers) to {path}")
+    header = llama_1b_header(n_layers=n_layers, weight_type=weight_type)
+    say(f"· writing the synthetic Llama-1B-shaped {weight_type.name} model ({n_layers} layers) to {path}")
     t = time.perf_counter()
     write_synthetic_model(path, header)
     say(f"  {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")

@@ -62,12 +62,12 @@ NOTE = ("One run on a shared, noisy machine: read the numbers as ratios from one
 # -- models ------------------------------------------------------------------------------
 
 def weight_bytes_per_token(path: Path) -> int:
-    """Bytes of weights one decode step must read: every quantized layer tensor and the output
-    head (stored sizes), plus one embedding row. Norms are a few KB and left out."""
+    """Bytes of weights one decode step must read: every layer matrix and the output head
+    (stored sizes), plus one embedding row. Norms are a few KB and left out."""
     model = ModelFile(path)
     total = model.header.dim * 4
     for spec in model.plan:
-        layer_weight = spec.name.startswith("layers.") and spec.float_type.is_quantized
+        layer_weight = spec.name.startswith("layers.") and len(spec.shape) == 2
         if layer_weight or spec.name == "output":
             total += spec.nbytes
     return total

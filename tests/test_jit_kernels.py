@@ -41,10 +41,12 @@ SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck
 PATH_IDS = {"portable": simd.PATH_PORTABLE, "avx2": simd.PATH_AVX2, "vnni": simd.PATH_VNNI,
             "avx512": simd.PATH_AVX512}
 LINEAR_CASES = [
-    *(pytest.param(FloatType.Q40, q80, PATH_IDS[name], marks=skip, id=f"Q40-{'q80' if q80 else 'f32'}-{name}")
-      for name, skip in simd_paths() for q80 in (False, True)),
-    *(pytest.param(ft, q80, None, id=f"{ft.name}-{'q80' if q80 else 'f32'}")
-      for ft in (FloatType.F32, FloatType.F16, FloatType.Q80) for q80 in (False, True)),
+    *(pytest.param(ft, q80, PATH_IDS[name], marks=skip, id=f"{ft.name}-{'q80' if q80 else 'f32'}-{name}")
+      for ft in (FloatType.Q40, FloatType.Q80) for name, skip in simd_paths() for q80 in (False, True)),
+    # Float weights take float32 activations whatever the buffers; q80 true must change nothing.
+    *(pytest.param(ft, False, PATH_IDS[name], marks=skip, id=f"{ft.name}-{name}")
+      for ft in (FloatType.F32, FloatType.F16) for name, skip in simd_paths()),
+    *(pytest.param(ft, True, None, id=f"{ft.name}-q80") for ft in (FloatType.F32, FloatType.F16)),
 ]
 
 seeds = st.integers(0, 2 ** 32 - 1)
@@ -242,7 +244,7 @@ def test_linear_matches_reference(ft, q80_input, path, seed, rows, n_blocks, tok
     x = (rng.standard_normal((tokens, n)) * x_scale).astype(np.float32)
     x[rng.random(tokens) < 0.1] = 0.0
     packed = pack(stored, ft)
-    assert packed[0].shape[0] == (padded_rows(rows, ft) // simd.GROUP_ROWS if ft == FloatType.Q40 else rows)
+    assert packed[0].shape[0] == (padded_rows(rows, ft) // simd.GROUP_ROWS if ft.is_quantized else rows)
 
     got = matmul.linear(x, packed, rows, ft, q80_input, cpu_path() if path is None else path)
 
@@ -269,6 +271,21 @@ def test_linear_zero_weight_and_activation_give_exact_zeros():
                          simd.PATH_AVX512 if simd.HOST_HAS_AVX512 else simd.PATH_PORTABLE):
                 out = matmul.linear(np.ones((3, 64), np.float32), pack(stored, ft), 5, ft, q80_input, path)
                 assert out.shape == (3, 5) and np.all(out == 0)
+
+
+@pytest.mark.parametrize("ft", [FloatType.F32, FloatType.F16])
+@pytest.mark.parametrize("path", [pytest.param(PATH_IDS[name], marks=skip, id=name) for name, skip in simd_paths()])
+@settings(max_examples=8, **SETTINGS)
+@given(seed=seeds, rows=st.integers(1, 20), n=st.integers(1, 200), tokens=st.integers(1, 9))
+def test_float_weights_of_any_width(ft, path, seed, rows, n, tokens):
+    # Rows of float weights need no whole blocks: the values past the last block are added apart.
+    rng = np.random.default_rng(seed)
+    stored = from_float32(rng.standard_normal((rows, n)).astype(np.float32), ft)
+    w = to_float32(stored, ft)
+    x = rng.standard_normal((tokens, n)).astype(np.float32)
+    got = matmul.linear(x, pack(stored, ft), rows, ft, False, path)
+    bound = 2 * gamma(n + 1) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T)
+    assert_within(got, ref.matmul(x, w), bound)
 
 
 # -- dense matmul, norm, activations ------------------------------------------------------------

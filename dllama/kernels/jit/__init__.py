@@ -4,8 +4,9 @@ NumPy reference (``kernels.reference``, ``kernels.quants``) by property tests.
 Modules by job: ``float16`` (conversions), ``quantize`` (Q40/Q80 blocks and the activations of
 the int8 products), ``matmul`` (products with packed weights), ``elementwise`` (norms,
 activations, softmax, rope, embedding), ``attention``, ``wire`` (Q80 activations between nodes),
-``sampling``, and ``blocks`` (one jitted call per block of the forward pass). ``simd`` holds the
-vector code of the products, ``packing`` the weight layouts they read.
+``sampling``, and ``blocks`` (one jitted call per block of the forward pass). ``simd`` (Q40 and
+Q80 weights) and ``simd_float`` (F16 and F32 weights) hold the vector code of the products, built
+from ``vector_ir``; ``packing`` the weight layouts they read.
 
 Importing this package configures numba (cache folder, threading layer) before any kernel of
 its modules is defined: numba picks a cached function's folder when it is decorated. Threads

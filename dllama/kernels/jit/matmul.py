@@ -1,17 +1,18 @@
 """Matrix products ``x @ W.T`` with weights in their packed layouts (``packing``), for every
-weight type: int8 dot products (Q40 and Q80 weights against Q80 activations) or float ones.
-Q40 products take the SIMD ``path`` (``simd``); the others are plain loops that LLVM vectorizes."""
+weight type: int8 dot products (Q40 and Q80 weights against Q80 activations) or float ones, all
+in vector code that takes the SIMD ``path`` (``simd``, ``simd_float``)."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from dllama.kernels.jit import FAST, simd
+from dllama.kernels.backend import cpu_path
+from dllama.kernels.jit import FAST, simd, simd_float
 from dllama.kernels.jit.float16 import f16_table
 from dllama.kernels.jit.packing import padded_rows
 from dllama.kernels.jit.quantize import quantize_activation
-from dllama.kernels.jit.simd import GROUP_ROWS, Q40_RECORD, Q80_ACT_BYTES, Q80_CORR_LANES, TOKEN_TILE
+from dllama.kernels.jit.simd import GROUP_ROWS, Q40_RECORD, Q80_ACT_BYTES, Q80_CORR_LANES, Q80_RECORD, TOKEN_TILE
 from dllama.kernels.quants import BLOCK_SIZE, FloatType
 
 # Weight bytes a thread multiplies by one tile of tokens before moving on: the chunk and the
@@ -63,53 +64,92 @@ def _linear_q40_f32(w, x, out, path):
             t += 1
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
-def _linear_q80_q80(qs, d, xq, xd, out):
-    nb = d.shape[1]
-    for r in prange(qs.shape[0]):
-        for t in range(xq.shape[0]):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                isum = np.int32(0)
-                for j in range(16):
-                    isum += np.int32(qs[r, b * BLOCK_SIZE + j]) * np.int32(xq[t, b * Q80_ACT_BYTES + j])
-                    isum += np.int32(qs[r, b * BLOCK_SIZE + 16 + j]) * np.int32(xq[t, b * Q80_ACT_BYTES + 32 + j])
-                acc += np.float32(isum) * (d[r, b] * xd[t, b])
-            out[t, r] = acc
+@njit(cache=True, parallel=True)
+def _linear_q80_q80(w, xq, xd, xc, out, path):
+    groups, nb = w.shape[0], w.shape[1]
+    n_tokens = xq.shape[0]
+    flat = w.reshape(-1)
+    chunk = max(1, CHUNK_BYTES // (nb * Q80_RECORD))
+    for c in prange((groups + chunk - 1) // chunk):
+        g_end = min(groups, (c + 1) * chunk)
+        t = 0
+        if path == simd.PATH_AVX512:
+            while t + 8 <= n_tokens:
+                for g in range(c * chunk, g_end):
+                    simd.q80_q80_tile8(flat, g * nb * Q80_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+                t += 8
+        while t + TOKEN_TILE <= n_tokens:
+            for g in range(c * chunk, g_end):
+                simd.q80_q80_tile4(flat, g * nb * Q80_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+            t += TOKEN_TILE
+        while t < n_tokens:
+            for g in range(c * chunk, g_end):
+                simd.q80_q80_tile1(flat, g * nb * Q80_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+            t += 1
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
-def _linear_q80_f32(qs, d, x, out):
-    nb = d.shape[1]
-    for r in prange(qs.shape[0]):
-        for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                s = np.float32(0.0)
-                for j in range(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE):
-                    s += np.float32(qs[r, j]) * x[t, j]
-                acc += s * d[r, b]
-            out[t, r] = acc
+@njit(cache=True, parallel=True)
+def _linear_q80_f32(w, x, out, path):
+    groups, nb = w.shape[0], w.shape[1]
+    n_tokens = x.shape[0]
+    flat = w.reshape(-1)
+    chunk = max(1, CHUNK_BYTES // (nb * Q80_RECORD))
+    for c in prange((groups + chunk - 1) // chunk):
+        g_end = min(groups, (c + 1) * chunk)
+        t = 0
+        while t + 2 <= n_tokens:
+            for g in range(c * chunk, g_end):
+                simd.q80_f32_tile2(flat, g * nb * Q80_RECORD, x, t, nb, out, g * GROUP_ROWS, path)
+            t += 2
+        while t < n_tokens:
+            for g in range(c * chunk, g_end):
+                simd.q80_f32_tile1(flat, g * nb * Q80_RECORD, x, t, nb, out, g * GROUP_ROWS, path)
+            t += 1
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
-def _linear_f16(w, table, x, out):
-    for r in prange(w.shape[0]):
-        for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for j in range(w.shape[1]):
-                acc += table[w[r, j]] * x[t, j]
-            out[t, r] = acc
+def _weight_value(w, r, j, table):
+    """The float32 value of w[r, j], for F16 bits (through ``table``) or F32 weights."""
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
-def _linear_f32(w, x, out):
-    for r in prange(w.shape[0]):
-        for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for j in range(w.shape[1]):
-                acc += w[r, j] * x[t, j]
-            out[t, r] = acc
+@overload(_weight_value, jit_options={"cache": True})
+def _weight_value_impl(w, r, j, table):
+    if str(w.dtype) == "uint16":
+        return lambda w, r, j, table: table[w[r, j]]
+    return lambda w, r, j, table: w[r, j]
+
+
+@njit(cache=True, fastmath=FAST, inline="always")
+def _float_tail(w, r, x, t, start, table):
+    """The last values of a row past its whole blocks (weights whose width is no multiple of 32)."""
+    s = np.float32(0.0)
+    for j in range(start, w.shape[1]):
+        s += _weight_value(w, r, j, table) * x[t, j]
+    return s
+
+
+@njit(cache=True, parallel=True)
+def _linear_float(w, x, out, path, table):
+    """F16 (uint16 bits) or F32 weights in their stored rows."""
+    rows, n = w.shape
+    n_tokens = x.shape[0]
+    nblocks = n // simd_float.BLOCK
+    tail = nblocks * simd_float.BLOCK
+    chunk = max(1, CHUNK_BYTES // (n * w.itemsize))
+    for c in prange((rows + chunk - 1) // chunk):
+        r_end = min(rows, (c + 1) * chunk)
+        t = 0
+        while t + 4 <= n_tokens:
+            for r in range(c * chunk, r_end):
+                simd_float.float_row_tile4(w, r, x, t, nblocks, out, path)
+            t += 4
+        while t < n_tokens:
+            for r in range(c * chunk, r_end):
+                simd_float.float_row_tile1(w, r, x, t, nblocks, out, path)
+            t += 1
+        if tail < n:
+            for t in range(n_tokens):
+                for r in range(c * chunk, r_end):
+                    out[t, r] += _float_tail(w, r, x, t, tail, table)
 
 
 def linear_into(w, x, xq, xd, xc, table, q80, out, path):
@@ -123,27 +163,23 @@ def linear_into(w, x, xq, xd, xc, table, q80, out, path):
 @overload(linear_into, jit_options={"cache": True, "parallel": True})
 def _linear_into(w, x, xq, xd, xc, table, q80, out, path):
     first = w.types[0] if hasattr(w, "types") else w.dtype
-    if len(w) == 1 and first.ndim == 3:  # Q40
+    if first.ndim == 3 and str(first.dtype) == "uint8":  # Q40
         def impl(w, x, xq, xd, xc, table, q80, out, path):
             if q80:
                 _linear_q40_q80(w[0], xq, xd, xc, out, path)
             else:
                 _linear_q40_f32(w[0], x, out, path)
         return impl
-    if len(w) == 2:  # Q80
+    if first.ndim == 3:  # Q80
         def impl(w, x, xq, xd, xc, table, q80, out, path):
             if q80:
-                _linear_q80_q80(w[0], w[1], xq, xd, out)
+                _linear_q80_q80(w[0], xq, xd, xc, out, path)
             else:
-                _linear_q80_f32(w[0], w[1], x, out)
-        return impl
-    if str(first.dtype) == "uint16":  # F16
-        def impl(w, x, xq, xd, xc, table, q80, out, path):
-            _linear_f16(w[0], table, x, out)
+                _linear_q80_f32(w[0], x, out, path)
         return impl
 
-    def impl(w, x, xq, xd, xc, table, q80, out, path):  # F32
-        _linear_f32(w[0], x, out)
+    def impl(w, x, xq, xd, xc, table, q80, out, path):  # F16, F32
+        _linear_float(w[0], x, out, path, table)
     return impl
 
 
@@ -183,5 +219,5 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y = x @ w.T for dense float32 weights."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    _linear_f32(np.ascontiguousarray(w, dtype=np.float32), x, out)
+    _linear_float(np.ascontiguousarray(w, dtype=np.float32), x, out, cpu_path(), f16_table())
     return out

@@ -3,22 +3,23 @@
 - Q40: ``GROUP_ROWS`` rows interleaved block by block (see ``simd``), rows padded with zero
   blocks up to a whole group, so a kernel reads one contiguous run per row group and never
   needs a tail case. The output of a product therefore has ``padded_rows`` entries.
-- Q80: int8 values and float32 scales in two arrays (numba has no float16 type).
+- Q80: ``GROUP_ROWS`` rows interleaved block by block likewise (the record is in ``simd``), in
+  an int8 array: its type tells it from Q40's uint8.
 - F16: the stored bits as uint16, F32: the stored floats; no copy.
 
-A packed weight is a tuple of arrays, so jitted code can tell the layouts apart by type.
+A packed weight is a tuple of one array, so jitted code can tell the layouts apart by type.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from dllama.kernels.quants import BLOCK_SIZE, Q40_BLOCK, FloatType
-from dllama.kernels.jit.simd import GROUP_ROWS, Q40_RECORD
+from dllama.kernels.quants import BLOCK_SIZE, Q40_BLOCK, Q80_BLOCK, FloatType
+from dllama.kernels.jit.simd import GROUP_ROWS, Q40_RECORD, Q80_RECORD
 
 
 def padded_rows(rows: int, float_type: FloatType) -> int:
-    """Entries of a product's output: Q40 rows come in whole groups."""
-    if float_type == FloatType.Q40:
+    """Entries of a product's output: quantized rows come in whole groups."""
+    if float_type.is_quantized:
         return -(-rows // GROUP_ROWS) * GROUP_ROWS
     return rows
 
@@ -36,14 +37,27 @@ def pack_q40(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
+def pack_q80(blocks: np.ndarray) -> np.ndarray:
+    """Q80 blocks ``[rows, blocks]`` to ``[row groups, blocks, Q80_RECORD]`` int8 bytes."""
+    rows, nb = blocks.shape
+    groups = -(-rows // GROUP_ROWS)
+    padded = np.zeros((groups * GROUP_ROWS, nb), dtype=Q80_BLOCK)
+    padded[:rows] = blocks
+    by_block = padded.reshape(groups, GROUP_ROWS, nb).transpose(0, 2, 1)  # [groups, blocks, rows]
+    out = np.empty((groups, nb, Q80_RECORD), dtype=np.int8)
+    out[:, :, :2 * GROUP_ROWS] = np.ascontiguousarray(by_block["d"]).view(np.int8).reshape(groups, nb, -1)
+    # [groups, blocks, rows, half, 16] -> [groups, blocks, half, rows, 16]: values 0-15, then 16-31
+    qs = by_block["qs"].reshape(groups, nb, GROUP_ROWS, 2, BLOCK_SIZE // 2).transpose(0, 1, 3, 2, 4)
+    out[:, :, 2 * GROUP_ROWS:] = qs.reshape(groups, nb, -1)
+    return out
+
+
 def pack(stored: np.ndarray, float_type: FloatType) -> tuple[np.ndarray, ...]:
     """Stored elements ``[rows, elements]`` of a weight to its kernel layout."""
     if float_type == FloatType.Q40:
         return (pack_q40(np.asarray(stored)),)
     if float_type == FloatType.Q80:
-        stored = np.asarray(stored)
-        return (np.ascontiguousarray(stored["qs"]).reshape(stored.shape[0], -1),
-                stored["d"].astype(np.float32))
+        return (pack_q80(np.asarray(stored)),)
     if float_type == FloatType.F16:
         return (np.ascontiguousarray(stored).view(np.uint16),)
     return (np.ascontiguousarray(stored, dtype=np.float32),)
@@ -57,9 +71,3 @@ def pack_rows(parts: list[np.ndarray], float_type: FloatType) -> tuple[np.ndarra
         return pack(parts[0], float_type)
     return pack(np.concatenate([np.asarray(p) for p in parts], axis=0), float_type)
 
-
-def in_features(packed: tuple[np.ndarray, ...]) -> int:
-    first = packed[0]
-    if first.ndim == 3:  # Q40
-        return first.shape[1] * BLOCK_SIZE
-    return first.shape[1]
