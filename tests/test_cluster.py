@@ -139,7 +139,8 @@ def test_split_gives_the_root_twice_the_rows(smollm2, workers):
         root, worker = cluster.plan
         assert root.hidden_dim == 2 * worker.hidden_dim == 2 * h.hidden_dim // 3
         assert root.vocab_size == 2 * h.vocab_size // 3
-        assert cluster.transformer.weights.layers[0].ffn.w1.rows == root.hidden_dim  # what it holds
+        hidden = cluster.transformer.node.hidden
+        assert hidden[1] - hidden[0] == root.hidden_dim  # what it holds
 
     tokens = Tokenizer.load(smollm2[1]).encode(PROMPT)
     assert_cluster_equals_one_node(model, tokens, workers[:1], n_tokens=32, split=[2, 1], check_plan=check_plan)

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from dllama.kernels.backend import cpu_path
 from dllama.kernels import reference as ref
 from dllama.kernels.jit import attention, elementwise, float16, matmul, quantize, sampling, simd
-from dllama.kernels.jit.packing import pack, padded_rows
+from dllama.kernels.jit import packing
+from dllama.kernels.jit.packing import pack, pack_rows, padded_rows
 from dllama.kernels.quants import (
     BLOCK_SIZE,
     Q40_BLOCK,
@@ -286,6 +287,30 @@ def test_float_weights_of_any_width(ft, path, seed, rows, n, tokens):
     got = matmul.linear(x, pack(stored, ft), rows, ft, False, path)
     bound = 2 * gamma(n + 1) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T)
     assert_within(got, ref.matmul(x, w), bound)
+
+
+@pytest.mark.parametrize("ft", list(FloatType))
+@settings(max_examples=15, **SETTINGS)
+@given(seed=seeds, part_rows=st.lists(st.integers(1, 23), min_size=1, max_size=3), n_blocks=st.integers(1, 3),
+       chunk=st.sampled_from([4, 8, 12, 4096]))
+def test_stacked_weights_pack_in_chunks_as_one(ft, seed, part_rows, n_blocks, chunk):
+    # q, k and v (w1 and w3) are packed as one weight, a few thousand rows at a time, straight
+    # from the parts: the result is the packing of the stacked rows, and multiplies like them.
+    rng = np.random.default_rng(seed)
+    n = n_blocks * BLOCK_SIZE
+    parts = [from_float32(rng.standard_normal((r, n)).astype(np.float32), ft) for r in part_rows]
+    stacked = np.concatenate(parts, axis=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packing, "CHUNK_ROWS", chunk)
+        got = pack_rows(parts, ft)
+    want = pack(stacked, ft)
+    assert len(got) == len(want) == 1 and got[0].dtype == want[0].dtype
+    assert np.array_equal(got[0].view(np.uint8), want[0].view(np.uint8))
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    w = to_float32(stacked, ft)
+    out = matmul.linear(x, got, stacked.shape[0], ft, False, cpu_path())
+    bound = 2 * gamma(n + 2) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T)
+    assert_within(out, ref.matmul(x, w), bound)
 
 
 # -- dense matmul, norm, activations ------------------------------------------------------------

@@ -42,11 +42,11 @@ class Transformer:
         self.header: ModelHeader = h if seq_len is None else h.with_seq_len(seq_len)
         self.shape = NodeShape.of(self.header, self.node, buffer_type == FloatType.Q80)
         self._sync = sync  # fixed for the model's life
-        self.weights = node_weights(share)
+        weights = node_weights(share)  # not kept: the blocks hold what they compute with
         self.kv_cache = KVCache(h.n_layers, self.seq_len, self.node.n_kv_heads, h.head_dim)
         self.backend = backend or default_backend()
         rope_cos, rope_sin = rope_tables(h, self.seq_len)
-        self.blocks = make_blocks(self.backend, self.weights, self.shape, self.kv_cache, rope_cos, rope_sin, budget)
+        self.blocks = make_blocks(self.backend, weights, self.shape, self.kv_cache, rope_cos, rope_sin, budget)
 
     @property
     def seq_len(self) -> int:

@@ -10,6 +10,7 @@ from dllama.kernels.jit import blocks as fused
 from dllama.kernels.jit import elementwise, matmul
 from dllama.kernels.jit.float16 import f16_table
 from dllama.kernels.jit.packing import pack_rows, padded_rows
+from dllama.machine import file_backed, release_pages
 from dllama.model.kv_cache import KVCache
 from dllama.model.moe import mix_experts
 from dllama.model.shape import NodeShape
@@ -20,11 +21,20 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _packed(weights: list[Weight]) -> tuple[tuple, int]:
+def _packed(weights: list[Weight], reclaimable: bool) -> tuple[tuple, int]:
     """Weights stacked by rows and packed as one (one parallel launch for all), and the padded
-    width of its product."""
+    width of its product. Stored rows that packing copied give their memory back as soon as
+    they are packed, so that a node holds one copy of its share, plus a chunk, while packing:
+    a file's pages always (they can be read again), other memory when the weights were handed
+    over (``reclaimable``: a worker's received slice)."""
     ft = weights[0].float_type
-    return pack_rows([w.stored for w in weights], ft), padded_rows(sum(w.rows for w in weights), ft)
+    stored = [w.stored for w in weights]
+    release = reclaimable or all(file_backed(s) for s in stored)
+    packed = pack_rows(stored, ft, release_pages if release and ft.is_quantized else None)
+    if release and not ft.is_quantized and len(stored) > 1:  # float parts stacked: a copy
+        for s in stored:
+            release_pages(s)
+    return packed, padded_rows(sum(w.rows for w in weights), ft)
 
 
 class JitBlocks:
@@ -36,9 +46,10 @@ class JitBlocks:
         eps = np.float32(shape.norm_eps)
         self.embedding = _f32(weights.embedding) if weights.embedding is not None else None
         empty = np.zeros(0, dtype=np.float32)
+        reclaim = weights.reclaimable
 
         def expert(f: FeedForwardWeights) -> fused.ExpertArgs:
-            (w13, w13_rows), (w2, w2_rows) = _packed([f.w1, f.w3]), _packed([f.w2])
+            (w13, w13_rows), (w2, w2_rows) = _packed([f.w1, f.w3], reclaim), _packed([f.w2], reclaim)
             return fused.ExpertArgs(w13=w13, w13_rows=w13_rows, hidden=f.w1.rows, w2=w2, w2_rows=w2_rows,
                                     gelu=shape.gelu, **products)
 
@@ -46,7 +57,7 @@ class JitBlocks:
         self.ffn_args: list[fused.FeedForwardArgs | None] = []  # dense layers
         self.moe: list[tuple[np.ndarray, np.ndarray, list[fused.ExpertArgs]] | None] = []  # (norm, router, experts)
         for i, layer in enumerate(weights.layers):
-            (qkv, qkv_rows), (o, o_rows) = _packed([layer.q, layer.k, layer.v]), _packed([layer.o])
+            (qkv, qkv_rows), (o, o_rows) = _packed([layer.q, layer.k, layer.v], reclaim), _packed([layer.o], reclaim)
             self.attention_args.append(fused.AttentionArgs(
                 norm=_f32(layer.attn_norm), eps=eps, qkv=qkv, qkv_rows=qkv_rows,
                 q_norm=_f32(layer.q_norm) if layer.q_norm is not None else empty,
@@ -61,7 +72,7 @@ class JitBlocks:
             else:
                 self.ffn_args.append(None)
                 self.moe.append((_f32(layer.ffn_norm), _f32(layer.router), [expert(f) for f in layer.experts]))
-        output, output_rows = _packed([weights.output])
+        output, output_rows = _packed([weights.output], reclaim)
         self.end_args = fused.EndArgs(norm=_f32(weights.final_norm), eps=eps, w=output, rows=output_rows,
                                       vocab=shape.vocab_size, **products)
 

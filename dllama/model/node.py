@@ -115,12 +115,15 @@ class NodeFactory:
                 for name, t in node_tensors(model.tensors, model.header, node).items()}
 
     def build(self, config: dict, tensors: dict[str, np.ndarray]) -> WorkerNode:
+        """The node from its tensors, which it takes over: their memory may be given back (and
+        read as zeros) once the node holds its packed copy."""
         h, node, seq_len, buffer_type = _parse(config)
         typed = {}
         for spec in node_specs(h, node):
             raw = tensors[spec.name]
             typed[spec.name] = raw.view(spec.float_type.element_dtype).reshape(spec.stored_shape)
-        tr = Transformer(NodeModel(h, node, typed), seq_len=seq_len, buffer_type=FloatType.parse(buffer_type))
+        tr = Transformer(NodeModel(h, node, typed, reclaimable=True), seq_len=seq_len,
+                         buffer_type=FloatType.parse(buffer_type))
         tr.prepare()
         warm_up(tr)
         return WorkerNode(tr, buffer_type == "q80", sum(s.nbytes for s in node_specs(h, node)))

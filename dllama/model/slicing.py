@@ -241,6 +241,9 @@ class NodeModel:
     header: ModelHeader
     node: NodeSlice
     tensors: Mapping[str, np.ndarray]
+    # The tensors were handed over (a worker's received slice): a model built from them may give
+    # their memory back once it holds its own copy (see ``model.jit_blocks``).
+    reclaimable: bool = False
 
     @classmethod
     def from_model(cls, model, node: NodeSlice | None = None) -> "NodeModel":

@@ -54,6 +54,7 @@ class NodeWeights:
     layers: list[LayerWeights]
     final_norm: np.ndarray
     output: Weight
+    reclaimable: bool = False  # the stored arrays were handed over: packing may give their memory back
 
 
 def node_weights(share: NodeModel) -> NodeWeights:
@@ -81,4 +82,4 @@ def node_weights(share: NodeModel) -> NodeWeights:
             layer.k_norm = np.asarray(t[p + "k_norm"])
         layers.append(layer)
     return NodeWeights(embedding=t.get("embedding"), layers=layers, final_norm=np.asarray(t["final_norm"]),
-                       output=weight("output"))
+                       output=weight("output"), reclaimable=share.reclaimable)

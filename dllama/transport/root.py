@@ -20,6 +20,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from dllama.errors import DllamaError
+from dllama.machine import file_backed, release_pages
 from dllama.transport.links import (
     PLAINTEXT,
     LinkSecurity,
@@ -238,6 +239,8 @@ class RootLink:
                     self._ack(w, seq - in_flight)
                     in_flight -= 1
                 progress(len(chunk))
+            if file_backed(array):  # sent: its pages need not stay in this process's memory
+                release_pages(array)
         for _ in range(in_flight):
             self._ack(w, seq - in_flight)
             in_flight -= 1

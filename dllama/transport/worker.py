@@ -25,7 +25,7 @@ import zmq
 
 from dllama.errors import DllamaError
 from dllama.formats.cuts import TensorCut
-from dllama.machine import physical_memory
+from dllama.machine import physical_memory, release_memory
 from dllama.transport.links import HEARTBEAT_TIMEOUT, PLAINTEXT, LinkSecurity, endpoint, new_socket
 from dllama.transport.mesh import Abandoned, Mesh, PeerFailed
 from dllama.transport.protocol import (
@@ -317,6 +317,7 @@ class WorkerServer:
                 self.log(f"⚠️  cannot write the slice cache: {e.strerror or e}")
         node = self.factory.build(config, tensors)
         del tensors
+        release_memory()  # the received slice and packing's temporaries, back to the system
         codec = WireCodec(node.wire_q80)  # compiles its kernels now, not in the first timed sync
         self._reply(owner, "built", {"weight_bytes": node.weight_bytes, "kv_bytes": node.kv_bytes}, epoch=epoch)
         self.log(f"💡 node ready: {node.weight_bytes / 1e6:.1f} MB of weights, KV cache {node.kv_bytes / 1e6:.1f} MB")
@@ -360,7 +361,10 @@ class WorkerServer:
         seq = 0
         for i, piece in enumerate(need):
             whole = cuts[piece.name]
-            buf = np.empty(piece.nbytes, dtype=np.uint8)
+            dest = whole.place(tensors[piece.name].reshape(whole.shape), piece.lo, piece.hi)
+            # Rows land where they belong; columns (o and w2) pass through a buffer of one piece.
+            direct = dest.flags.c_contiguous
+            buf = dest.reshape(-1) if direct else np.empty(piece.nbytes, dtype=np.uint8)
             filled = 0
             while filled < len(buf):
                 meta, blobs = self._expect(owner, mesh, epoch, "chunk")
@@ -373,8 +377,8 @@ class WorkerServer:
                 filled += len(data)
                 seq += 1
                 self._reply(owner, "ack", {"seq": seq - 1}, epoch=epoch)
-            out = tensors[piece.name].reshape(whole.shape)
-            whole.place(out, piece.lo, piece.hi)[...] = buf.reshape(piece.shape)
+            if not direct:
+                dest[...] = buf.reshape(piece.shape)
 
     def close(self) -> None:
         self.router.close(linger=0)
