@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 from dllama.formats.mfile import (
     ArchType,
     HiddenAct,
+    ModelFile,
     ModelHeader,
     ModelWriter,
     RopeType,
@@ -449,3 +450,55 @@ def write_results(out: Path, result: dict, draw: Callable[[Path], None] | None) 
         except ImportError:
             wrote += " (no matplotlib: no chart; pip install '.[bench]')"
     print(wrote)
+
+
+# -- decode.py's measuring workers, run in fresh interpreters (decode.py and weights.py) ----------
+
+NOTE = ("One run on a shared, noisy machine: read the numbers as ratios from one run, "
+        "not as absolutes.")
+
+
+def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of weights one decode step must read: every layer matrix and the output head
+    (stored sizes), plus one embedding row. Norms are a few KB and left out."""
+    model = ModelFile(path)
+    total = model.header.dim * 4
+    for spec in model.plan:
+        layer_weight = spec.name.startswith("layers.") and len(spec.shape) == 2
+        if layer_weight or spec.name == "output":
+            total += spec.nbytes
+    return total
+
+
+def worker_env(threads: int, backend: str, cache_dir: Path | None) -> dict[str, str]:
+    extra = {"DLLAMA_BACKEND": backend}
+    if cache_dir is not None:
+        extra["NUMBA_CACHE_DIR"] = str(cache_dir)
+    return child_env(threads, **extra)
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+def run_worker(kind: str, cfg: dict, env: dict[str, str], timeout: float) -> tuple[dict, float]:
+    """Run decode.py's worker `kind` (measure, ttft, bandwidth) in a fresh interpreter; its JSON
+    result and the wall clock when it was started."""
+    cmd = [sys.executable, str(BENCH / "decode.py"), "--worker", kind, "--config", json.dumps(cfg)]
+    started = time.time()
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise WorkerFailed(f"{kind} worker ran over {timeout:g} s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise WorkerFailed(f"{kind} worker exited with {done.returncode}: {last}\n{done.stderr[-3000:]}")
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]), started
+
+
+def measure_bandwidth(args) -> dict[int, float]:
+    say(f"· memory bandwidth ({args.bandwidth_gib:g} GiB int64 sum, threads {args.threads})")
+    cfg = {"threads": args.threads, "gib": args.bandwidth_gib, "repeats": args.bandwidth_repeats}
+    out, _ = run_worker("bandwidth", cfg, worker_env(max(args.threads), "numba", None), args.worker_timeout)
+    return {int(k): v for k, v in out["gb_s"].items()}

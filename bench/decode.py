@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,18 +32,23 @@ import numpy as np
 from common import (
     LLAMA_LABEL,
     RESULTS,
+    NOTE,
     SMOL_LABEL,
     BenchModel,
-    child_env,
+    WorkerFailed,
     fill_defaults,
     fmt,
     last_level_cache_bytes,
     llama_1b_label,
     machine_info,
+    measure_bandwidth,
     pyplot,
+    run_worker,
     save_figure,
     say,
     smollm2,
+    weight_bytes_per_token,
+    worker_env,
     write_llama_1b,
     write_results,
 )
@@ -55,22 +58,12 @@ from dllama.kernels.quants import FloatType
 
 PROMPT_LEN = 128  # prefill: 4 forwards of MAX_BATCH (32) tokens
 TTFT_PROMPT = "Write one sentence about the sea."
-NOTE = ("One run on a shared, noisy machine: read the numbers as ratios from one run, "
-        "not as absolutes.")
+
 
 
 # -- models ------------------------------------------------------------------------------
 
-def weight_bytes_per_token(path: Path) -> int:
-    """Bytes of weights one decode step must read: every layer matrix and the output head
-    (stored sizes), plus one embedding row. Norms are a few KB and left out."""
-    model = ModelFile(path)
-    total = model.header.dim * 4
-    for spec in model.plan:
-        layer_weight = spec.name.startswith("layers.") and len(spec.shape) == 2
-        if layer_weight or spec.name == "output":
-            total += spec.nbytes
-    return total
+
 
 
 # -- workers (each in its own process) -------------------------------------------------------
@@ -311,30 +304,13 @@ WORKERS: dict[str, Callable[[dict], dict]] = {
 
 # -- the parent: runs workers, collects rows ---------------------------------------------------
 
-def worker_env(threads: int, backend: str, cache_dir: Path | None) -> dict[str, str]:
-    extra = {"DLLAMA_BACKEND": backend}
-    if cache_dir is not None:
-        extra["NUMBA_CACHE_DIR"] = str(cache_dir)
-    return child_env(threads, **extra)
 
 
-class WorkerFailed(Exception):
-    pass
 
 
-def run_worker(kind: str, cfg: dict, env: dict[str, str], timeout: float) -> tuple[dict, float]:
-    """Run `kind` in a fresh interpreter; its JSON result and the wall clock when it was started."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--config", json.dumps(cfg)]
-    started = time.time()
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise WorkerFailed(f"{kind} worker ran over {timeout:g} s") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
-        raise WorkerFailed(f"{kind} worker exited with {done.returncode}: {last}\n{done.stderr[-3000:]}")
-    lines = done.stdout.strip().splitlines()
-    return json.loads(lines[-1]), started
+
+
+
 
 
 def attempt(what: str, failures: list[str], fn: Callable[[], Any]) -> Any:
@@ -348,11 +324,7 @@ def attempt(what: str, failures: list[str], fn: Callable[[], Any]) -> Any:
         return None
 
 
-def measure_bandwidth(args) -> dict[int, float]:
-    say(f"· memory bandwidth ({args.bandwidth_gib:g} GiB int64 sum, threads {args.threads})")
-    cfg = {"threads": args.threads, "gib": args.bandwidth_gib, "repeats": args.bandwidth_repeats}
-    out, _ = run_worker("bandwidth", cfg, worker_env(max(args.threads), "numba", None), args.worker_timeout)
-    return {int(k): v for k, v in out["gb_s"].items()}
+
 
 
 def measure_ttft(model: BenchModel, backend: str, threads: int, cache_dir: Path | None, timeout: float) -> dict:

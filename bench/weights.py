@@ -21,8 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, BenchModel, fill_defaults, fmt, machine_info, say, write_llama_1b, write_results
-from decode import NOTE, WorkerFailed, measure_bandwidth, run_worker, weight_bytes_per_token, worker_env
+from common import (NOTE, RESULTS, BenchModel, WorkerFailed, fill_defaults, fmt, machine_info, measure_bandwidth,
+                    run_worker, say, weight_bytes_per_token, worker_env, write_llama_1b, write_results)
 
 from dllama.kernels.quants import FloatType
 
