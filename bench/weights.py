@@ -2,8 +2,8 @@
 
 For SmolLM2-135M (converted from its GGUF into each type, kept in DLLAMA_HOME) and the synthetic
 Llama-1B-shaped model (random weights written in each type to a temporary folder, deleted after
-use), on 1 and 2 threads, with q80 buffers (the int8 products; float weights always take float32
-activations): decode tokens/s, its share of the bandwidth floor (weight bytes read per token /
+use), on 1 and 2 threads, with q80 buffers (the int8 products) and f32 buffers (exact float products;
+float weights always take float32 activations): decode tokens/s, its share of the bandwidth floor (weight bytes read per token /
 memory bandwidth measured in the same run), and prefill tokens/s. Each configuration runs in a
 fresh subprocess (``decode.py``'s measuring worker).
 
@@ -40,27 +40,29 @@ def models_of(key: str, weight: str, workdir: Path, layers: int) -> BenchModel:
     return BenchModel(key, f"synthetic Llama-1B {ft.name}", path, None)
 
 
-def measure(model: BenchModel, weight: str, threads: int, bandwidth: dict[int, float], args, cache: Path) -> dict:
-    cfg = {"model_path": str(model.path), "backend": "numba", "threads": threads, "buffers": "q80",
+def measure(model: BenchModel, weight: str, buffers: str, threads: int, bandwidth: dict[int, float], args,
+            cache: Path) -> dict:
+    cfg = {"model_path": str(model.path), "backend": "numba", "threads": threads, "buffers": buffers,
            "decode_steps": args.decode_steps, "overhead_steps": 0, "prefill_repeats": args.prefill_repeats,
            "prefill_limit_s": float("inf")}
     out, _ = run_worker("measure", cfg, worker_env(threads, "numba", cache), args.worker_timeout)
     wbytes = weight_bytes_per_token(model.path)
     decode_s = out["decode_ms_median"] / 1e3
     floor_s = wbytes / (bandwidth[threads] * 1e9)
-    return {"model": model.key, "label": model.label, "weights": weight, "threads": threads,
+    return {"model": model.key, "label": model.label, "weights": weight, "buffers": buffers, "threads": threads,
             "decode_tok_s": 1 / decode_s, "floor_pct": floor_s / decode_s * 100, "weight_bytes_per_token": wbytes,
             "prefill_tok_s": out.get("prefill_tok_s"), "logits_finite": out["logits_finite"]}
 
 
-def find(rows: list[dict], model: str, weights: str, threads: int) -> dict | None:
-    return next((r for r in rows if (r["model"], r["weights"], r["threads"]) == (model, weights, threads)), None)
+def find(rows: list[dict], model: str, weights: str, threads: int, buffers: str = "q80") -> dict | None:
+    return next((r for r in rows if (r["model"], r["weights"], r["threads"], r["buffers"]) ==
+                 (model, weights, threads, buffers)), None)
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
     targets = []
-    for weights in ("q80", "f16"):
-        r = find(rows, "llama1b", weights, 2)
+    for weights, buffers in (("q80", "q80"), ("f16", "f32")):
+        r = find(rows, "llama1b", weights, 2, buffers)
         targets.append((f"synthetic 1B {weights.upper()} decode, 2 threads >= 70% of the bandwidth floor",
                         r and r["floor_pct"], lambda v: v >= 70, "{:.1f}%"))
     q40, q80 = find(rows, "llama1b", "q40", 2), find(rows, "llama1b", "q80", 2)
@@ -79,11 +81,12 @@ def print_table(rows: list[dict], bandwidth: dict[int, float]) -> None:
     print(NOTE)
     print("memory read bandwidth: " + ", ".join(f"{t} thread(s) {bw:.1f} GB/s" for t, bw in sorted(bandwidth.items())))
     w = max(len(r["label"]) for r in rows)
-    head = f"{'model':{w}} {'thr':>3} {'MB/token':>8} {'decode tok/s':>12} {'floor %':>7} {'prefill tok/s':>13}"
+    head = f"{'model':{w}} {'buf':4} {'thr':>3} {'MB/token':>8} {'decode tok/s':>12} {'floor %':>7} {'prefill tok/s':>13}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['label']:{w}} {r['threads']:3d} {r['weight_bytes_per_token'] / 1e6:8.0f} {r['decode_tok_s']:12.2f} "
+        print(f"{r['label']:{w}} {r['buffers']:4} {r['threads']:3d} {r['weight_bytes_per_token'] / 1e6:8.0f} "
+              f"{r['decode_tok_s']:12.2f} "
               f"{r['floor_pct']:7.1f} {fmt(r['prefill_tok_s'], '13.1f'):>13}"
               + ("" if r["logits_finite"] else "  ! logits not finite"))
     print("floor %: (weight bytes per token / bandwidth at that thread count) / decode time per token; "
@@ -95,6 +98,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--models", type=lambda t: t.split(","), default=["smollm2", "llama1b"])
     p.add_argument("--weights", type=lambda t: t.split(","), default=list(TYPES))
     p.add_argument("--threads", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2])
+    p.add_argument("--buffers", type=lambda t: t.split(","), default=["q80", "f32"],
+                   help="buffer types for Q40 and Q80 weights (q80: int8 products; f32: exact float ones)")
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--prefill-repeats", type=int, default=2)
     p.add_argument("--bandwidth-gib", type=float, default=1.0)
@@ -105,7 +110,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output", default=None)
     args = p.parse_args()
     fill_defaults(args, {"output": str(RESULTS / "weights.json")})
-    for name, allowed in (("models", {"smollm2", "llama1b"}), ("weights", set(TYPES))):
+    for name, allowed in (("models", {"smollm2", "llama1b"}), ("weights", set(TYPES)), ("buffers", {"q80", "f32"})):
         bad = set(getattr(args, name)) - allowed
         if bad:
             p.error(f"--{name}: unknown {sorted(bad)}; use {sorted(allowed)}")
@@ -123,13 +128,16 @@ def main() -> None:
         for key in args.models:
             for weight in args.weights:
                 model = models_of(key, weight, workdir, args.synthetic_layers)
-                for threads in args.threads:
-                    say(f"· {model.label}, {threads} thread(s)")
-                    try:
-                        rows.append(measure(model, weight, threads, bandwidth, args, cache))
-                    except WorkerFailed as e:
-                        say(f"! {model.label} {threads} thread(s): {e}")
-                        failures.append(f"{model.label} {threads} thread(s): {str(e).splitlines()[0]}")
+                # Float weights take float32 activations whatever the buffers: one row for them.
+                for buffers in (args.buffers if FloatType.parse(weight).is_quantized else ["f32"]):
+                    for threads in args.threads:
+                        what = f"{model.label}, {buffers} buffers, {threads} thread(s)"
+                        say(f"· {what}")
+                        try:
+                            rows.append(measure(model, weight, buffers, threads, bandwidth, args, cache))
+                        except WorkerFailed as e:
+                            say(f"! {what}: {e}")
+                            failures.append(f"{what}: {str(e).splitlines()[0]}")
                 if model.path.is_relative_to(workdir):
                     model.path.unlink()  # up to 5 GB: gone before the next one is written
     finally:
