@@ -334,6 +334,18 @@ def root_failure(rc: int | None, timeout: float) -> str:
 
 # -- reports ---------------------------------------------------------------------------------------
 
+def report_targets(targets: list[tuple[str, Any, Callable[[Any], bool], str]]) -> list[dict]:
+    """Print each (name, measured value or None, test, format) as met, MISSED or not measured;
+    the JSON rows of the results."""
+    out = []
+    for name, value, ok, spec in targets:
+        met = None if value is None else bool(ok(value))
+        out.append({"target": name, "value": value, "met": met})
+        status = "not measured" if met is None else ("met" if met else "MISSED")
+        print(f"[{status:^12}] {name}" + ("" if value is None else f": {spec.format(value)}"))
+    return out
+
+
 def print_table_head(head: str) -> None:
     """A Markdown table's header line ``head`` and the rule under it."""
     print(head)

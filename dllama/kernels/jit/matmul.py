@@ -12,7 +12,7 @@ from dllama.kernels.jit import FAST, simd, simd_float
 from dllama.kernels.jit.float16 import f16_table
 from dllama.kernels.jit.packing import padded_rows
 from dllama.kernels.jit.quantize import quantize_activation
-from dllama.kernels.jit.simd import GROUP_ROWS, Q40_RECORD, Q80_ACT_BYTES, Q80_CORR_LANES, Q80_RECORD, TOKEN_TILE
+from dllama.kernels.jit.simd import GROUP_ROWS, Q80_ACT_BYTES, Q80_CORR_LANES, TOKEN_TILE
 from dllama.kernels.quants import BLOCK_SIZE, FloatType
 
 # Weight bytes a thread multiplies by one tile of tokens before moving on: the chunk and the
@@ -21,11 +21,12 @@ CHUNK_BYTES = 16384
 
 
 @njit(cache=True, parallel=True)
-def _linear_q40_q80(w, xq, xd, xc, out, path):
-    groups, nb = w.shape[0], w.shape[1]
+def _linear_int8(w, xq, xd, xc, out, path):
+    """Packed Q40 or Q80 weights [groups, blocks, record] against Q80 activations."""
+    groups, nb, record = w.shape
     n_tokens = xq.shape[0]
     flat = w.reshape(-1)
-    chunk = max(1, CHUNK_BYTES // (nb * Q40_RECORD))
+    chunk = max(1, CHUNK_BYTES // (nb * record))
     for c in prange((groups + chunk - 1) // chunk):
         g_end = min(groups, (c + 1) * chunk)
         # Tiles of tokens share each load of a group's weights (prefill); the rest one by one.
@@ -33,77 +34,35 @@ def _linear_q40_q80(w, xq, xd, xc, out, path):
         if path == simd.PATH_AVX512:
             while t + 8 <= n_tokens:
                 for g in range(c * chunk, g_end):
-                    simd.q40_q80_tile8(flat, g * nb * Q40_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+                    simd.int8_tile8(flat, g * nb * record, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
                 t += 8
         while t + TOKEN_TILE <= n_tokens:
             for g in range(c * chunk, g_end):
-                simd.q40_q80_tile4(flat, g * nb * Q40_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+                simd.int8_tile4(flat, g * nb * record, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
             t += TOKEN_TILE
         while t < n_tokens:
             for g in range(c * chunk, g_end):
-                simd.q40_q80_tile1(flat, g * nb * Q40_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+                simd.int8_tile1(flat, g * nb * record, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
             t += 1
 
 
 @njit(cache=True, parallel=True)
-def _linear_q40_f32(w, x, out, path):
-    groups, nb = w.shape[0], w.shape[1]
+def _linear_grouped_f32(w, x, out, path):
+    """Packed Q40 or Q80 weights against float32 activations."""
+    groups, nb, record = w.shape
     n_tokens = x.shape[0]
     flat = w.reshape(-1)
-    chunk = max(1, CHUNK_BYTES // (nb * Q40_RECORD))
+    chunk = max(1, CHUNK_BYTES // (nb * record))
     for c in prange((groups + chunk - 1) // chunk):
         g_end = min(groups, (c + 1) * chunk)
         t = 0
         while t + simd.F32_TOKEN_TILE <= n_tokens:
             for g in range(c * chunk, g_end):
-                simd.q40_f32_tile2(flat, g * nb * Q40_RECORD, x, t, nb, out, g * GROUP_ROWS, path)
+                simd.grouped_f32_tile2(flat, g * nb * record, x, t, nb, out, g * GROUP_ROWS, path)
             t += simd.F32_TOKEN_TILE
         while t < n_tokens:
             for g in range(c * chunk, g_end):
-                simd.q40_f32_tile1(flat, g * nb * Q40_RECORD, x, t, nb, out, g * GROUP_ROWS, path)
-            t += 1
-
-
-@njit(cache=True, parallel=True)
-def _linear_q80_q80(w, xq, xd, xc, out, path):
-    groups, nb = w.shape[0], w.shape[1]
-    n_tokens = xq.shape[0]
-    flat = w.reshape(-1)
-    chunk = max(1, CHUNK_BYTES // (nb * Q80_RECORD))
-    for c in prange((groups + chunk - 1) // chunk):
-        g_end = min(groups, (c + 1) * chunk)
-        t = 0
-        if path == simd.PATH_AVX512:
-            while t + 8 <= n_tokens:
-                for g in range(c * chunk, g_end):
-                    simd.q80_q80_tile8(flat, g * nb * Q80_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
-                t += 8
-        while t + TOKEN_TILE <= n_tokens:
-            for g in range(c * chunk, g_end):
-                simd.q80_q80_tile4(flat, g * nb * Q80_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
-            t += TOKEN_TILE
-        while t < n_tokens:
-            for g in range(c * chunk, g_end):
-                simd.q80_q80_tile1(flat, g * nb * Q80_RECORD, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
-            t += 1
-
-
-@njit(cache=True, parallel=True)
-def _linear_q80_f32(w, x, out, path):
-    groups, nb = w.shape[0], w.shape[1]
-    n_tokens = x.shape[0]
-    flat = w.reshape(-1)
-    chunk = max(1, CHUNK_BYTES // (nb * Q80_RECORD))
-    for c in prange((groups + chunk - 1) // chunk):
-        g_end = min(groups, (c + 1) * chunk)
-        t = 0
-        while t + 2 <= n_tokens:
-            for g in range(c * chunk, g_end):
-                simd.q80_f32_tile2(flat, g * nb * Q80_RECORD, x, t, nb, out, g * GROUP_ROWS, path)
-            t += 2
-        while t < n_tokens:
-            for g in range(c * chunk, g_end):
-                simd.q80_f32_tile1(flat, g * nb * Q80_RECORD, x, t, nb, out, g * GROUP_ROWS, path)
+                simd.grouped_f32_tile1(flat, g * nb * record, x, t, nb, out, g * GROUP_ROWS, path)
             t += 1
 
 
@@ -163,19 +122,12 @@ def linear_into(w, x, xq, xd, xc, table, q80, out, path):
 @overload(linear_into, jit_options={"cache": True, "parallel": True})
 def _linear_into(w, x, xq, xd, xc, table, q80, out, path):
     first = w.types[0] if hasattr(w, "types") else w.dtype
-    if first.ndim == 3 and str(first.dtype) == "uint8":  # Q40
+    if first.ndim == 3:  # Q40 (uint8 records) or Q80 (int8)
         def impl(w, x, xq, xd, xc, table, q80, out, path):
             if q80:
-                _linear_q40_q80(w[0], xq, xd, xc, out, path)
+                _linear_int8(w[0], xq, xd, xc, out, path)
             else:
-                _linear_q40_f32(w[0], x, out, path)
-        return impl
-    if first.ndim == 3:  # Q80
-        def impl(w, x, xq, xd, xc, table, q80, out, path):
-            if q80:
-                _linear_q80_q80(w[0], xq, xd, xc, out, path)
-            else:
-                _linear_q80_f32(w[0], x, out, path)
+                _linear_grouped_f32(w[0], x, out, path)
         return impl
 
     def impl(w, x, xq, xd, xc, table, q80, out, path):  # F16, F32

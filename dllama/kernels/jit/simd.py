@@ -218,10 +218,16 @@ def _int8_portable(builder, fmt: str, w, w_off, tok, nb, out_off) -> None:
         store_f32(builder, out, builder.add(out_off, _c(4 * r)), builder.extract_element(builder.load(acc4), ir.Constant(I32, r)))
 
 
-def _make_int8(fmt: str, n_tokens: int):
+def _format(w) -> str:
+    """The packed format of a weight array type: Q40 records are uint8, Q80 ones int8."""
+    return "q40" if w.dtype == types.uint8 else "q80"
+
+
+def _make_int8(n_tokens: int):
     @intrinsic
     def int8_tile(typingctx, w, w_off, xq, xd, xcorr, t0, nb, out, out_off, path):
         sig = types.void(w, types.intp, xq, xd, xcorr, types.intp, types.intp, out, types.intp, types.intp)
+        fmt = _format(w)
 
         def codegen(context, builder, signature, args):
             wa, w_off_v, _, _, _, t0_v, nb_v, _, out_off_v, path_v = args
@@ -241,18 +247,15 @@ def _make_int8(fmt: str, n_tokens: int):
 # accumulators, half the 16 vector registers of AVX2; AVX-512 (32 registers, one accumulator
 # per token) takes tiles of 8 (measured 12 % faster than 4).
 TOKEN_TILE = 4
-# q40_q80_tileN(w, w_off, xq, xd, xcorr, t0, nb, out, out_off, path), and q80_q80_tileN alike:
-#   out[t0 + k, out_off + r] = dot(row r of the packed group at w[w_off:], activation of token
-#   t0 + k) for r < GROUP_ROWS, k < N. The activation is Q80 (see Q80_ACT_BYTES): xq int8
-#   [T, blocks * 64], xd float32 block scales [T, blocks], xcorr int32 [T, blocks * 8] with
-#   -8 * sum(block values) in lanes 0 and 4: the products sum (value + offset) * x and add the
-#   -offset * sum(x) that the unsigned operand's offset added.
-q40_q80_tile1 = _make_int8("q40", 1)
-q40_q80_tile4 = _make_int8("q40", TOKEN_TILE)
-q40_q80_tile8 = _make_int8("q40", 8)
-q80_q80_tile1 = _make_int8("q80", 1)
-q80_q80_tile4 = _make_int8("q80", TOKEN_TILE)
-q80_q80_tile8 = _make_int8("q80", 8)
+# int8_tileN(w, w_off, xq, xd, xcorr, t0, nb, out, out_off, path), for packed Q40 (uint8) or Q80
+#   (int8) weights w: out[t0 + k, out_off + r] = dot(row r of the packed group at w[w_off:],
+#   activation of token t0 + k) for r < GROUP_ROWS, k < N. The activation is Q80 (see
+#   Q80_ACT_BYTES): xq int8 [T, blocks * 64], xd float32 block scales [T, blocks], xcorr int32
+#   [T, blocks * 8] with -8 * sum(block values) in lanes 0 and 4: the products sum
+#   (value + offset) * x and add the -offset * sum(x) that the unsigned operand's offset added.
+int8_tile1 = _make_int8(1)
+int8_tile4 = _make_int8(TOKEN_TILE)
+int8_tile8 = _make_int8(8)
 
 
 def _float_body(builder, fmt: str, w, w_off, tokens, nb, out_off, f16c: bool) -> None:
@@ -289,10 +292,11 @@ def _float_body(builder, fmt: str, w, w_off, tokens, nb, out_off, f16c: bool) ->
             store_f32(builder, out, builder.add(out_off, _c(4 * r)), reduce_add_f32(builder, builder.load(acc[k][r]), 16))
 
 
-def _make_float(fmt: str, n_tokens: int):
+def _make_float(n_tokens: int):
     @intrinsic
     def float_tile(typingctx, w, w_off, xf, t0, nb, out, out_off, path):
         sig = types.void(w, types.intp, xf, types.intp, types.intp, out, types.intp, types.intp)
+        fmt = _format(w)
 
         def codegen(context, builder, signature, args):
             wa, w_off_v, _, t0_v, nb_v, _, out_off_v, path_v = args
@@ -307,15 +311,13 @@ def _make_float(fmt: str, n_tokens: int):
     return float_tile
 
 
-# q40_f32_tileN(w, w_off, xf, t0, nb, out, out_off, path), and q80_f32_tileN alike: as
-# q40_q80_tileN for float32 activations xf [T, blocks * 32] (the exact product, slower than the
-# int8 one). Tiles of 2: 2 tokens x 4 rows of 16-lane sums take 8 of AVX-512's 32 registers (16
-# of AVX2's 16 ymm; a few reloads there are cheaper than a weight block dequantized per token).
+# grouped_f32_tileN(w, w_off, xf, t0, nb, out, out_off, path): as int8_tileN for float32
+# activations xf [T, blocks * 32] (the exact product, slower than the int8 one). Tiles of 2:
+# 2 tokens x 4 rows of 16-lane sums take 8 of AVX-512's 32 registers (16 of AVX2's 16 ymm; a few
+# reloads there are cheaper than a weight block dequantized per token).
 F32_TOKEN_TILE = 2
-q40_f32_tile1 = _make_float("q40", 1)
-q40_f32_tile2 = _make_float("q40", F32_TOKEN_TILE)
-q80_f32_tile1 = _make_float("q80", 1)
-q80_f32_tile2 = _make_float("q80", F32_TOKEN_TILE)
+grouped_f32_tile1 = _make_float(1)
+grouped_f32_tile2 = _make_float(F32_TOKEN_TILE)
 
 
 @intrinsic
