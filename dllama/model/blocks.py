@@ -8,7 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from dllama.kernels.backend import NUMBA, NUMPY
-from dllama.model.dense import DenseBudget
+from dllama.model.dense import DenseBudget, DenseWeights
 from dllama.model.kv_cache import KVCache
 from dllama.model.shape import NodeShape
 from dllama.model.weights import NodeWeights
@@ -33,9 +33,13 @@ class Blocks(Protocol):
 
 
 def make_blocks(backend: str, weights: NodeWeights, shape: NodeShape, kv_cache: KVCache, rope_cos: np.ndarray,
-                rope_sin: np.ndarray, budget: DenseBudget | None = None) -> Blocks:
+                rope_sin: np.ndarray, budget: DenseBudget | None = None, dense: DenseWeights | None = None) -> Blocks:
+    """The blocks of ``backend``. The NumPy blocks multiply through ``dense`` (default: float32
+    copies within ``budget``), which a caller may give to watch every product."""
     budget = budget or DenseBudget()  # reads DLLAMA_DENSE_BUDGET_MB: a bad value is an error on either backend
     if backend == NUMBA:
+        if dense is not None:
+            raise ValueError("dense products are the NumPy blocks' own")
         from dllama.model.jit_blocks import JitBlocks  # imports numba: only when it runs
 
         return JitBlocks(weights, shape, kv_cache, rope_cos, rope_sin)
@@ -43,4 +47,4 @@ def make_blocks(backend: str, weights: NodeWeights, shape: NodeShape, kv_cache: 
         raise ValueError(f"no kernel backend {backend!r} (numba or numpy)")
     from dllama.model.numpy_blocks import NumpyBlocks
 
-    return NumpyBlocks(weights, shape, kv_cache, rope_cos, rope_sin, budget)
+    return NumpyBlocks(weights, shape, kv_cache, rope_cos, rope_sin, dense or DenseWeights(budget))

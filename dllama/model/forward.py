@@ -16,7 +16,7 @@ from dllama.formats.mfile import ModelFile, ModelHeader
 from dllama.kernels.backend import backend as default_backend
 from dllama.kernels.quants import FloatType
 from dllama.model.blocks import make_blocks
-from dllama.model.dense import DenseBudget
+from dllama.model.dense import DenseBudget, DenseWeights
 from dllama.model.kv_cache import KVCache
 from dllama.model.rope import rope_tables
 from dllama.model.shape import NodeShape
@@ -35,7 +35,7 @@ class Transformer:
 
     def __init__(self, model: ModelFile | NodeModel, seq_len: int | None = None,
                  buffer_type: FloatType = FloatType.F32, sync: Sync = LOCAL,
-                 budget: DenseBudget | None = None, backend: str | None = None):
+                 budget: DenseBudget | None = None, backend: str | None = None, dense: DenseWeights | None = None):
         share = model if isinstance(model, NodeModel) else NodeModel.from_model(model)
         h = share.header
         self.node = share.node
@@ -46,7 +46,7 @@ class Transformer:
         self.kv_cache = KVCache(h.n_layers, self.seq_len, self.node.n_kv_heads, h.head_dim)
         self.backend = backend or default_backend()
         rope_cos, rope_sin = rope_tables(h, self.seq_len)
-        self.blocks = make_blocks(self.backend, weights, self.shape, self.kv_cache, rope_cos, rope_sin, budget)
+        self.blocks = make_blocks(self.backend, weights, self.shape, self.kv_cache, rope_cos, rope_sin, budget, dense)
 
     @property
     def seq_len(self) -> int:

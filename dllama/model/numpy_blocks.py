@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dllama.kernels import reference as ref
-from dllama.model.dense import DenseBudget, DenseWeights
+from dllama.model.dense import DenseWeights
 from dllama.model.kv_cache import KVCache
 from dllama.model.moe import mix_experts
 from dllama.model.shape import NodeShape
@@ -19,14 +19,14 @@ from dllama.model.weights import FeedForwardWeights, NodeWeights, Weight
 
 class NumpyBlocks:
     def __init__(self, weights: NodeWeights, shape: NodeShape, kv_cache: KVCache, rope_cos: np.ndarray,
-                 rope_sin: np.ndarray, budget: DenseBudget):
+                 rope_sin: np.ndarray, dense: DenseWeights):
         self.weights = weights
         self.shape = shape
         self.kv_cache = kv_cache
         self.rope_cos, self.rope_sin = rope_cos, rope_sin
         self.rope = ref.rope_falcon if shape.rope_falcon else ref.rope_llama
         self.act = ref.gelu if shape.gelu else ref.silu
-        self.dense = DenseWeights(budget)
+        self.dense = dense
 
     def prepare(self) -> None:
         """Make the dense copies now, so that the first forward is not the one to pay."""

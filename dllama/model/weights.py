@@ -17,6 +17,7 @@ class Weight:
 
     stored: np.ndarray
     float_type: FloatType
+    name: str = ""  # the tensor's name in the .m file ("layers.0.q", "output")
 
     @property
     def rows(self) -> int:
@@ -62,7 +63,7 @@ def node_weights(share: NodeModel) -> NodeWeights:
     h, t = share.header, share.tensors
 
     def weight(name: str) -> Weight:
-        return Weight(t[name], h.weight_type)
+        return Weight(t[name], h.weight_type, name)
 
     def feed_forward(prefix: str) -> FeedForwardWeights:
         return FeedForwardWeights(weight(prefix + "w1"), weight(prefix + "w2"), weight(prefix + "w3"))
