@@ -55,12 +55,14 @@ def simd_paths() -> list[tuple[str, pytest.MarkDecorator]]:
             for name, ok, needs in paths]
 
 
-def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
+def forward64(weights: dict, h: ModelHeader, tokens: list[int],
+              observe: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
     """Logits of every position for a whole sequence, in float64, from the model's definition.
 
     Written independently of dllama's forward (no KV cache, no batching): rms norm, q/k/v,
     rope (interleaved for Llama layout, half-split for NeoX), causal GQA softmax attention,
     gated feed-forward (SiLU or GELU; or top-k MoE), residuals, final norm, output head.
+    ``observe(name, x)`` sees the input rows of every product by a weight matrix (calibration).
     """
     class Float64View(dict):  # converts on access: a real model's float64 copy would be large
         def __getitem__(self, name):
@@ -109,8 +111,13 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
             return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
         return x / (1 + np.exp(-x))  # SiLU
 
+    def mm(y, name):  # y @ W.T for weight ``name``
+        if observe is not None:
+            observe(name, y)
+        return y @ W[name].T
+
     def mlp(prefix, y):
-        return (act(y @ W[prefix + "w1"].T) * (y @ W[prefix + "w3"].T)) @ W[prefix + "w2"].T
+        return mm(act(mm(y, prefix + "w1")) * mm(y, prefix + "w3"), prefix + "w2")
 
     x = np.asarray(weights["embedding"][tokens], dtype=np.float64)
     mask = np.triu(np.full((T, T), -np.inf), 1)
@@ -118,9 +125,9 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
     for i in range(h.n_layers):
         p = f"layers.{i}."
         y = norm(x, W[p + "attn_norm"])
-        q = (y @ W[p + "q"].T).reshape(T, h.n_heads, D)
-        k = (y @ W[p + "k"].T).reshape(T, h.n_kv_heads, D)
-        v = (y @ W[p + "v"].T).reshape(T, h.n_kv_heads, D)
+        q = mm(y, p + "q").reshape(T, h.n_heads, D)
+        k = mm(y, p + "k").reshape(T, h.n_kv_heads, D)
+        v = mm(y, p + "v").reshape(T, h.n_kv_heads, D)
         if p + "q_norm" in W:
             q, k = norm(q, W[p + "q_norm"]), norm(k, W[p + "k_norm"])
         q, k = rope(q), rope(k)
@@ -129,7 +136,7 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
             s = q[:, hh] @ k[:, hh // g].T / np.sqrt(D) + mask
             s = np.exp(s - s.max(-1, keepdims=True))
             heads.append((s / s.sum(-1, keepdims=True)) @ v[:, hh // g])
-        x = x + np.concatenate(heads, -1) @ W[p + "o"].T
+        x = x + mm(np.concatenate(heads, -1), p + "o")
         y = norm(x, W[p + "ffn_norm"])
         if p + "router" in W:
             logits = y @ W[p + "router"].T
@@ -144,7 +151,7 @@ def forward64(weights: dict, h: ModelHeader, tokens: list[int]) -> np.ndarray:
             x = x + out
         else:
             x = x + mlp(p, y)
-    return norm(x, W["final_norm"]) @ W["output"].T
+    return mm(norm(x, W["final_norm"]), "output")
 
 
 class PipeWatcher:

@@ -782,7 +782,7 @@ def test_a_cluster_answers_like_one_node_and_a_dead_worker_is_503(client, cluste
     with openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT) as c, \
             httpx.Client(base_url=server.base, timeout=TIMEOUT) as http:
         # no --api-key: no key needed; the default model id is the model file's name
-        assert server.model_id == "smollm2-135m-instruct_q40"
+        assert server.model_id == "smollm2-135m-instruct_q80"
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [server.model_id]
         health = http.get("/health").json()
         assert health["status"] == "ok" and health["nodes"] == 3 and health["nodes_connected"] == 3

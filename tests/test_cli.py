@@ -26,7 +26,7 @@ def assert_one_line_error(out, code):
 
 @pytest.fixture(scope="module")
 def default_files():
-    return ensure_default_model(FloatType.Q40)
+    return ensure_default_model()  # what the commands take without --model
 
 
 def test_help_lists_subcommands():

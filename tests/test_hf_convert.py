@@ -367,6 +367,35 @@ def test_quantized_weights(store, variant, wt):
     assert agree >= QUANT_ARGMAX[wt], f"{variant} {wt.name}: greedy choice agrees on {agree}/{N_TOKENS}"
 
 
+def test_q40_calibration_weighs_each_matrix(tmp_path):
+    # The calibration reads the float32 model (Llama q/k already in .m's layout), once, and
+    # each Q40 matrix is the search weighted by the importance it returned; Q80 never asks.
+    from dllama.kernels.quants import quantize_q40
+
+    ck = hc.write_checkpoint(tmp_path / "ckpt", "llama", seed=5)
+    f32 = ModelFile(convert_hf(ck.folder, tmp_path / "f32", FloatType.F32, progress=False).model)
+    rng = np.random.default_rng(0)
+    given = {}
+
+    def calibrate(header, tokenizer, values_of):
+        assert header.weight_type == FloatType.F32 and not given
+        for name, spec in f32.specs.items():
+            np.testing.assert_array_equal(values_of(spec), np.asarray(f32.tensors[name]).reshape(spec.shape))
+            if name != "embedding" and len(spec.shape) == 2:
+                given[name] = 10.0 ** rng.uniform(-3, 3, spec.shape[1])
+        return given
+
+    q40 = ModelFile(convert_hf(ck.folder, tmp_path / "q40", FloatType.Q40, progress=False, calibrate=calibrate).model)
+    for name, imp in given.items():
+        x = np.asarray(f32.tensors[name])
+        assert np.array_equal(np.asarray(q40.tensors[name]).view(np.uint8), quantize_q40(x, imp).view(np.uint8)), name
+
+    def refuse(*args):
+        raise AssertionError("Q80 rounds each value to its nearest: nothing to calibrate")
+
+    convert_hf(ck.folder, tmp_path / "q80", FloatType.Q80, progress=False, calibrate=refuse)
+
+
 @pytest.mark.parametrize("variant", ["llama", "mistral", "qwen3", "qwen3_moe"])
 def test_one_two_three_nodes_agree(store, variant):
     ck = store.checkpoint(variant)
@@ -452,6 +481,7 @@ def test_cli_converts_and_the_result_runs(tmp_path):
     models, toks = sorted(out_dir.glob("*.m")), sorted(out_dir.glob("*.t"))
     assert len(models) == 1 and len(toks) == 1, sorted(p.name for p in out_dir.iterdir())
     assert ModelFile(models[0]).header.weight_type == FloatType.Q40
+    assert "🎯 calibrated the Q40 rounding" in conv.stderr  # the command calibrates Q40 conversions
     run = subprocess.run([sys.executable, "-m", "dllama", "inference", "--model", str(models[0]), "--tokenizer",
                           str(toks[0]), "--prompt", "Hello world", "--steps", "8", "--temperature", "0"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
@@ -564,7 +594,12 @@ def test_conversion_memory_stays_near_the_largest_tensor(tmp_path):
         "import re, sys, tracemalloc\n"
         "from dllama.formats.hf_import import convert_hf\n"
         "from dllama.kernels.quants import FloatType\n"
-        "import tqdm, dllama.formats.hf_tokenizer, dllama.formats.tfile\n"
+        # what is loaded once, whatever the model's size, before measuring: modules, and numba's
+        # machinery with the JIT Q40 search's compiled code (16 MB of Python objects, and 150 MB
+        # more resident when loaded under tracemalloc)
+        "import numpy, tqdm, dllama.formats.hf_tokenizer, dllama.formats.tfile\n"
+        "from dllama.kernels.backend import q40_quantizer\n"
+        "q40_quantizer()(numpy.ones((1, 32), numpy.float32))\n"
         "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
         "before = peak()\n"
         "tracemalloc.start()\n"
@@ -577,7 +612,8 @@ def test_conversion_memory_stays_near_the_largest_tensor(tmp_path):
     before_kb, peak_kb, allocated = map(int, done.stdout.split())
     growth = (peak_kb - before_kb) * 1024
     # Measured for this 152 MB checkpoint, whose largest tensor is 3 MB as float32: 22.5 MB
-    # allocated at the peak (a few copies of a tensor while converting, permuting and
+    # allocated at the peak with the NumPy Q40 quantizer, 6.6 MB with the JIT one that
+    # conversions now take (a few copies of a tensor while converting, permuting and
     # quantizing, and the output's buffers), whereas whole shards as float32 would be twice
     # the checkpoint's size.
     assert allocated < checkpoint_bytes / 4, (allocated, largest, checkpoint_bytes)

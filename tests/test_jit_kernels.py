@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dllama.kernels.backend import cpu_path
+from dllama.kernels.backend import NUMBA, NUMPY, cpu_path, q40_quantizer
 from dllama.kernels import reference as ref
 from dllama.kernels.jit import attention, elementwise, float16, matmul, quantize, sampling, simd
 from dllama.kernels.jit import packing
@@ -82,7 +82,7 @@ def assert_within(got: np.ndarray, want: np.ndarray, bound: np.ndarray) -> None:
 
 
 # -- block contents with the quantizers' edge cases -----------------------------------------------
-BLOCK_KINDS = ["normal", "zeros", "neg_zeros", "equal", "one_hot", "grid_q40", "grid_q80", "huge", "tiny",
+BLOCK_KINDS = ["normal", "zeros", "neg_zeros", "equal", "one_hot", "grid_q40", "grid_q80", "grid_q41", "huge", "tiny",
                "subnormal", "f32_max", "mixed_signs"]
 
 
@@ -106,6 +106,8 @@ def fill_blocks(rng: np.random.Generator, n_blocks: int, kinds: list[str]) -> np
         elif kind == "grid_q40":  # multiples of d/2 with d = 1: x/d + 8.5 lands exactly on integers
             v = rng.integers(-16, 17, BLOCK_SIZE) / 2.0
             v[0] = -8.0
+        elif kind == "grid_q41":  # Q4_1's 16 levels from a minimum: what conversions from Q4_1 meet
+            v = (rng.uniform(-15, 0) + rng.integers(0, 16, BLOCK_SIZE)) * scale
         elif kind == "grid_q80":  # half-integer multiples of d = 1: roundf's ties
             v = rng.integers(-254, 255, BLOCK_SIZE) / 2.0
             v[0] = 127.0
@@ -135,13 +137,34 @@ def block_arrays(draw):
 
 
 # -- quantizers and float16 -----------------------------------------------------------------------
-@settings(max_examples=40, **SETTINGS)
-@given(block_arrays())
-def test_quantize_q40_bit_identical(x):
-    want = quantize_q40(x)
-    got = quantize.quantize_q40(x)
+@st.composite
+def column_importance(draw, n_columns: int):
+    """None, or a per-column importance as calibrations give it (mean squared activations:
+    spread over decades), with zeros and a few dominant columns."""
+    if draw(st.booleans()):
+        return None
+    rng = np.random.default_rng(draw(seeds))
+    imp = 10.0 ** rng.uniform(-4, 3, n_columns)
+    imp[rng.random(n_columns) < draw(st.sampled_from([0.0, 0.1, 1.0]))] = 0.0
+    return imp.astype(np.float32)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(st.data())
+def test_quantize_q40_bit_identical(data):
+    # The scale search, unweighted or weighted by an importance per column: every candidate's
+    # sums, float16 roundings and choices must match.
+    x = data.draw(block_arrays())
+    importance = data.draw(column_importance(x.shape[1]))
+    want = quantize_q40(x, importance)
+    got = quantize.quantize_q40(x, importance)
     assert got.dtype == Q40_BLOCK and got.shape == want.shape
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    # Conversions quantize through the backend's operation (the jitted search under numba);
+    # from_float32 is the NumPy reference's.
+    assert np.array_equal(q40_quantizer(NUMBA)(x, importance).view(np.uint8), want.view(np.uint8))
+    assert np.array_equal(q40_quantizer(NUMPY)(x, importance).view(np.uint8), want.view(np.uint8))
+    assert np.array_equal(from_float32(x, FloatType.Q40, importance).view(np.uint8), want.view(np.uint8))
 
 
 @settings(max_examples=40, **SETTINGS)

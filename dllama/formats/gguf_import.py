@@ -4,9 +4,11 @@ Tensors are read through the ``gguf`` package one at a time, so memory stays nea
 the largest tensor. A tensor whose GGUF type is the ``.m`` type (ggml's Q4_0 and Q8_0 blocks are
 our Q40 and Q80 blocks; F16, F32) is copied bit for bit; any other is dequantized and encoded in
 the chosen type (rounded once more). Without a chosen type, ``default_weight_type`` picks the
-one that loses nothing, or the least. llama.cpp stores Llama
-q/k rows already permuted for interleaved rope, the layout ``.m`` uses, so they are copied as
-they are (the perplexity test guards this); Qwen3 uses NeoX rope and no permutation either.
+one that loses nothing, or the least. When some matrix must be rounded to Q40, a caller's
+``calibrate`` may first weigh that rounding by how much each input column matters (it reads
+the whole model once; see ``formats.converted``). llama.cpp stores Llama q/k rows already
+permuted for interleaved rope, the layout ``.m`` uses, so they are copied as they are (the
+perplexity test guards this); Qwen3 uses NeoX rope and no permutation either.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from dllama.errors import FormatError
-from dllama.formats.converted import ConvertedPaths, write_converted
+from dllama.formats.converted import Calibration, ConvertedPaths, calibrated_importance, write_converted
 from dllama.formats.gguf_tokenizer import gguf_field
 from dllama.formats.mfile import (
     ArchType,
@@ -25,6 +27,7 @@ from dllama.formats.mfile import (
     RopeType,
     TensorSpec,
     nearest_norm_epsilon,
+    tensor_plan,
     validate_header,
 )
 from dllama.kernels.quants import FloatType
@@ -174,11 +177,21 @@ def _tensor_values(t, expert: int | None, spec: TensorSpec) -> np.ndarray:
     return values.reshape(spec.stored_shape if values.dtype == spec.float_type.element_dtype else spec.shape)
 
 
+def _rounds_to_q40(header: ModelHeader, source_of: Callable[[TensorSpec], object]) -> bool:
+    """Whether some Q40 tensor of the plan is not a Q4_0 tensor in the GGUF (copied bit for bit
+    otherwise, so nothing is left to calibrate)."""
+    from gguf import GGMLQuantizationType as G
+
+    return any(spec.float_type == FloatType.Q40 and source_of(spec).tensor_type != G.Q4_0
+               for spec in tensor_plan(header))
+
+
 def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatType | None,
                  name: str | None = None, progress: bool = True,
-                 say: Callable[[str], None] | None = None) -> ConvertedPaths:
+                 say: Callable[[str], None] | None = None, calibrate: Calibration | None = None) -> ConvertedPaths:
     """Write ``<name>_<type>.m``, ``<name>.t`` and ``<name>.t.json`` into ``output_dir``
-    (``weight_type`` None: ``default_weight_type``'s choice, told to ``say``)."""
+    (``weight_type`` None: ``default_weight_type``'s choice, told to ``say``). ``calibrate``
+    (see ``formats.converted``) runs when matrices are rounded to Q40 from another type."""
     from dllama.formats.gguf_tokenizer import tokenizer_from_gguf
 
     path = Path(path)
@@ -196,12 +209,16 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
     if len(tok.vocab) != header.vocab_size:
         raise FormatError(f"{path}: the tokenizer has {len(tok.vocab)} tokens, the embedding {header.vocab_size}")
 
-    def values_of(spec: TensorSpec) -> np.ndarray:
-        src, expert = _source_name(spec.name)
+    def source_of(spec: TensorSpec):
+        src, _ = _source_name(spec.name)
         if src == "output.weight" and src not in tensors:
             src = "token_embd.weight"  # tied output head
         if src not in tensors:
             raise FormatError(f"{path}: GGUF has no tensor {src}")
+        return tensors[src]
+
+    def values_of(spec: TensorSpec) -> np.ndarray:
+        src, expert = source_of(spec).name, _source_name(spec.name)[1]
         try:
             values = _tensor_values(tensors[src], expert, spec)
         except NotImplementedError:
@@ -211,4 +228,7 @@ def convert_gguf(path: str | Path, output_dir: str | Path, weight_type: FloatTyp
             raise FormatError(f"{path}: {e}") from None
         return values
 
-    return write_converted(path, output_dir, name or path.stem, header, tok, values_of, progress)
+    importance = None
+    if calibrate is not None and _rounds_to_q40(header, source_of):
+        importance = calibrated_importance(calibrate, header, tok, values_of)
+    return write_converted(path, output_dir, name or path.stem, header, tok, values_of, progress, importance)

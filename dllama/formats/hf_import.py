@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dllama.errors import FormatError
-from dllama.formats.converted import ConvertedPaths, write_converted
+from dllama.formats.converted import Calibration, ConvertedPaths, calibrated_importance, write_converted
 from dllama.formats.mfile import (
     ArchType,
     HiddenAct,
@@ -244,8 +244,10 @@ def _check_unused(ckpt: Checkpoint, used: set[str], folder: Path) -> None:
 
 
 def convert_hf(folder: str | Path, output_dir: str | Path, weight_type: FloatType, name: str | None = None,
-               progress: bool = True) -> ConvertedPaths:
-    """Write ``<name>_<type>.m``, ``<name>.t`` and ``<name>.t.json`` into ``output_dir``."""
+               progress: bool = True, calibrate: Calibration | None = None) -> ConvertedPaths:
+    """Write ``<name>_<type>.m``, ``<name>.t`` and ``<name>.t.json`` into ``output_dir``.
+    ``calibrate`` (see ``formats.converted``) runs for Q40: checkpoints hold floats, so every
+    matrix is rounded."""
     from dllama.formats.hf_tokenizer import tokenizer_from_hf
 
     folder = Path(folder)
@@ -285,7 +287,10 @@ def convert_hf(folder: str | Path, output_dir: str | Path, weight_type: FloatTyp
         return values
 
     try:
+        importance = None
+        if calibrate is not None and weight_type == FloatType.Q40:
+            importance = calibrated_importance(calibrate, header, tokenizer, values_of)
         return write_converted(folder, output_dir, name or default_name(folder), header, tokenizer, values_of,
-                               progress)
+                               progress, importance)
     finally:
         ckpt.close()

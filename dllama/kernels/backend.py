@@ -118,3 +118,20 @@ def ops(name: str | None = None) -> Ops:
     from dllama.kernels import reference
 
     return Ops(NUMPY, reference.argmax, reference.sample_topp, reference.q80_wire_encode, reference.q80_wire_sum)
+
+
+def q40_quantizer(name: str | None = None) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+    """The Q40 scale search ``(values, per-column importance or None) -> blocks`` of backend
+    ``name`` (default: this process's): the same bytes on both (tests hold them equal), the
+    JIT one many times faster, which converting a model needs. Apart from ``ops``: a converter
+    loads no other kernel."""
+    name = name or backend()
+    if name == NUMBA:
+        from dllama.kernels.jit.quantize import quantize_q40
+
+        return quantize_q40
+    if name != NUMPY:
+        raise ValueError(f"no kernel backend {name!r} (numba or numpy)")
+    from dllama.kernels.quants import quantize_q40
+
+    return quantize_q40
