@@ -165,6 +165,25 @@ def test_the_cache_folder_follows_every_kernel_source(tmp_path):
     assert numba_config.sources_digest({**sources, "jit/blocks.py": changed}) != digest
 
 
+def test_kernels_are_stamped_by_content_not_mtime(tmp_path):
+    """Reinstalling the same version rewrites the kernel files with new mtimes; numba before 0.68
+    then recompiled everything. Our kernels' cache entries are stamped by file contents."""
+    import os
+
+    from dllama.kernels.jit import matmul, quantize
+    from dllama.kernels.numba_config import content_stamp
+
+    for kernel in (matmul.product, quantize.quantize_activation):
+        assert type(kernel._cache._impl.locator).__name__ == "KernelCacheLocator"
+    source = tmp_path / "kernel.py"
+    source.write_text("x = 1\n")
+    stamp = content_stamp(str(source))
+    os.utime(source, (1_000_000_000, 1_000_000_000))  # as a reinstall would: same bytes, new mtime
+    assert content_stamp(str(source)) == stamp
+    source.write_text("x = 2\n")
+    assert content_stamp(str(source)) != stamp
+
+
 def test_block_arguments_are_named_as_the_blocks_take_them():
     """The jitted blocks take their arguments splatted from named tuples: the tuples' fields must
     be the functions' parameters, in order, so that nothing is matched by counting."""

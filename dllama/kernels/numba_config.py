@@ -6,6 +6,7 @@ environment before numba itself is imported (``configure_numba_environment``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -48,6 +49,47 @@ def configure_imported_numba() -> None:
     when it is decorated."""
     import numba
     numba.config.CACHE_DIR = os.environ.get("NUMBA_CACHE_DIR") or cache_dir()
+    _stamp_kernels_by_content()
     # omp: a parallel loop launch costs ~3 us there, 76 to 166 us with numba's workqueue.
     priority = os.environ.get("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
     numba.config.THREADING_LAYER_PRIORITY = priority.split()
+
+
+@functools.lru_cache(maxsize=None)
+def _content_stamp(path: str, mtime: float, size: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def content_stamp(path: str) -> str:
+    """A source file's freshness for the kernel cache: its contents' digest, whatever its mtime."""
+    st = os.stat(path)
+    return _content_stamp(path, st.st_mtime, st.st_size)
+
+
+def _stamp_kernels_by_content() -> None:
+    """numba before 0.68 judged a cached kernel stale when its source file's mtime changed, so
+    reinstalling the same version (``pip install '.[test]'`` after ``pip install .``) threw the
+    compiled kernels away. Our kernels' files are stamped by their contents on every version."""
+    from numba.core import caching
+
+    # Named with a leading underscore before numba 0.68.
+    base = getattr(caching, "UserProvidedCacheLocator", None) or getattr(caching, "_UserProvidedCacheLocator", None)
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    if base is None or not isinstance(getattr(impl, "_locator_classes", None), list):
+        return  # a numba laid out otherwise: its own stamps apply
+    kernels = str(Path(__file__).resolve().parent)
+
+    class KernelCacheLocator(base):  # type: ignore[misc, valid-type]
+        def get_source_stamp(self):
+            return content_stamp(self._py_file)
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if not os.path.abspath(py_file).startswith(kernels + os.sep):
+                return None  # not ours: numba's own locators decide
+            return super().from_function(py_func, py_file)
+
+    classes = impl._locator_classes
+    if not any(c.__name__ == KernelCacheLocator.__name__ for c in classes):
+        classes.insert(0, KernelCacheLocator)
