@@ -76,10 +76,11 @@ def reduce_add_f32(builder: ir.IRBuilder, v: ir.Value, n: int) -> ir.Value:
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
-def prefetch(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value) -> None:
-    """A read hint: harmless past the end of the array (prefetches never fault)."""
+def prefetch(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value, locality: int = 3) -> None:
+    """A read hint: harmless past the end of the array (prefetches never fault). ``locality`` 3
+    fetches into every cache level (prefetcht0), 2 stops at L2 (prefetcht1)."""
     pf = intrinsic_fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
-    builder.call(pf, [builder.gep(base, [byte_offset]), ir.Constant(I32, 0), ir.Constant(I32, 3),
+    builder.call(pf, [builder.gep(base, [byte_offset]), ir.Constant(I32, 0), ir.Constant(I32, locality),
                       ir.Constant(I32, 1)])
 
 
