@@ -248,7 +248,7 @@ def to_float32(data: np.ndarray, float_type: FloatType) -> np.ndarray:
 
 def from_float32(x: np.ndarray, float_type: FloatType, importance: np.ndarray | None = None) -> np.ndarray:
     """Float values to stored elements of ``float_type`` (the inverse of ``to_float32``), by the
-    NumPy reference; ``backend.ops().quantize_q40`` is the same Q40 search on the JIT kernels.
+    NumPy reference; ``backend.q40_quantizer()`` is the same Q40 search on the JIT kernels.
     ``importance`` (per column of the last axis) steers the Q40 search (``quantize_q40``); the
     other types round each value to its nearest and ignore it."""
     if float_type == FloatType.F32:

@@ -30,10 +30,7 @@ def _packed(weights: list[Weight], reclaimable: bool) -> tuple[tuple, int]:
     ft = weights[0].float_type
     stored = [w.stored for w in weights]
     release = reclaimable or all(file_backed(s) for s in stored)
-    packed = pack_rows(stored, ft, release_pages if release and ft.is_quantized else None)
-    if release and not ft.is_quantized and len(stored) > 1:  # float parts stacked: a copy
-        for s in stored:
-            release_pages(s)
+    packed = pack_rows(stored, ft, release_pages if release else None)
     return packed, padded_rows(sum(w.rows for w in weights), ft)
 
 

@@ -86,11 +86,14 @@ def pack_rows(parts: list[np.ndarray], float_type: FloatType,
               consumed: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, ...]:
     """Several weights with the same input width stacked by rows (q, k and v; w1 and w3) and
     packed as one, so one kernel launch computes them all. One F32 or F16 part is used as it
-    is (for a memory-mapped file: the map itself, no copy). Quantized rows are repacked a chunk
-    at a time, each chunk's stored rows then passed to ``consumed``."""
+    is (for a memory-mapped file: the map itself, no copy). Stored rows that were copied are
+    then passed to ``consumed``: quantized ones a chunk at a time, stacked float parts whole."""
     if float_type.is_quantized:
         return (pack_grouped(parts, float_type, consumed),)
     stacked = parts[0] if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts], axis=0)
+    if consumed is not None and len(parts) > 1:
+        for p in parts:
+            consumed(p)
     if float_type == FloatType.F16:
         return (np.ascontiguousarray(stacked).view(np.uint16),)
     return (np.ascontiguousarray(stacked, dtype=np.float32),)
