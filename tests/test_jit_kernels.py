@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -483,51 +484,126 @@ def test_rope(inputs, falcon):
 
 @st.composite
 def attention_inputs(draw):
+    """A batch as the serving engine makes it: runs of rows, each run one cache slot's rows at
+    consecutive positions (a prompt chunk, longer than a tile at times, or a single decode row),
+    slots in any order and a slot possibly in several runs. Cache rows past a slot's last
+    position in the batch hold garbage that turns any result that reads them into NaN."""
     rng = np.random.default_rng(draw(seeds))
-    tokens = draw(st.integers(1, 32))
     kv_heads = draw(st.sampled_from([1, 3, 5]))
     ratio = draw(st.integers(1, 8))
-    head_dim = 2 * draw(st.integers(1, 32))
-    pos = draw(st.integers(0, 48))
-    seq_len = pos + tokens + draw(st.integers(0, 8))
+    head_dim = 2 * draw(st.integers(1, 40))  # up to 80: whole vectors, and rows that end inside one
+    n_slots = draw(st.integers(1, 4))
+    runs = draw(st.lists(st.tuples(st.integers(0, n_slots - 1), st.integers(0, 90), st.integers(1, 40)),
+                         min_size=1, max_size=4))
+    slots = np.concatenate([np.full(n, s) for s, _, n in runs]).astype(np.int64)
+    positions = np.concatenate([np.arange(start, start + n) for _, start, n in runs]).astype(np.int64)
+    seq_len = int(positions.max()) + 1 + draw(st.integers(0, 8))
     spread = draw(st.sampled_from([0.5, 1.0, 3.0]))
-    q = (rng.standard_normal((tokens, kv_heads * ratio, head_dim)) * spread).astype(np.float32)
-    k = (rng.standard_normal((seq_len, kv_heads, head_dim)) * spread).astype(np.float32)
-    v = rng.standard_normal((seq_len, kv_heads, head_dim)).astype(np.float32)
-    # Positions after the batch hold garbage: a kernel that reads them (breaking causality)
-    # turns the result into NaN.
-    k[pos + tokens:] = np.nan
-    v[pos + tokens:] = np.nan
-    return q, k, v, pos
+    q = (rng.standard_normal((len(slots), kv_heads * ratio, head_dim)) * spread).astype(np.float32)
+    k = (rng.standard_normal((n_slots, seq_len, kv_heads, head_dim)) * spread).astype(np.float32)
+    v = rng.standard_normal((n_slots, seq_len, kv_heads, head_dim)).astype(np.float32)
+    k, v = garbage_past(k, v, slots, positions)
+    return q, k, v, slots, positions
 
 
-@settings(max_examples=30, **SETTINGS)
+def garbage_past(k: np.ndarray, v: np.ndarray, slots: np.ndarray, positions: np.ndarray):
+    """Copies of the caches whose rows past each slot's last position among ``positions`` are
+    garbage, as in a cache those rows have not been written to: keys NaN (a score that reads one
+    is NaN) and values inf (a zero weight times one is NaN)."""
+    k, v = k.copy(), v.copy()
+    for s in range(k.shape[0]):
+        mine = positions[slots == s]
+        end = int(mine.max()) + 1 if mine.size else 0
+        k[s, end:] = np.nan
+        v[s, end:] = np.inf
+    return k, v
+
+
+@settings(max_examples=40, **SETTINGS)
 @given(attention_inputs())
 def test_attention(inputs):
-    q, k, v, pos = inputs
-    tokens, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    got = attention.attention(q, k, v, pos)
-    want = ref.attention(q, k, v, pos)
-    assert got.shape == (tokens, heads * head_dim)
-    # Each score is a dot of head_dim terms times 1/sqrt(head_dim): off by gamma(head_dim + 2)
-    # times scale * sum|q_d k_d| per side, so E = twice that (the largest over the row) on both.
-    # The probabilities are ratios of exp(score): shifting every score by at most E changes each
-    # probability by a factor within exp(+-2E). The output sum_s p_s v_s (a convex combination)
-    # then moves by at most expm1(2E) * max|v| from that, plus, per side, exp's EXP_REL and
-    # the roundings of the softmax sum and of the weighted sum over S = pos + t + 1 positions
-    # (gamma(S + 2) each, relative to sum_s p_s |v_s| <= max|v|).
+    q, k, v, slots, positions = inputs
+    rows, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    got = attention.attention(q, k, v, slots, positions)
+    want = ref.attention(q, k, v, slots, positions)
+    assert got.shape == (rows, heads * head_dim)
+    # Each score is a dot of head_dim terms times 1/sqrt(head_dim) (the kernel's also times log2(e),
+    # for powers of 2): off by gamma(head_dim + 2) times scale * sum|q_d k_d| per side, so E = twice
+    # that (the largest over the row) on both. The probabilities are ratios of exp(score): shifting
+    # every score by at most E changes each probability by a factor within exp(+-2E). The output
+    # sum_s p_s v_s (a convex combination) then moves by at most expm1(2E) * max|v| from that,
+    # plus, per side, exp's EXP_REL and the roundings of the softmax sum and of the weighted sum
+    # over S = position + 1 keys (gamma(S + 2) each, relative to sum_s p_s |v_s| <= max|v|), and
+    # on the kernel's side two roundings per block of KEYS keys (its running softmax rescales the
+    # sums so far by 2^(old max - new max), the same factor for both, when a block raises the max).
     group = heads // kv_heads
-    end = pos + tokens
-    qg = q.astype(np.float64).reshape(tokens, kv_heads, group, head_dim)
-    mag = np.einsum("tkgd,skd->tkgs", np.abs(qg), np.abs(k[:end].astype(np.float64))) / math.sqrt(head_dim)
-    score_err = 2 * gamma(head_dim + 2) * mag.max(axis=-1)  # [T, KV, G]
-    span = pos + np.arange(tokens) + 1
-    rounding = 2 * (EXP_REL + 2 * gamma(span + 2))[:, None, None]
-    vmax = np.abs(v[:end].astype(np.float64)).max(axis=(0, 2))  # per kv head
-    bound = (np.expm1(2 * score_err) + rounding) * vmax[None, :, None]
-    bound = np.repeat(bound.reshape(tokens, heads), head_dim, axis=1)
+    qg = q.astype(np.float64).reshape(rows, kv_heads, group, head_dim)
+    bound = np.empty((rows, kv_heads, group))
+    for t in range(rows):
+        end = positions[t] + 1
+        kt = np.abs(k[slots[t], :end].astype(np.float64))  # [S, KV, D]
+        mag = np.einsum("kgd,skd->kgs", np.abs(qg[t]), kt) / math.sqrt(head_dim)
+        score_err = 2 * gamma(head_dim + 2) * mag.max(axis=-1)  # [KV, G]
+        blocks = -(-end // attention.KEYS)
+        rounding = 2 * (EXP_REL + 2 * gamma(end + 2)) + 2 * blocks * U
+        vmax = np.abs(v[slots[t], :end].astype(np.float64)).max(axis=(0, 2))  # per kv head
+        bound[t] = (np.expm1(2 * score_err) + rounding) * vmax[:, None]
+    bound = np.repeat(bound.reshape(rows, heads), head_dim, axis=1)
     assert_within(got, want, bound)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(attention_inputs(), st.data())
+def test_attention_is_batch_invariant(inputs, data):
+    """The serving engine promises a request the same text alone or beside others: each row's
+    output has the same bits alone, in any sub-run of the batch, in the batch's rows in any order,
+    and on any number of threads (which only change how rows are cut into tiles), whatever the
+    cache holds past the row's own position."""
+    q, k, v, slots, positions = inputs
+    rows = len(slots)
+    whole = attention.attention(q, k, v, slots, positions)
+    for t in range(rows):
+        alone_k, alone_v = garbage_past(k, v, slots[t:t + 1], positions[t:t + 1])
+        assert np.array_equal(attention.attention(q[t:t + 1], alone_k, alone_v, slots[t:t + 1], positions[t:t + 1]),
+                              whole[t:t + 1]), t
+    cuts = data.draw(st.lists(st.integers(1, max(1, rows - 1)), max_size=5))
+    bounds = [0, *sorted({c for c in cuts if c < rows}), rows]
+    for a, b in zip(bounds, bounds[1:]):
+        part_k, part_v = garbage_past(k, v, slots[a:b], positions[a:b])
+        part = attention.attention(q[a:b], part_k, part_v, slots[a:b], positions[a:b])
+        assert np.array_equal(part, whole[a:b]), (a, b)
+    order = np.random.default_rng(data.draw(seeds)).permutation(rows)
+    assert np.array_equal(attention.attention(q[order], k, v, slots[order], positions[order]), whole[order])
+    threads = numba.get_num_threads()
+    for n in {1, 2, numba.config.NUMBA_NUM_THREADS}:
+        if n <= numba.config.NUMBA_NUM_THREADS:
+            numba.set_num_threads(n)
+            try:
+                assert np.array_equal(attention.attention(q, k, v, slots, positions), whole), n
+            finally:
+                numba.set_num_threads(threads)
+
+
+def test_attention_long_prompt_chunk_is_batch_invariant():
+    """The shape the engine runs most: a 32-row prompt chunk deep into a long prompt (many key
+    blocks, the softmax's maximum moving), beside decode rows of other slots; scores that span
+    a wide range, so that probabilities underflow and the running maximum jumps."""
+    rng = np.random.default_rng(7)
+    heads, kv_heads, head_dim, seq_len = 9, 3, 64, 700
+    k = rng.standard_normal((3, seq_len, kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((3, seq_len, kv_heads, head_dim)).astype(np.float32)
+    k[0, ::37] *= 6  # outliers: a few keys that dominate their queries' softmax
+    slots = np.array([1] + [0] * 32 + [2], dtype=np.int64)
+    positions = np.array([650] + list(range(600, 632)) + [5], dtype=np.int64)
+    q = (rng.standard_normal((len(slots), heads, head_dim)) * 2).astype(np.float32)
+    k, v = garbage_past(k, v, slots, positions)
+    whole = attention.attention(q, k, v, slots, positions)
+    np.testing.assert_allclose(whole, ref.attention(q, k, v, slots, positions), rtol=1e-4, atol=1e-5)
+    for t in range(len(slots)):
+        alone_k, alone_v = garbage_past(k, v, slots[t:t + 1], positions[t:t + 1])
+        assert np.array_equal(attention.attention(q[t:t + 1], alone_k, alone_v, slots[t:t + 1], positions[t:t + 1]),
+                              whole[t:t + 1]), t
 
 
 @settings(max_examples=30, **SETTINGS)
@@ -535,22 +611,23 @@ def test_attention(inputs):
 def test_attention_of_a_head_range(inputs, data):
     """A cluster node holds query heads [first, last) and the KV heads they read, possibly
     starting and ending inside a KV group: each of its heads equals that head of the full
-    attention (the same loop per head on the JIT side, so bit for bit there)."""
-    q, k, v, pos = inputs
-    tokens, heads, head_dim = q.shape
-    group = heads // k.shape[1]
+    attention (the same code per query on the JIT side, so bit for bit there)."""
+    q, k, v, slots, positions = inputs
+    rows, heads, head_dim = q.shape
+    group = heads // k.shape[2]
     first = data.draw(st.integers(0, heads - 1))
     last = data.draw(st.integers(first + 1, heads))
     kv_first, kv_last = first // group, -(-last // group)
     part_q = q[:, first:last]
-    part_k, part_v = k[:, kv_first:kv_last], v[:, kv_first:kv_last]
+    part_k, part_v = k[:, :, kv_first:kv_last], v[:, :, kv_first:kv_last]
     offset = first - kv_first * group
     cols = slice(first * head_dim, last * head_dim)
-    assert_same_floats(attention.attention(part_q, part_k, part_v, pos, group, offset), attention.attention(q, k, v, pos)[:, cols])
+    assert_same_floats(attention.attention(part_q, part_k, part_v, slots, positions, group, offset),
+                       attention.attention(q, k, v, slots, positions)[:, cols])
     # The reference's einsum may sum in another order for other shapes: float32 rounding of
-    # sums over at most 80 positions of unit-scale values.
-    np.testing.assert_allclose(ref.attention(part_q, part_k, part_v, pos, group, offset),
-                               ref.attention(q, k, v, pos)[:, cols], rtol=1e-4, atol=1e-4)
+    # sums over at most 131 positions of unit-scale values.
+    np.testing.assert_allclose(ref.attention(part_q, part_k, part_v, slots, positions, group, offset),
+                               ref.attention(q, k, v, slots, positions)[:, cols], rtol=1e-4, atol=1e-4)
 
 
 # -- embedding and sampling ---------------------------------------------------------------------
@@ -614,3 +691,34 @@ def test_sample_topp_small_topp_near_uniform():
     for coin in (0.0, 0.3, 0.7, 0.99):
         # Both tokens weigh 0.5 > topp = 0.3: the nucleus is the first token alone.
         assert sampling.sample_topp(logits, 1.0, 0.3, coin) == sample_topp_numpy(logits, 1.0, 0.3, coin) == 0
+
+
+BATCH_INVARIANCE_CASES = [
+    pytest.param(ft, q80, PATH_IDS[name], marks=skip, id=f"{ft.name}-{'q80' if q80 else 'f32'}-{name}")
+    for ft in (FloatType.Q40, FloatType.Q80, FloatType.F16, FloatType.F32)
+    for q80 in (False, True) for name, skip in simd_paths()]
+
+
+@pytest.mark.parametrize("ft, q80_input, path", BATCH_INVARIANCE_CASES)
+@settings(max_examples=8, **SETTINGS)
+@given(seed=seeds, rows=st.integers(1, 40), n_blocks=st.integers(1, 12), tail=st.integers(0, 31),
+       tokens=st.integers(1, 20), cuts=st.lists(st.integers(1, 19), max_size=6),
+       kinds=st.lists(st.sampled_from(ROW_KINDS), min_size=1, max_size=5))
+def test_linear_batch_invariant(ft, q80_input, path, seed, rows, n_blocks, tail, tokens, cuts, kinds):
+    # The serving engine batches rows of different requests in one forward and promises each the
+    # text it gets alone: a row's product must have the same bits alone, in any sub-batch, and in
+    # the whole batch (the tiles of tokens that share a weight load must not change its sums).
+    rng = np.random.default_rng(seed)
+    values = weight_values(rng, rows, n_blocks * BLOCK_SIZE, kinds, ft)
+    if not ft.is_quantized:  # float rows may end past a whole block
+        values = np.hstack([values, rng.standard_normal((rows, tail)).astype(np.float32)])
+    n = values.shape[1]
+    stored = from_float32(values, ft)
+    packed = pack(stored, ft)
+    x = rng.standard_normal((tokens, n)).astype(np.float32) * rng.choice([1e-3, 1.0, 1e3], size=(tokens, 1)).astype(np.float32)
+    whole = matmul.linear(x, packed, rows, ft, q80_input, path)
+    for t in range(tokens):
+        assert np.array_equal(matmul.linear(x[t:t + 1], packed, rows, ft, q80_input, path), whole[t:t + 1]), t
+    bounds = [0, *sorted({c for c in cuts if c < tokens}), tokens]
+    for a, b in zip(bounds, bounds[1:]):
+        assert np.array_equal(matmul.linear(x[a:b], packed, rows, ft, q80_input, path), whole[a:b]), (a, b)

@@ -192,7 +192,7 @@ def test_block_arguments_are_named_as_the_blocks_take_them():
     def params(fn, skip: int) -> list[str]:
         return list(inspect.signature(fn.py_func).parameters)[skip:]
 
-    assert list(blocks.AttentionArgs._fields) == params(blocks.attention_block, 2)
+    assert list(blocks.AttentionArgs._fields) == params(blocks.attention_block, 3)  # after x, slots, positions
     assert list(blocks.FeedForwardArgs._fields) == params(blocks.ffn_block, 1)
     assert list(blocks.ExpertArgs._fields) == params(blocks.expert_ffn, 1)
     assert list(blocks.EndArgs._fields) == params(blocks.end_block, 1)

@@ -34,8 +34,8 @@ class _NodeSync:
         self.hub.barrier.wait()
         return total
 
-    def begin(self, x, pos, all_logits):
-        self.hub.job = (x, pos, all_logits)
+    def begin(self, x, batch):
+        self.hub.job = (x, batch)
         self.hub.barrier.wait()
         return self
 
@@ -66,14 +66,17 @@ class ThreadedCluster:
             self.hub.barrier.wait()
             if self.hub.job is None:
                 return
-            x, pos, all_logits = self.hub.job
-            logits = tr.forward_embedded(x.copy(), pos, all_logits, self.syncs[tr.node.index])
+            x, batch = self.hub.job
+            logits = tr.forward_embedded(x.copy(), batch, self.syncs[tr.node.index])
             self.hub.parts[tr.node.index] = logits
             self.hub.barrier.wait()
             self.hub.barrier.wait()
 
     def forward(self, tokens, pos, all_logits=False):
         return self.nodes[0].forward(tokens, pos, all_logits)
+
+    def forward_batch(self, tokens, batch):
+        return self.nodes[0].forward_batch(tokens, batch)
 
     def close(self) -> None:
         self.hub.job = None

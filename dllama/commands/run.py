@@ -123,9 +123,7 @@ def inference(args: argparse.Namespace) -> int:
         meter = TokenMeter(session.cluster)
         first_token_unix = None
         generated = []
-        # One generation from an empty cache: the whole prompt in batches, no forward of its own
-        # for the last token (that is for prompts that may meet a cached prefix).
-        for token in session.generate(prompt, sampler, outcome, max_tokens=max_tokens, last_alone=False):
+        for token in session.generate(prompt, sampler, outcome, max_tokens=max_tokens):
             first_token_unix = first_token_unix or time.time()
             text = stream.push(token)
             stats = meter.tick()

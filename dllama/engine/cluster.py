@@ -152,11 +152,12 @@ class Cluster:
     def __init__(self, model: ModelFile, addresses: list[str], seq_len: int, buffer_type: str, net_timeout: float,
                  build_root: Callable[[NodeModel, Sync], Transformer], log: Callable[[str], None],
                  split: list[float] | None = None, heartbeat: float = HEARTBEAT_TIMEOUT,
-                 on_worker_loss: str = "continue"):
+                 on_worker_loss: str = "continue", n_slots: int = 1):
         split = split or [1.0] * (1 + len(addresses))
         plan_slices(model.header, split)  # a plan that cannot be is an error before anything connects
         self.model = model
         self.seq_len = seq_len
+        self.n_slots = n_slots  # KV cache slots of every node (the API's --parallel)
         self.buffer_type = buffer_type
         self.net_timeout = net_timeout
         self.heartbeat = heartbeat
@@ -203,7 +204,8 @@ class Cluster:
         plan = plan_slices(h, [self.root_weight] + [m.weight for m in members])
         self.plan_seconds = time.perf_counter() - t0
         if self.epoch == 1:  # the banner, before anything slow (a change says one line instead)
-            for line in describe_plan(self.model, plan, [m.address for m in members], self.seq_len):
+            for line in describe_plan(self.model, plan, [m.address for m in members], self.seq_len,
+                                      self.n_slots):
                 self.log(line)
         if not members:  # the root alone: no sync at all
             self.plan, self.transfers = plan, []
@@ -223,7 +225,8 @@ class Cluster:
         transfers, needs = [], []
         for w, node in zip(link.workers, plan[1:]):
             key = hashlib.sha256(f"{PROTOCOL_VERSION}\n{self._digest}\n{plan_digest(h, node)}".encode()).hexdigest()
-            reply = link.configure(w, node_config(h, node, self.seq_len, self.buffer_type, key, self._digest))
+            reply = link.configure(w, node_config(h, node, self.seq_len, self.buffer_type, key, self._digest,
+                                                  self.n_slots))
             need = _needed(reply, node_cuts(h, node), w)
             source = reply.get("source") if reply.get("source") in ("local", "cache", "cache+root") else "root"
             transfers.append(WeightTransfer(w.address, node.index, source))
@@ -259,7 +262,7 @@ class Cluster:
         h = self.model.header
         for node, name, memory in zip(plan, ["the root"] + [f"worker {w.address}" for w in workers],
                                       [physical_memory()] + [w.memory for w in workers]):
-            need = node_weight_bytes(h, node) + node_kv_bytes(h, node, self.seq_len)
+            need = node_weight_bytes(h, node) + node_kv_bytes(h, node, self.seq_len, self.n_slots)
             if need > memory:
                 raise ClusterTooSmall(f"the {len(plan)} nodes left cannot hold the model: {name} would need "
                                       f"{need / 2**30:.2f} GiB of its {memory / 2**30:.2f} GiB")
@@ -455,13 +458,14 @@ def _needed(reply: dict, cuts: list[TensorCut], w: WorkerLink) -> list[TensorCut
     return out
 
 
-def describe_plan(model: ModelFile, plan: list[NodeSlice], addresses: list[str], seq_len: int) -> list[str]:
-    """One line per node: what it holds and the memory it needs."""
+def describe_plan(model: ModelFile, plan: list[NodeSlice], addresses: list[str], seq_len: int,
+                  n_slots: int = 1) -> list[str]:
+    """One line per node: what it holds and the memory it needs (its KV cache at most)."""
     h = model.header
     lines = []
     for node, name in zip(plan, ["root"] + addresses):
         weights = node_weight_bytes(h, node)
-        kv = node_kv_bytes(h, node, seq_len)
+        kv = node_kv_bytes(h, node, seq_len, n_slots)
         lines.append(f"💡 Node {node.index} ({name}): heads {node.q_heads[0]}..{node.q_heads[1] - 1}, "
                      f"KV heads {node.kv_heads[0]}..{node.kv_heads[1] - 1}, FFN rows {node.hidden[0]}..{node.hidden[1] - 1}, "
                      f"vocab rows {node.vocab[0]}..{node.vocab[1] - 1}: {weights / 1e6:.1f} MB weights + "

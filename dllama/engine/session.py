@@ -21,7 +21,7 @@ from dllama.engine.sampler import Sampler
 from dllama.engine.tokenizer import Tokenizer
 from dllama.errors import DllamaError
 from dllama.machine import release_memory
-from dllama.model.forward import MAX_BATCH, Transformer
+from dllama.model.forward import MAX_BATCH, Batch, Transformer
 
 
 class ContextFull(DllamaError):
@@ -42,6 +42,7 @@ class Outcome:
     pred_seconds: float = 0.0
     seconds_to_first_token: float = 0.0
     seconds: float = 0.0
+    queue_seconds: float = 0.0  # waiting for a free KV cache slot (the API's batches)
 
     @property
     def eval_tokens(self) -> int:
@@ -90,13 +91,28 @@ def tokens_for_steps(prompt_tokens: int, steps: int, seq_len: int) -> int:
     return limit - prompt_tokens
 
 
+def common_prefix(held: list[int], prompt: list[int]) -> int:
+    """How many of ``prompt``'s first tokens a KV cache holding ``held`` can keep: all they
+    share, except the prompt's last token, which is always evaluated (its logits are needed)."""
+    common = 0
+    for a, b in zip(held, prompt[:-1]):
+        if a != b:
+            break
+        common += 1
+    return common
+
+
 class Session:
+    """The transformer and what each slot of its KV cache holds; ``step``, ``generate`` and
+    ``perplexity`` use slot 0, the API's batches (``engine.batching``) all of them."""
+
     def __init__(self, transformer: Transformer, tokenizer: Tokenizer, cluster=None):
         check_pair(tokenizer, transformer.header.vocab_size)
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.cluster = cluster  # engine.cluster.Cluster when workers compute too
-        self.tokens: list[int] = []  # what the KV cache holds, one token per position
+        # What each KV cache slot holds, one token per position.
+        self.slots: list[list[int]] = [[] for _ in range(transformer.kv_cache.n_slots)]
 
     def close(self) -> None:
         """End the cluster session: the workers free their memory and wait for the next root."""
@@ -109,77 +125,97 @@ class Session:
         return self.transformer.seq_len
 
     @property
+    def tokens(self) -> list[int]:
+        """What slot 0 holds."""
+        return self.slots[0]
+
+    @property
     def pos(self) -> int:
-        """The next position to evaluate."""
+        """The next position of slot 0."""
         return len(self.tokens)
 
     def step(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
-        """Evaluate ``tokens`` at the next positions, ``MAX_BATCH`` per forward; the logits of
-        the last token (or of every one)."""
+        """Evaluate ``tokens`` at the next positions of slot 0, ``MAX_BATCH`` per forward; the
+        logits of the last token (or of every one)."""
         if self.pos + len(tokens) > self.seq_len:
             raise DllamaError(f"{self.pos + len(tokens)} tokens do not fit the context of {self.seq_len} "
                               f"(raise --max-seq-len, up to the model's length)")
         outputs = []
         for start in range(0, len(tokens), MAX_BATCH):
             batch = tokens[start:start + MAX_BATCH]
-            outputs.append(self._forward(batch, all_logits))
-            self.tokens.extend(batch)  # only once its forward is complete
-        return np.concatenate(outputs) if all_logits else outputs[-1]
+            outputs.append(self.run(batch, Batch.run(len(batch), self.pos, 0, all_logits)))
+        return np.concatenate(outputs) if all_logits else outputs[-1][0]
 
-    def _forward(self, batch: list[int], all_logits: bool) -> np.ndarray:
-        """One forward at the next position. On a cluster, a worker lost on the way costs a
-        pause, not the generation: the cluster is planned again over the nodes left, the KV
-        caches rebuilt from ``tokens``, and the forward done again (the sampler is not touched,
-        so the text is the one it would have been). Rejoining workers are taken back here too."""
+    def run(self, tokens: list[int], batch: Batch) -> np.ndarray:
+        """One forward of ``batch`` (its copies first); the logits of its logit rows. Each row
+        must extend its slot: its position is the next one of the slot (rewind first), so that
+        ``slots`` always says what the KV cache holds. On a cluster, a worker lost on the way
+        costs a pause, not the generation: the cluster is planned again over the nodes left,
+        the KV caches rebuilt from ``slots``, and the forward done again (no sampler is
+        touched, so the text is the one it would have been). Rejoining workers are taken back
+        here too."""
+        held = [len(s) for s in self.slots]
+        for src, dst, length in batch.copies:
+            held[dst] = length
+        for slot, pos in zip(batch.slots.tolist(), batch.positions.tolist()):
+            if not 0 <= slot < len(held) or pos != held[slot]:
+                raise DllamaError(f"a forward row at position {pos} of slot {slot}, which holds {held[slot]}")
+            held[slot] += 1
         cluster = self.cluster
         if cluster is not None and cluster.rejoin_due():
             self._rebuild(cluster.admit)
         while True:
             try:
-                return self.transformer.forward(batch, self.pos, all_logits=all_logits)
+                logits = self.transformer.forward_batch(tokens, batch)
+                break
             except CLUSTER_FAILURES as e:
                 if cluster is None:
                     raise
                 # Without its traceback: the frames of the failed forward hold the old share.
                 self._rebuild(lambda e=e.with_traceback(None): cluster.recover(e))
+        for src, dst, length in batch.copies:  # only once the forward is complete
+            self.slots[dst][:] = self.slots[src][:length]
+        for token, slot in zip(tokens, batch.slots.tolist()):
+            self.slots[slot].append(int(token))
+        return logits
 
     def _rebuild(self, plan_again) -> None:
-        """A new cluster session from ``plan_again``, then every KV cache evaluated again from
-        ``tokens``, in prompt-sized batches; again on a failure meanwhile."""
+        """A new cluster session from ``plan_again``, then every KV cache slot evaluated again
+        from ``slots``, in prompt-sized batches; again on a failure meanwhile."""
         while True:
             self.transformer = None  # the old share goes before the new one is built
             self.transformer = plan_again()
             release_memory()
             t0 = time.perf_counter()
             try:
-                for start in range(0, len(self.tokens), MAX_BATCH):
-                    self.transformer.forward(self.tokens[start:start + MAX_BATCH], start)
+                for slot, tokens in enumerate(self.slots):
+                    for start in range(0, len(tokens), MAX_BATCH):
+                        chunk = tokens[start:start + MAX_BATCH]
+                        self.transformer.forward_batch(chunk, Batch.run(len(chunk), start, slot))
             except CLUSTER_FAILURES as e:
                 plan_again = lambda e=e.with_traceback(None): self.cluster.recover(e)  # noqa: E731
                 continue
-            self.cluster.replayed(time.perf_counter() - t0, len(self.tokens))
+            self.cluster.replayed(time.perf_counter() - t0, sum(len(s) for s in self.slots))
             return
 
-    def rewind(self, pos: int) -> None:
-        """Forget positions ``pos ..`` (their keys and values are overwritten when evaluated again)."""
-        del self.tokens[pos:]
+    def rewind(self, pos: int, slot: int = 0) -> None:
+        """Forget positions ``pos ..`` of ``slot`` (their keys and values are overwritten when
+        evaluated again)."""
+        del self.slots[slot][pos:]
 
     def sample(self, sampler: Sampler, logits: np.ndarray) -> int:
         """The next token, from the ids the tokenizer can spell."""
         return sampler.sample(logits[:self.tokenizer.vocab_size])
 
     def generate(self, prompt: list[int], sampler: Sampler, outcome: Outcome, max_tokens: int | None = None,
-                 end_ids: frozenset[int] | None = None, cancel: threading.Event | None = None,
-                 last_alone: bool = True) -> Iterator[int]:
+                 end_ids: frozenset[int] | None = None, cancel: threading.Event | None = None) -> Iterator[int]:
         """Yield generated tokens until an end token (``end_ids``, default the tokenizer's EOS ids),
         ``max_tokens``, the end of the context, or ``cancel`` (checked before each token and
         between prompt batches). ``outcome`` is filled in as it goes.
 
         The KV cache keeps what it shares with ``prompt``; the rest of the prompt is evaluated in
-        batches. With ``last_alone`` its last token gets a forward of its own, so that a prompt
-        gets the same logits whatever the cache held before (batches round differently), at the
-        price of one forward: what chat and the API need. A single generation from an empty
-        cache (``inference``) does not. The last token yielded is not fed back (its position
+        batches (a row's logits are the same in any batch, so a prompt gets the same logits
+        whatever the cache held before). The last token yielded is not fed back (its position
         may not exist, and nobody needs its logits)."""
         if not prompt:
             raise DllamaError("the prompt is empty")
@@ -189,7 +225,7 @@ class Session:
         t0 = time.perf_counter()
         try:
             outcome.prompt_tokens = len(prompt)
-            evaluated = self._evaluate_prompt(prompt, cancel, last_alone)
+            evaluated = self._evaluate_prompt(prompt, cancel)
             outcome.eval_seconds = time.perf_counter() - t0
             if evaluated is None:
                 outcome.cancelled = True
@@ -221,24 +257,16 @@ class Session:
         finally:
             outcome.seconds = time.perf_counter() - t0
 
-    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None,
-                         last_alone: bool) -> tuple[int, np.ndarray] | None:
+    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None) -> tuple[int, np.ndarray] | None:
         """How many of the prompt's tokens the cache held, and the logits of its last token (None
         when cancelled first)."""
-        common = 0
-        for a, b in zip(self.tokens, prompt[:-1]):  # the last token is always evaluated
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self.tokens, prompt)
         self.rewind(common)
-        end = len(prompt) - 1 if last_alone else len(prompt)
         logits = None
-        for start in range(common, end, MAX_BATCH):
+        for start in range(common, len(prompt), MAX_BATCH):
             if cancel is not None and cancel.is_set():
                 return None
-            logits = self.step(prompt[start:min(start + MAX_BATCH, end)])
-        if last_alone:
-            logits = self.step(prompt[-1:])
+            logits = self.step(prompt[start:start + MAX_BATCH])
         return common, logits
 
     def perplexity(self, tokens: list[int]) -> float:

@@ -86,32 +86,32 @@ def rope_falcon(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray, positions: np.ndarray,
               group: int = 0, head_offset: int = 0) -> np.ndarray:
-    """Causal grouped-query attention of a batch of tokens at positions pos, pos+1, ...
+    """Causal grouped-query attention of a batch of rows, each of its own sequence and position.
 
-    ``q`` is ``[tokens, heads, head_dim]``; the caches are ``[seq_len, kv_heads, head_dim]`` and
-    already hold the batch's keys and values. Token ``t`` attends positions ``0 .. pos + t``.
-    Query head ``h`` reads KV head ``(h + head_offset) // group`` (``group`` 0: heads / kv_heads):
-    a cluster node's query heads may start and end inside a KV group. Returns
-    ``[tokens, heads * head_dim]``.
+    ``q`` is ``[rows, heads, head_dim]``; the caches are ``[slots, seq_len, kv_heads, head_dim]``
+    and already hold the batch's keys and values. Row ``t`` attends positions
+    ``0 .. positions[t]`` of cache slot ``slots[t]``. Query head ``h`` reads KV head
+    ``(h + head_offset) // group`` (``group`` 0: heads / kv_heads): a cluster node's query heads
+    may start and end inside a KV group. Returns ``[rows, heads * head_dim]``.
     """
-    n_tokens, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[1]
+    n_rows, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
     group = group or n_heads // n_kv
     # Pad the heads to whole groups, attend as plain GQA, keep the real heads.
-    full = np.zeros((n_tokens, n_kv * group, head_dim), dtype=np.float32)
-    full[:, head_offset:head_offset + n_heads] = q
-    end = pos + n_tokens
-    k = k_cache[:end]  # [S, KV, D]
-    v = v_cache[:end]
-    qg = full.reshape(n_tokens, n_kv, group, head_dim)
-    scores = np.einsum("tkgd,skd->kgts", qg, k, optimize=True) / np.float32(np.sqrt(head_dim))
-    causal = np.arange(end)[None, :] > (pos + np.arange(n_tokens))[:, None]  # [T, S]
-    scores = np.where(causal, np.float32(-np.inf), scores)
-    probs = softmax(scores, axis=-1).astype(np.float32)
-    out = np.einsum("kgts,skd->tkgd", probs, v, optimize=True).reshape(n_tokens, n_kv * group, head_dim)
-    return np.ascontiguousarray(out[:, head_offset:head_offset + n_heads]).reshape(n_tokens, n_heads * head_dim)
+    full = np.zeros((n_rows, n_kv, group, head_dim), dtype=np.float32)
+    full.reshape(n_rows, n_kv * group, head_dim)[:, head_offset:head_offset + n_heads] = q
+    out = np.empty((n_rows, n_kv, group, head_dim), dtype=np.float32)
+    for t in range(n_rows):
+        end = int(positions[t]) + 1
+        k = k_cache[slots[t], :end]  # [S, KV, D]: the row's own sequence, up to its position
+        v = v_cache[slots[t], :end]
+        scores = np.einsum("kgd,skd->kgs", full[t], k) / np.float32(np.sqrt(head_dim))
+        probs = softmax(scores, axis=-1).astype(np.float32)
+        out[t] = np.einsum("kgs,skd->kgd", probs, v)
+    out = out.reshape(n_rows, n_kv * group, head_dim)[:, head_offset:head_offset + n_heads]
+    return np.ascontiguousarray(out).reshape(n_rows, n_heads * head_dim)
 
 
 def q80_wire_encode(x: np.ndarray) -> bytes:

@@ -21,9 +21,10 @@ class Blocks(Protocol):
     def start(self, tokens: np.ndarray) -> np.ndarray:
         """The embedded input ``[tokens, dim]`` (the root's: it holds the embedding)."""
 
-    def attention(self, layer: int, x: np.ndarray, pos: int) -> np.ndarray:
-        """This node's partial output of the attention of ``layer`` for ``x`` at ``pos ..``; writes
-        the tokens' keys and values into the KV cache."""
+    def attention(self, layer: int, x: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """This node's partial output of the attention of ``layer`` for the rows of ``x``, row t
+        at ``positions[t]`` of KV cache slot ``slots[t]``; writes the rows' keys and values into
+        the cache, then each row attends to positions 0..its own of its slot."""
 
     def feed_forward(self, layer: int, x: np.ndarray) -> np.ndarray:
         """This node's partial output of the feed-forward of ``layer``."""

@@ -79,8 +79,8 @@ class JitBlocks:
     def start(self, tokens: np.ndarray) -> np.ndarray:
         return fused.start_block(self.embedding, tokens)
 
-    def attention(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:
-        return fused.attention_block(x, pos, *self.attention_args[i])
+    def attention(self, i: int, x: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return fused.attention_block(x, slots, positions, *self.attention_args[i])
 
     def feed_forward(self, i: int, x: np.ndarray) -> np.ndarray:
         if self.moe[i] is None:

@@ -42,7 +42,7 @@ class NumpyBlocks:
     def start(self, tokens: np.ndarray) -> np.ndarray:
         return np.array(self.weights.embedding[tokens], dtype=np.float32)
 
-    def attention(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:
+    def attention(self, i: int, x: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         s, layer, cache = self.shape, self.weights.layers[i], self.kv_cache
         n = x.shape[0]
         y = ref.rms_norm(x, layer.attn_norm, s.norm_eps)
@@ -52,11 +52,11 @@ class NumpyBlocks:
         if layer.q_norm is not None:
             q = ref.rms_norm(q, layer.q_norm, s.norm_eps)
             k = ref.rms_norm(k, layer.k_norm, s.norm_eps)
-        cos, sin = self.rope_cos[pos:pos + n], self.rope_sin[pos:pos + n]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         q = self.rope(q, cos, sin)
-        cache.k[i, pos:pos + n] = self.rope(k, cos, sin)
-        cache.v[i, pos:pos + n] = v
-        z = ref.attention(q, cache.k[i], cache.v[i], pos, s.group, s.head_offset)
+        cache.k[i, slots, positions] = self.rope(k, cos, sin)
+        cache.v[i, slots, positions] = v
+        z = ref.attention(q, cache.k[i], cache.v[i], slots, positions, s.group, s.head_offset)
         return self._matmul(z, layer.o)
 
     def feed_forward(self, i: int, x: np.ndarray) -> np.ndarray:

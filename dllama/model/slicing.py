@@ -222,8 +222,9 @@ def node_weight_bytes(h: ModelHeader, node: NodeSlice) -> int:
     return sum(s.nbytes for s in node_specs(h, node))
 
 
-def node_kv_bytes(h: ModelHeader, node: NodeSlice, seq_len: int) -> int:
-    return 2 * h.n_layers * seq_len * node.n_kv_heads * h.head_dim * 4
+def node_kv_bytes(h: ModelHeader, node: NodeSlice, seq_len: int, n_slots: int = 1) -> int:
+    """The most a node's KV cache holds: ``n_slots`` sequences of ``seq_len`` positions."""
+    return 2 * h.n_layers * n_slots * seq_len * node.n_kv_heads * h.head_dim * 4
 
 
 def plan_digest(h: ModelHeader, node: NodeSlice) -> str:

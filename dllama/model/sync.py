@@ -11,6 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
+from dllama.model.batch import Batch
+
 # The two blocks of a layer whose partial outputs are summed across nodes.
 ATTENTION = 0
 FEED_FORWARD = 1
@@ -27,8 +29,9 @@ class BlockSync(Protocol):
 class Sync(Protocol):
     """A whole forward over all nodes, from the root."""
 
-    def begin(self, x: np.ndarray, pos: int, all_logits: bool) -> BlockSync:
-        """Start a forward of the embedded input ``x`` at ``pos`` on every node; its sync points."""
+    def begin(self, x: np.ndarray, batch: Batch) -> BlockSync:
+        """Start a forward of the embedded input ``x`` (one row per row of ``batch``) on every
+        node; its sync points."""
 
     def finish(self, logits: np.ndarray) -> np.ndarray:
         """The root's slice of the logits joined with every other node's: the whole vocabulary."""
@@ -37,7 +40,7 @@ class Sync(Protocol):
 class LocalSync:
     """One node holds the whole model: its partial output is the full output."""
 
-    def begin(self, x: np.ndarray, pos: int, all_logits: bool) -> LocalSync:
+    def begin(self, x: np.ndarray, batch: Batch) -> LocalSync:
         return self
 
     def all_reduce(self, partial: np.ndarray, layer: int, block: int) -> np.ndarray:

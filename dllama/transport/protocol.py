@@ -20,7 +20,8 @@ that went on without it. A session goes:
     build {}                             ->
                                          <-   built {weight_bytes, kv_bytes}
     go {}                                ->
-    forward {fwd, pos, rows, all_logits} ->   (then the all-gathers on the data plane)
+    forward {fwd, slots, positions,      ->   (then the all-gathers on the data plane)
+             logits, copies}                  (``model.batch.Batch``: rows of several sequences)
                                          <-   logits {fwd} + float32 bytes
     stop {}                              ->
                                          <-   bye {}
@@ -39,7 +40,7 @@ import struct
 
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 KINDS = frozenset({"hello", "error", "config", "chunk", "ack", "build", "built", "mesh", "mesh_ready", "go",
                    "forward", "logits", "stop", "bye", "ping", "pong"})
 # A weight chunk; a control message may not exceed CHUNK_BYTES plus room for its meta.

@@ -285,9 +285,10 @@ class RootLink:
         """Every worker's report once it has built its node (long: it may compile kernels)."""
         return [self.recv(w, "built", timeout=BUILD_TIMEOUT)[0] for w in self.workers]
 
-    def forward(self, fwd: int, pos: int, rows: int, all_logits: bool) -> None:
+    def forward(self, fwd: int, rows: dict) -> None:
+        """Start forward ``fwd`` of the batch ``rows`` describes (its slots, positions, logit rows)."""
         for w in self.workers:
-            self.send(w, "forward", {"fwd": fwd, "pos": pos, "rows": rows, "all_logits": all_logits})
+            self.send(w, "forward", {"fwd": fwd, **rows})
 
     def logits(self, fwd: int) -> list[bytes]:
         """Every worker's slice of forward ``fwd``'s logits; waits as long as their links are up

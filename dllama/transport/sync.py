@@ -100,9 +100,10 @@ class RootSync:
         self.fwd = 0
         self.logits_seconds = 0.0
 
-    def begin(self, x: np.ndarray, pos: int, all_logits: bool) -> ForwardSync:
+    def begin(self, x: np.ndarray, batch) -> ForwardSync:
+        """``batch``: the forward's ``model.batch.Batch`` (sent as it describes itself)."""
         self.fwd += 1
-        self.link.forward(self.fwd, pos, x.shape[0], all_logits)
+        self.link.forward(self.fwd, batch.to_json())
         return self.mesh_sync.publish_input(self.fwd, x)
 
     def finish(self, logits: np.ndarray) -> np.ndarray:

@@ -48,8 +48,9 @@ class Node(Protocol):
     weight_bytes: int
     kv_bytes: int
 
-    def forward(self, x: np.ndarray, pos: int, all_logits: bool, sync: ForwardSync) -> np.ndarray:
-        """This node's slice of the logits of forward ``x`` at ``pos``, meeting the others at ``sync``."""
+    def forward(self, x: np.ndarray, rows: dict, sync: ForwardSync) -> np.ndarray:
+        """This node's slice of the logits of forward ``x``, whose ``rows`` (the forward
+        message: slots, positions, logit rows) the node checks, meeting the others at ``sync``."""
 
 
 class NodeFactory(Protocol):
@@ -327,12 +328,10 @@ class WorkerServer:
         while True:
             meta, _ = self._expect(owner, mesh, epoch, "forward")
             fwd = field(meta, "fwd", int, last_fwd + 1)
-            pos = field(meta, "pos", int, 0)
-            rows = field(meta, "rows", int, 1)
-            all_logits = bool(meta.get("all_logits"))
+            rows = field(meta, "slots", list)
             last_fwd = fwd
-            x, steps = sync.receive_input(fwd, rows)
-            logits = node.forward(x, pos, all_logits, steps)
+            x, steps = sync.receive_input(fwd, len(rows))
+            logits = node.forward(x, meta, steps)
             self._reply(owner, "logits", {"fwd": fwd}, np.ascontiguousarray(logits, dtype=np.float32).data,
                         epoch=epoch)
 

@@ -8,7 +8,7 @@ partial outputs exactly where the NumPy blocks do (``model.numpy_blocks``), so a
 sync points are the same on both backends.
 
 Everything a block takes besides its input is built once, by name, as one of the named tuples
-below, and splatted at the call: ``attention_block(x, pos, *args)``. Their fields are the
+below, and splatted at the call: ``attention_block(x, slots, positions, *args)``. Their fields are the
 blocks' parameters, in order (a test holds them equal). They are not passed as named tuples:
 numba types a named tuple argument in Python, about 1 µs per tuple and call, 60 calls a token.
 """
@@ -25,7 +25,8 @@ from dllama.kernels.jit.matmul import product
 
 
 class AttentionArgs(NamedTuple):
-    """What ``attention_block`` takes after the input ``x`` [tokens, dim] and its position."""
+    """What ``attention_block`` takes after the input ``x`` [rows, dim] and the rows' KV cache
+    slots and positions."""
 
     norm: np.ndarray  # attn_norm
     eps: np.float32
@@ -36,7 +37,7 @@ class AttentionArgs(NamedTuple):
     cos: np.ndarray  # rope tables [seq_len, head_dim / 2]
     sin: np.ndarray
     falcon: bool  # NeoX rope pairs (i, i + head_dim/2), else interleaved (2i, 2i + 1)
-    k_cache: np.ndarray  # this layer's [seq_len, kv_heads, head_dim]
+    k_cache: np.ndarray  # this layer's [slots, seq_len, kv_heads, head_dim]
     v_cache: np.ndarray
     n_heads: int  # query heads of this node
     n_kv_heads: int  # KV heads of this node
@@ -94,7 +95,7 @@ class EndArgs(NamedTuple):
 
 
 @njit(cache=True, parallel=True)
-def attention_block(x, pos, norm, eps, qkv, qkv_rows, q_norm, k_norm, cos, sin, falcon, k_cache, v_cache,
+def attention_block(x, slots, positions, norm, eps, qkv, qkv_rows, q_norm, k_norm, cos, sin, falcon, k_cache, v_cache,
                     n_heads, n_kv_heads, head_dim, group, head_offset, o, o_rows, q80, path, f16_table):
     n_tokens, dim = x.shape
     y = np.empty_like(x)
@@ -109,15 +110,17 @@ def attention_block(x, pos, norm, eps, qkv, qkv_rows, q_norm, k_norm, cos, sin, 
         rms_norm_into(q2.copy(), q_norm, eps, q2)
         k2 = k.reshape(n_tokens * n_kv_heads, head_dim)
         rms_norm_into(k2.copy(), k_norm, eps, k2)
-    rope_into(q, cos[pos:pos + n_tokens], sin[pos:pos + n_tokens], falcon)
-    rope_into(k, cos[pos:pos + n_tokens], sin[pos:pos + n_tokens], falcon)
+    row_cos, row_sin = cos[positions], sin[positions]
+    rope_into(q, row_cos, row_sin, falcon)
+    rope_into(k, row_cos, row_sin, falcon)
     for t in range(n_tokens):
+        slot, pos = slots[t], positions[t]
         for h in range(n_kv_heads):
             for d in range(head_dim):
-                k_cache[pos + t, h, d] = k[t, h, d]
-                v_cache[pos + t, h, d] = qkv_out[t, q_dim + kv_dim + h * head_dim + d]
+                k_cache[slot, pos, h, d] = k[t, h, d]
+                v_cache[slot, pos, h, d] = qkv_out[t, q_dim + kv_dim + h * head_dim + d]
     z = np.empty((n_tokens, q_dim), dtype=np.float32)
-    attention_into(q, k_cache, v_cache, pos, z, group, head_offset)
+    attention_into(q, k_cache, v_cache, slots, positions, z, group, head_offset)
     return product(o, o_rows, z, q80, path, f16_table)[:, :dim]
 
 

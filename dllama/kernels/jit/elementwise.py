@@ -9,12 +9,35 @@ from numba import njit, prange
 from dllama.kernels.jit import FAST, simd
 
 
-@njit(cache=True, fastmath=FAST, inline="always")
+NORM_LANES = 16
+
+
+@njit(cache=True)  # not inlined: numba would compile it with the caller's fastmath
+def _sum_squares(x):
+    """The sum of x's squares in one fixed order: 16 lanes side by side (which vectorize without
+    reassociation), then the lanes and the tail in turn. Without fastmath, so that a row gets
+    the same bits alone or inside a parallel loop over a batch: a row's logits must not depend
+    on the rows beside it (the API batches users together)."""
+    n = x.shape[0]
+    lanes = np.zeros(NORM_LANES, dtype=np.float32)
+    whole = n - n % NORM_LANES
+    for j in range(0, whole, NORM_LANES):
+        for k in range(NORM_LANES):
+            lanes[k] += x[j + k] * x[j + k]
+    ss = np.float32(0.0)
+    for k in range(NORM_LANES):
+        ss += lanes[k]
+    for j in range(whole, n):
+        ss += x[j] * x[j]
+    return ss
+
+
+# Not inlined, and no fastmath that changes results (arcp would turn x * (1 / r) into x / r in
+# one caller and not in another): a row is normalized to the same bits alone or in a batch.
+@njit(cache=True, fastmath={"nsz"})
 def _rms_norm_row(x, weight, eps, out):
     n = x.shape[0]
-    ss = np.float32(0.0)
-    for j in range(n):
-        ss += x[j] * x[j]
+    ss = _sum_squares(x)
     scale = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
     for j in range(n):
         out[j] = (x[j] * scale) * weight[j]

@@ -93,7 +93,7 @@ def _linear_float(w, x, out, path, table):
     n_tokens = x.shape[0]
     nblocks = n // simd_float.BLOCK
     tail = nblocks * simd_float.BLOCK
-    chunk = max(1, CHUNK_BYTES // (n * w.itemsize))
+    chunk = max(2, CHUNK_BYTES // (n * w.itemsize) // 2 * 2)  # whole pairs of rows
     for c in prange((rows + chunk - 1) // chunk):
         r_end = min(rows, (c + 1) * chunk)
         t = 0
@@ -101,8 +101,12 @@ def _linear_float(w, x, out, path, table):
             for r in range(c * chunk, r_end):
                 simd_float.float_row_tile4(w, r, x, t, nblocks, out, path)
             t += 4
-        while t < n_tokens:
-            for r in range(c * chunk, r_end):
+        while t < n_tokens:  # two rows at a time; a row's sums are the same either way
+            r = c * chunk
+            while r + 2 <= r_end:
+                simd_float.float_rows2_tile1(w, r, x, t, nblocks, out, path)
+                r += 2
+            if r < r_end:
                 simd_float.float_row_tile1(w, r, x, t, nblocks, out, path)
             t += 1
         if tail < n:
