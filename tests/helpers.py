@@ -44,6 +44,18 @@ def write_random_model(path: Path, header: ModelHeader, seed: int = 0, scale: fl
 # Only the products with Q40 weights take the SIMD path (dllama/kernels/jit/matmul.py: _linear_q40_q80
 # and _linear_q40_f32 take ``path``; Q80, F16 and F32 products, norms, attention and the rest
 # do not). Tests run those on every path, and everything else once, on this CPU's own path.
+def write_tiny_chat_tokenizer(path: Path) -> None:
+    """A 40-token tokenizer (<s>, </s>, letters, punctuation and a few pairs) with a chat template
+    that joins the messages' contents: for tiny random models served by `api`."""
+    from dllama.formats.tfile import TokenizerData, write_tokenizer
+
+    vocab = [b"<s>", b"</s>"] + [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz ,.?!\n"]
+    vocab += [b"th", b"he", b"in", b"er", b"an", b"re"][: 40 - len(vocab)]
+    write_tokenizer(path, TokenizerData(vocab=vocab, scores=[0.0] * 2 + [-1.0] * (len(vocab) - 2), bos_id=0,
+                                        eos_ids=[1], add_bos=True,
+                                        chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}"))
+
+
 def simd_paths() -> list[tuple[str, pytest.MarkDecorator]]:
     """(name, mark) per SIMD path, best first; the mark skips, saying why, a path this CPU
     cannot run (a test for it is skipped, never left out)."""

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dllama.default_model import ensure_default_model
-from dllama.engine.completion import Completer, Request, StopStrings
+from dllama.engine.batching import Completer
+from dllama.engine.completion import Request, StopStrings
 from dllama.engine.session import ContextFull, Outcome, Session
 from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.mfile import ModelFile

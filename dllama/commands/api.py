@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import time
 
 from dllama.commands.common import info, load_session
 from dllama.errors import DllamaError
@@ -33,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
         end_of_turn_ids,
         template_for,
     )
-    from dllama.engine.completion import Completer
+    from dllama.engine.batching import BatchEngine
 
     sock = _listen(args.host, args.port)
     session = load_session(args)
@@ -45,10 +44,13 @@ def main(args: argparse.Namespace) -> int:
                 raise
             template = None  # /v1/completions still works; chat requests get a clear 400
             info(f"⚠️  {e}")
-        completer = Completer(session, end_of_turn_ids(session.tokenizer))
-        api = Api(completer, template, args.model_id or _model_id(args, session), args.api_key,
-                  cluster=session.cluster)
+        engine = BatchEngine(session, end_of_turn_ids(session.tokenizer), args.parallel, log=info)
+        cors = tuple(args.cors_origin or ())
+        api = Api(engine, template, args.model_id or _model_id(args, session), args.api_key,
+                  cluster=session.cluster, cors_origins=cors)
         info(f"🌐 OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {api.model_id!r})")
+        info(f"💬 chat page on http://{args.host}:{args.port}/"
+             + (f"; browsers may call the API from {', '.join(cors)}" if cors else ""))
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame) -> None:  # Ctrl-C, SIGTERM
                 api.shutdown()
@@ -59,9 +61,7 @@ def main(args: argparse.Namespace) -> int:
 
         config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=30, lifespan="off")
         Server(config).run(sockets=[sock])
-        deadline = time.monotonic() + 30
-        while api.generations and time.monotonic() < deadline:  # each stops after its current token
-            time.sleep(0.05)
+        engine.close()  # every generation was told to stop after its current step
         info("👋 API server stopped")
     finally:
         session.close()

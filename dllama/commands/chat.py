@@ -54,7 +54,8 @@ def _start_over(out, tokens: int, seq_len: int) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     from dllama.engine.chat_template import ChatTemplateError, end_of_turn_ids, template_for
-    from dllama.engine.completion import Completer, Request
+    from dllama.engine.batching import Completer
+    from dllama.engine.completion import Request
     from dllama.engine.session import Outcome
 
     session = load_session(args)
@@ -118,4 +119,6 @@ def main(args: argparse.Namespace) -> int:
             out.flush()
             messages.append({"role": "assistant", "content": "".join(answer)})
     finally:
+        if "completer" in locals():
+            completer.close()
         session.close()

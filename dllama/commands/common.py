@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,15 @@ if TYPE_CHECKING:
 DEFAULT_MAX_SEQ_LEN = 4096
 
 
+_info_lock = threading.Lock()
+
+
 def info(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """One line on stderr, whole: the API's access log and the batching engine write from
+    different threads, and ``print`` writes a line's text and its end separately."""
+    with _info_lock:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
 
 def resolve_paths(args: argparse.Namespace, need_model: bool = True) -> tuple[Path | None, Path]:
@@ -76,19 +84,21 @@ def load_session(args: argparse.Namespace) -> "Session":
     h = model.header
     check_pair(tokenizer, h.vocab_size)  # before any weights travel to workers
     seq_len = min(args.max_seq_len or DEFAULT_MAX_SEQ_LEN, h.seq_len)
-    kv_bytes = 2 * h.n_layers * seq_len * h.kv_dim * 4
+    n_slots = getattr(args, "parallel", 1)  # the API's sequences at once: a KV cache slot each
+    kv_bytes = 2 * h.n_layers * n_slots * seq_len * h.kv_dim * 4
     if kv_bytes > physical_memory() * (1 + len(workers)):
-        raise DllamaError(f"a KV cache of {seq_len} positions needs {kv_bytes / 2**30:.1f} GiB, more than this "
-                          f"machine's memory: lower --max-seq-len")
+        slots = f"{n_slots} slots of " if n_slots > 1 else ""
+        raise DllamaError(f"a KV cache of {slots}{seq_len} positions needs {kv_bytes / 2**30:.1f} GiB, more than "
+                          f"this machine's memory: lower --max-seq-len" + (" or --parallel" if n_slots > 1 else ""))
     buffer_type = FloatType.parse(args.buffer_float_type)
     try:
         backend.backend()
         backend.set_threads(args.nthreads)
         compiling = _compiling_notice()
         if workers:
-            transformer, cluster = _start_cluster(args, model, seq_len, workers)
+            transformer, cluster = _start_cluster(args, model, seq_len, workers, n_slots)
         else:
-            transformer, cluster = Transformer(model, seq_len=seq_len, buffer_type=buffer_type), None
+            transformer, cluster = Transformer(model, seq_len=seq_len, buffer_type=buffer_type, n_slots=n_slots), None
     except ValueError as e:  # DLLAMA_BACKEND / DLLAMA_CPU_PATH
         raise DllamaError(str(e)) from None
     try:
@@ -97,8 +107,11 @@ def load_session(args: argparse.Namespace) -> "Session":
         info(f"💡 Model: {model_path.name} ({h.arch.name.lower()}, {h.n_layers} layers, dim {h.dim}, "
              f"{h.n_heads} heads, {h.n_kv_heads} KV heads, {h.weight_type.name} weights, "
              f"{model.weight_bytes / 1e6:.0f} MB)")
-        info(f"💡 SeqLen: {seq_len} (model: {h.seq_len}; --max-seq-len changes it), KV cache "
-             f"{transformer.kv_cache.nbytes / 1e6:.0f} MB, buffers {args.buffer_float_type}")
+        kv = (f"KV cache {transformer.kv_cache.nbytes / 1e6:.0f} MB" if n_slots == 1 else
+              f"KV cache {n_slots} slots x {transformer.kv_cache.nbytes / n_slots / 1e6:.0f} MB = at most "
+              f"{transformer.kv_cache.nbytes / 1e6:.0f} MB (committed as positions fill)")
+        info(f"💡 SeqLen: {seq_len} (model: {h.seq_len}; --max-seq-len changes it), {kv}, "
+             f"buffers {args.buffer_float_type}")
         info(f"💡 Kernels: {backend.describe()}")
         return Session(transformer, tokenizer, cluster=cluster)
     except BaseException:
@@ -132,6 +145,7 @@ def _warm_kernels(transformer, compiling: float | None) -> None:
     from dllama.model.node import warm_up
 
     warm_up(transformer, batches=True)
+    transformer.blocks.start(np.zeros(1, dtype=np.int64))  # the embedding lookup: only the root has it
     logits = np.zeros(transformer.header.vocab_size, dtype=np.float32)
     Sampler(0.0).sample(logits)
     Sampler(0.8, 0.9, seed=0).sample(logits)
@@ -139,7 +153,7 @@ def _warm_kernels(transformer, compiling: float | None) -> None:
         info(f"💡 kernels compiled in {time.perf_counter() - compiling:.0f} s (cached for the next runs)")
 
 
-def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str]):
+def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str], n_slots: int = 1):
     """The root's node of a cluster with ``workers``: plan, hand out slices, connect."""
     from dllama.engine.cluster import Cluster
     from dllama.kernels.quants import FloatType
@@ -149,8 +163,10 @@ def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[
         raise DllamaError("--buffer-float-type q80 on a cluster needs a model dimension that is a multiple of 32")
     buffer_type = FloatType.parse(args.buffer_float_type)
     cluster = Cluster(model, workers, seq_len, args.buffer_float_type, args.net_timeout,
-                      lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync),
-                      info, split=args.split, heartbeat=args.heartbeat_timeout, on_worker_loss=args.on_worker_loss)
+                      lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync,
+                                                      n_slots=n_slots),
+                      info, split=args.split, heartbeat=args.heartbeat_timeout, on_worker_loss=args.on_worker_loss,
+                      n_slots=n_slots)
     transformer = cluster.start()
     for t in cluster.transfers:
         how = {"local": "cut from its own model file", "cache": "from its slice cache"}.get(

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API as a Starlette app (served by uvicorn in ``commands.api``).
 
-One generation runs at a time; requests wait their turn in arrival order (an asyncio lock
-wakes waiters first come, first served). A request is checked completely (JSON, parameters,
-template, context length) before it queues, so a bad request never touches the model. A
-client that goes away stops its generation between two tokens and frees the model.
+Requests run together on the batching engine (``engine.batching``: up to ``--parallel`` at once,
+the rest wait in arrival order). A request is checked completely (JSON, parameters, template,
+context length) before it queues, so a bad request never touches the model. A client that goes
+away ends its generation at the engine's next step and frees its slot.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import anyio
@@ -24,10 +23,14 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dllama.commands.http_extras import chat_page, middleware
 from dllama.engine.chat_template import ChatTemplate, ChatTemplateError
-from dllama.engine.completion import Completer, Request
-from dllama.engine.session import ContextFull, Outcome
+from dllama.engine.batching import BatchEngine, Unavailable
 from dllama.engine.cluster import CLUSTER_FAILURES
+from dllama.commands.openai_reply import Job, Reply
+from dllama.engine.completion import Ended, Event, Failed, Request
+from dllama.engine.logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETIONS
+from dllama.engine.session import ContextFull, Outcome
 from dllama.errors import DllamaError
 
 MAX_BODY_BYTES = 4 << 20
@@ -35,9 +38,9 @@ MAX_STOPS = 4
 
 
 class _ClosingStream(StreamingResponse):
-    """A stream that holds the model's turn: it closes its generator however the response ends
-    (a client that stops reading may cancel us inside ``send``, where the generator would
-    otherwise wait for garbage collection to stop the generation), then gives the turn back."""
+    """A stream that ends its generation however the response ends: it closes its generator (a
+    client that stops reading may cancel us inside ``send``, where the generator would
+    otherwise wait for garbage collection), then calls ``release``."""
 
     def __init__(self, content, release: Callable[[], None], **kw):
         super().__init__(content, **kw)
@@ -98,62 +101,69 @@ def _stop(body: dict) -> list[str]:
     raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOPS} strings", param="stop")
 
 
-def _sampling(body: dict) -> dict:
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be a boolean", param=name)
+    return bool(value)
+
+
+def _sampling(body: dict, chat: bool, parallel: int) -> dict:
     n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise ApiError(400, "only n = 1 is supported", param="n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise ApiError(400, "stream must be a boolean", param="stream")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= parallel):
+        raise ApiError(400, f"n must be an integer in [1, {parallel}] (the server's --parallel)", param="n")
+    stream = _boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, dict)
                                     and isinstance(options.get("include_usage", False), bool)):
         raise ApiError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
+    if chat:  # logprobs: true, top_logprobs: 0..20
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_CHAT)
+        wanted = _boolean(body, "logprobs")
+        if top is not None and not wanted:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs, echo = (top or 0) if wanted else None, False
+    else:  # logprobs: 0..5 alternatives; echo: the prompt too
+        logprobs, echo = _integer(body, "logprobs", 0, MAX_TOP_COMPLETIONS), _boolean(body, "echo")
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     return {
         "temperature": 0.0 if top_p == 0 else _number(body, "temperature", 1.0, 0.0, 2.0),  # top_p 0: the top token
         "top_p": top_p or 1.0,
         "seed": None if (seed := _integer(body, "seed", -(2**63), 2**64 - 1)) is None else seed % 2**64,
         "stop": _stop(body),
-        "stream": bool(stream),
+        "stream": stream,
         "include_usage": bool(options and options.get("include_usage")),
+        "n": n or 1,
+        "logprobs": logprobs,
+        "echo": echo,
     }
-
-
-@dataclass
-class Job:
-    """A checked request, ready to queue."""
-
-    request: Request
-    stream: bool
-    include_usage: bool
-    chat: bool
 
 
 # -- the app --------------------------------------------------------------------------------------
 class Api:
-    def __init__(self, completer: Completer, template: ChatTemplate | None, model_id: str, api_key: str | None,
-                 cluster=None):
-        self.completer = completer
+    def __init__(self, engine: BatchEngine, template: ChatTemplate | None, model_id: str, api_key: str | None,
+                 cluster=None, cors_origins: tuple[str, ...] = ()):
+        self.engine = engine
+        self.tokenizer = engine.session.tokenizer
+        self.seq_len = engine.session.seq_len
         self.template = template
         self.model_id = model_id
         self.api_key = api_key
         self.cluster = cluster  # engine.cluster.Cluster, or None on one node
-        self.cluster_alive: Callable[[], bool] | None = cluster.alive if cluster is not None else None
-        self.down: str | None = None  # why the model can no longer run (a worker failed)
-        self.turn = asyncio.Lock()
-        self.waiting = 0
+        self.down: str | None = None  # why the model can no longer run (a worker failed, shutting down)
         self.generations: set[threading.Event] = set()  # the cancel events of running generations
         self.created = int(time.time())
-        tokenizer = completer.tokenizer
+        tokenizer = self.tokenizer
         self.max_piece_bytes = max(1, max(len(tokenizer.piece(i)) for i in range(tokenizer.vocab_size)))
         self.app = Starlette(routes=[
+            Route("/", chat_page, methods=["GET"]),  # the chat page (http_extras), served without a key
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
-        ], exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
+        ], middleware=middleware(cors_origins),  # access log, CORS (http_extras)
+            exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
 
     # -- plumbing ------------------------------------------------------------------------------
     async def _http_error(self, request: HttpRequest, exc: HTTPException) -> Response:
@@ -183,10 +193,9 @@ class Api:
             cancel.set()
 
     def _check_up(self) -> None:
-        """503 once the model cannot run. The cluster's sockets are only probed while no
-        generation uses them (the event loop runs this with the turn free, or held by us)."""
-        if self.down is None and self.cluster_alive is not None and not self.cluster_alive():
-            self.down = self.cluster.broken or "a worker of the cluster is gone"
+        """503 once the model cannot run (the engine's thread watches the cluster)."""
+        if self.down is None and self.engine.broken is not None:
+            self.down = self.engine.broken
         if self.down is not None:
             raise ApiError(503, f"the model is unavailable: {self.down}", "server_error", code="unavailable")
 
@@ -207,40 +216,24 @@ class Api:
             raise ApiError(400, "the request body must be a JSON object")
         return data
 
-    async def _take_turn(self, request: HttpRequest) -> None:
-        """Wait for the model (``waiting`` counts who is queued, for /health). A client that
-        left meanwhile, or a model that went down, gets its answer now, turn given back."""
-        if self.down is not None:
-            self._check_up()  # no point in queueing
-        self.waiting += 1
-        try:
-            await self.turn.acquire()
-        finally:
-            self.waiting -= 1
-        try:
-            if await request.is_disconnected():
-                raise ApiError(400, "the client left while waiting")
-            self._check_up()
-        except BaseException:
-            self.turn.release()
-            raise
-
     # -- routes --------------------------------------------------------------------------------
     async def health(self, request: HttpRequest) -> Response:
         try:
-            if not self.turn.locked():
-                self._check_up()
-            ok = self.down is None
+            self._check_up()
+            ok = True
         except ApiError:
             ok = False
         cluster = self.cluster.health() if self.cluster is not None else None
         nodes = 1 if cluster is None else len(cluster["nodes"])
         up = 1 if cluster is None else cluster["nodes_up"]
+        engine = self.engine
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": self.model_id, "model_loaded": True,
                              "nodes": nodes, "nodes_connected": up if ok else None,
                              "cluster": cluster,
-                             "generation": "one request at a time; others wait in arrival order",
-                             "busy": self.turn.locked(), "waiting": self.waiting, "error": self.down},
+                             "generation": f"up to {engine.parallel} requests at once in one batch; "
+                                           f"others wait in arrival order",
+                             "parallel": engine.parallel, "running": engine.active,
+                             "busy": engine.active > 0, "waiting": engine.waiting, "error": self.down},
                             200 if ok else 503)
 
     def _model_object(self) -> dict:
@@ -293,24 +286,25 @@ class Api:
     def _tokens(self, text: str, chat: bool) -> list[int]:
         """The prompt's tokens; a text too long for the context is refused before the (slow)
         tokenization: no token spans more than the longest piece's bytes."""
-        if len(text.encode("utf-8", "replace")) >= self.completer.seq_len * self.max_piece_bytes:
-            raise ApiError(400, f"the prompt does not fit the context of {self.completer.seq_len} tokens "
+        if len(text.encode("utf-8", "replace")) >= self.seq_len * self.max_piece_bytes:
+            raise ApiError(400, f"the prompt does not fit the context of {self.seq_len} tokens "
                                 f"(the server's --max-seq-len)", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
-        tokenizer = self.completer.tokenizer
+        tokenizer = self.tokenizer
         return tokenizer.encode(text, add_bos=False, allow_special=True) if chat else tokenizer.encode(text)
 
-    def _job(self, prompt: list[int], body: dict, chat: bool, default_limit: int | None) -> Job:
-        params = _sampling(body)
+    def _job(self, prompt: list[int], body: dict, chat: bool, default_limit: int | None, echo_text: str = "") -> Job:
+        params = _sampling(body, chat, self.engine.parallel)
         limit = self._limit(body, default_limit)
         if not prompt:
             raise ApiError(400, "the prompt has no tokens", param="messages" if chat else "prompt")
-        if len(prompt) >= self.completer.seq_len:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; the context holds {self.completer.seq_len} "
+        if len(prompt) >= self.seq_len:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; the context holds {self.seq_len} "
                                 f"(the server's --max-seq-len)", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
-        request = Request(prompt, limit, params["temperature"], params["top_p"], params["seed"], params["stop"])
-        return Job(request, params["stream"], params["include_usage"], chat)
+        request = Request(prompt, limit, params["temperature"], params["top_p"], params["seed"], params["stop"],
+                          n=params["n"], logprobs=params["logprobs"], echo=params["echo"])
+        return Job(request, params["stream"], params["include_usage"], chat, echo_text if params["echo"] else "")
 
     def _chat_job(self, body: dict) -> Job:
         if self.template is None:
@@ -330,121 +324,117 @@ class Api:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-        return self._job(self._tokens(prompt, chat=False), body, chat=False, default_limit=16)
+        return self._job(self._tokens(prompt, chat=False), body, chat=False, default_limit=16, echo_text=prompt)
 
-    def _usage(self, outcome: Outcome) -> dict:
-        return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-                "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens}}
+    def _usage(self, outcomes: list[Outcome]) -> dict:
+        prompt = outcomes[0].prompt_tokens  # evaluated once for every choice
+        completion = sum(o.completion_tokens for o in outcomes)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": outcomes[0].cached_tokens}}
 
     def _fail(self, e: BaseException) -> ApiError:
         if isinstance(e, ContextFull):
             return ApiError(400, str(e), code="context_length_exceeded")
-        # Called once the generation thread is done with the cluster's sockets.
-        if self.cluster_alive is not None and (isinstance(e, CLUSTER_FAILURES) or not self.cluster_alive()):
-            self.down = str(e)
-            return ApiError(503, f"the model is unavailable: {e}", "server_error", code="unavailable")
+        if isinstance(e, (Unavailable, *CLUSTER_FAILURES)) or self.engine.broken is not None:
+            self.down = self.down or self.engine.broken or str(e)
+            return ApiError(503, f"the model is unavailable: {self.down}", "server_error", code="unavailable")
         if isinstance(e, DllamaError):
             return ApiError(400, str(e))
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     async def _run(self, request: HttpRequest, job: Job) -> Response:
+        """Queue the job on the engine; answer once its first event is in (so that a failure
+        before any text is still an HTTP error), streaming or whole."""
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        await self._take_turn(request)  # before any byte of the reply: a 503 is still a 503
-        if job.stream:
-            return _ClosingStream(self._stream(job, rid, created), self.turn.release,
-                                  media_type="text/event-stream",
-                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        outcome = Outcome()
+        self._check_up()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        watcher = asyncio.create_task(self._watch(request, cancel))
-        self.generations.add(cancel)
+        def emit(event: Event) -> None:  # on the engine's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed (the server stopped): nobody listens
+                cancel.set()
+
         try:
-            text = await anyio.to_thread.run_sync(
-                lambda: "".join(self.completer.complete(job.request, outcome, cancel)))
+            self.engine.submit(job.request, emit, cancel)
         except Exception as e:  # noqa: BLE001 - reported as an error object
             return self._fail(e).response()
-        finally:
+        self.generations.add(cancel)
+        usage_log = getattr(request.state, "usage_log", None)
+        reply = Reply(job, self.tokenizer, usage_log)
+        watcher = asyncio.create_task(self._watch(request, cancel))
+        try:
+            first = await events.get()
+        except BaseException:
+            watcher.cancel()
+            cancel.set()
+            self.generations.discard(cancel)
+            raise
+        if isinstance(first, Failed):
             watcher.cancel()
             self.generations.discard(cancel)
-            self.turn.release()
-        if job.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": outcome.finish_reason, "logprobs": None}
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": outcome.finish_reason, "logprobs": None}
-            kind = "text_completion"
+            return self._fail(first.error).response()
+
+        def end() -> None:
+            reply.log_usage()
+            watcher.cancel()
+            cancel.set()  # a client that left: the engine frees its slots at its next step
+            self.generations.discard(cancel)
+
+        if job.stream:
+            return _ClosingStream(self._stream(reply, first, events, rid, created), end,
+                                  media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            event = first
+            while not isinstance(event, (Ended, Failed)):
+                reply.add(event)
+                event = await events.get()
+        finally:
+            end()
+        if isinstance(event, Failed):
+            return self._fail(event.error).response()
+        reply.add(event)
+        kind = "chat.completion" if job.chat else "text_completion"
         return JSONResponse({"id": rid, "object": kind, "created": created, "model": self.model_id,
-                             "choices": [choice], "usage": self._usage(outcome)})
+                             "choices": reply.choices(), "usage": self._usage(event.outcomes)})
 
     async def _watch(self, request: HttpRequest, cancel: threading.Event) -> None:
-        """Stop a non-streaming generation whose client has gone."""
+        """Stop a generation whose client has gone (a stream notices on its own when it writes)."""
         while not cancel.is_set():
             if await request.is_disconnected():
                 cancel.set()
                 return
             await asyncio.sleep(0.25)
 
-    def _chunk(self, job: Job, rid: str, created: int, delta: dict | str | None, finish: str | None,
-               usage: Any = False) -> str:
-        if job.chat:
-            choice = {"index": 0, "delta": delta if isinstance(delta, dict) else
-                      ({"content": delta} if delta is not None else {}), "finish_reason": finish, "logprobs": None}
-            data: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": self.model_id, "choices": [choice]}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            data = {"id": rid, "object": "text_completion", "created": created, "model": self.model_id,
-                    "choices": [choice]}
+    def _event_line(self, job: Job, rid: str, created: int, choices: list[dict], usage: Any = False) -> str:
+        data: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if job.chat else "text_completion",
+                                "created": created, "model": self.model_id, "choices": choices}
         if usage is not False:
             data["usage"] = usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    async def _stream(self, job: Job, rid: str, created: int) -> AsyncIterator[str]:
-        """The reply's events; runs holding the model's turn (``_ClosingStream`` gives it back)."""
+    async def _stream(self, reply: Reply, first: Event, events: asyncio.Queue, rid: str,
+                      created: int) -> AsyncIterator[str]:
+        """The reply's events (``_ClosingStream`` ends the generation however the stream ends)."""
+        job = reply.job
         usage_field = None if job.include_usage else False
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        outcome = Outcome()
-
-        def produce() -> None:
-            try:
-                for text in self.completer.complete(job.request, outcome, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, ("text", text))
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-            except BaseException as e:  # noqa: BLE001 - handed to the event loop
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
-
-        thread = threading.Thread(target=produce, name="dllama-generation", daemon=True)
-        self.generations.add(cancel)
-        thread.start()
-        try:
-            if job.chat:
-                yield self._chunk(job, rid, created, {"role": "assistant", "content": ""}, None, usage_field)
-            while True:
-                kind, value = await queue.get()
-                if kind == "text":
-                    yield self._chunk(job, rid, created, value, None, usage_field)
-                    continue
-                if kind == "done":
-                    yield self._chunk(job, rid, created, None, outcome.finish_reason, usage_field)
-                    if job.include_usage:
-                        data = {"id": rid, "object": "chat.completion.chunk" if job.chat else "text_completion",
-                                "created": created, "model": self.model_id, "choices": [],
-                                "usage": self._usage(outcome)}
-                        yield f"data: {json.dumps(data)}\n\n"
-                else:
-                    error = json.loads(self._fail(value).response().body)
-                    yield f"data: {json.dumps(error)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-        finally:
-            # A client that went away cancels us here: stop the generation and wait for it,
-            # so the next request finds the model free.
-            cancel.set()
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(thread.join)
-            self.generations.discard(cancel)
+        for chunk in reply.opening():
+            yield self._event_line(job, rid, created, [chunk], usage_field)
+        event = first
+        while True:
+            if isinstance(event, Ended):
+                reply.add(event)
+                if job.include_usage:
+                    yield self._event_line(job, rid, created, [], self._usage(event.outcomes))
+                break
+            if isinstance(event, Failed):
+                error = json.loads(self._fail(event.error).response().body)
+                yield f"data: {json.dumps(error)}\n\n"
+                break
+            for chunk in reply.add(event):
+                yield self._event_line(job, rid, created, [chunk], usage_field)
+            event = await events.get()
+        yield "data: [DONE]\n\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from urllib.parse import urlsplit
 
 
 def _show_default(value: object) -> str:
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1 requests (default: no key)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
     p.add_argument("--model-id", default=None, help="the model's id in the API (default: the model file's name)")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="requests generated at once, in one batch (each takes a KV cache slot of --max-seq-len "
+                        "positions; more wait in line)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (scheme://host[:port], or * for any) call the API from a "
+                        "browser; repeat for several (default: none, no CORS headers)")
     _model_flags(p)
     _cluster_flags(p)
 
@@ -194,3 +201,31 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     topp = getattr(args, "topp", 1.0)
     if not 0 < topp <= 1:  # also false for nan
         parser.error("--topp must be in (0, 1]")
+    parallel = getattr(args, "parallel", 1)
+    if not 1 <= parallel <= 16:
+        parser.error("--parallel must be 1 to 16")
+    for origin in getattr(args, "cors_origin", None) or []:
+        if (problem := origin_problem(origin)) is not None:
+            parser.error(problem)
+
+
+def origin_problem(origin: str) -> str | None:
+    """Why ``origin`` cannot be a ``--cors-origin`` (None when it can). A browser sends exactly
+    ``scheme://host[:port]``, lower case, without a default port: anything else (a path, even a
+    trailing /) would never match, so it is refused here rather than ignored there."""
+    if origin == "*":
+        return None
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+        good = parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
+    except ValueError:  # a bad port
+        good = False
+    if not good:
+        return f"--cors-origin must be * or scheme://host[:port] (as https://example.com), got {origin!r}"
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"  # IPv6
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    exact = f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
+    if origin != exact:
+        return f"--cors-origin takes an origin as browsers send it, {exact!r}, got {origin!r}"
+    return None
