@@ -25,7 +25,7 @@ def make_engine(buffer_type=FloatType.F32, parallel=4):
     model, tokenizer = ensure_default_model()
     tok = Tokenizer.load(tokenizer)
     tr = Transformer(ModelFile(model), seq_len=SEQ_LEN, buffer_type=buffer_type, n_slots=parallel)
-    return BatchEngine(Session(tr, tok), frozenset(), parallel)
+    return BatchEngine(Session(tr, tok), frozenset(), parallel).start()
 
 
 @pytest.fixture(scope="module")

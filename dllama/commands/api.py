@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
+import threading
 
 from dllama.commands.common import info, load_session
 from dllama.errors import DllamaError
@@ -51,17 +53,26 @@ def main(args: argparse.Namespace) -> int:
         info(f"🌐 OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {api.model_id!r})")
         info(f"💬 chat page on http://{args.host}:{args.port}/"
              + (f"; browsers may call the API from {', '.join(cors)}" if cors else ""))
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame) -> None:  # Ctrl-C, SIGTERM
-                api.shutdown()
-                super().handle_exit(sig, frame)
-                # uvicorn would raise the signal again once it has stopped, which (for SIGTERM)
-                # kills the process before the cluster hears that the session is over.
-                self._captured_signals.clear()
-
         config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=30, lifespan="off")
-        Server(config).run(sockets=[sock])
-        engine.close()  # every generation was told to stop after its current step
+        server = uvicorn.Server(config)
+
+        def stop(sig, frame) -> None:  # Ctrl-C, SIGTERM: generations end after their current step
+            server.force_exit = server.should_exit and sig == signal.SIGINT  # a second Ctrl-C: now
+            server.should_exit = True
+            api.shutdown()
+            engine.close()
+
+        # The model runs on this, the main, thread (numba's parallel loops start 10x faster
+        # there: see engine.batching), HTTP on another. uvicorn leaves signals to us there.
+        http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dllama-http", daemon=True)
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            http.start()
+            engine.serve(stop=lambda: not http.is_alive())
+            http.join()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         info("👋 API server stopped")
     finally:
         session.close()

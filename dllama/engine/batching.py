@@ -13,11 +13,14 @@ others get a copy of its KV cache with their first decode step. Every row's logi
 bits in any batch (the kernels are batch-invariant), so a greedy or seeded request gives the
 same text alone or beside others.
 
-One thread (``dllama-batching``) owns the session: it alone touches the model and the cluster.
+One thread owns the session and alone touches the model and the cluster: the one that calls
+``serve`` (the API's main thread) or ``pump`` (the chat command). It should be the main thread:
+numba's OpenMP pool starts a parallel loop in about 6 us from the main thread and 60 us from
+any other (libgomp keeps only the main thread's workers spinning), which on SmolLM2 made every
+token three times slower. ``start`` serves on a thread of its own, for tests.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import deque
@@ -89,8 +92,7 @@ class BatchEngine:
         self.closing = False
         self.numbers = 0
         self.forwards = 0
-        self.thread = threading.Thread(target=self._serve, name="dllama-batching", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None  # start()'s
 
     # -- callers' side (any thread) -----------------------------------------------------------
     @property
@@ -114,36 +116,57 @@ class BatchEngine:
         with self.cond:
             if self.broken is not None:
                 raise Unavailable(self.broken)
+            if self.closing:
+                raise Unavailable("the server is shutting down")
             self.numbers += 1
             self.queue.append(_Job(request, emit, cancel, self.numbers))
             self.cond.notify()
 
     def close(self) -> None:
-        """Stop the engine's thread once the jobs in it have ended (cancel them first to hurry)."""
-        with self.cond:
+        """``serve`` returns once the jobs in the engine have ended (cancel them first to
+        hurry); a thread from ``start`` is joined. Safe in a signal handler."""
+        with self.cond:  # a reentrant lock: the handler may interrupt the serving thread inside it
             self.closing = True
             self.cond.notify()
-        self.thread.join()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
 
-    # -- the engine's thread --------------------------------------------------------------------
-    def _serve(self) -> None:
+    def start(self) -> BatchEngine:
+        """Serve on a thread of its own (slower with numba's OpenMP: see the module's note)."""
+        self.thread = threading.Thread(target=self.serve, name="dllama-batching", daemon=True)
+        self.thread.start()
+        return self
+
+    # -- the serving thread -------------------------------------------------------------------
+    def serve(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Run the jobs submitted, on this thread, until ``close`` (or ``stop()``, asked when
+        idle) and the jobs in the engine have ended."""
         while True:
             with self.cond:
                 while not self.queue and not self.running:
-                    if self.closing:
+                    if self.closing or stop():
                         return
                     if not self.cond.wait(IDLE_PROBE_SECONDS):
                         self._probe()
-                try:
-                    self._admit()
-                except BaseException as e:  # noqa: BLE001 - whatever breaks, no request waits forever
-                    self._failed(e)
+            self.pump()
+
+    def pump(self) -> bool:
+        """Start what can start and run one step, on this thread, without waiting; whether any
+        job is still waiting or running."""
+        with self.cond:
             try:
-                self._drop_cancelled()
-                if self.running:
-                    self._step()
-            except BaseException as e:  # noqa: BLE001
+                self._admit()
+            except BaseException as e:  # noqa: BLE001 - whatever breaks, no request waits forever
                 self._failed(e)
+        try:
+            self._drop_cancelled()
+            if self.running:
+                self._step()
+        except BaseException as e:  # noqa: BLE001
+            self._failed(e)
+            if not isinstance(e, Exception):  # Ctrl-C, exit: after every job has heard of it
+                raise
+        return bool(self.queue or self.running)
 
     def _probe(self) -> None:
         """While idle: is the cluster still whole? (Only this thread may touch its sockets.)"""
@@ -293,6 +316,8 @@ class BatchEngine:
             logits = session.run(tokens, batch)
         except BaseException as e:  # noqa: BLE001 - every job in the forward hears of it
             self._failed(e.with_traceback(None))
+            if not isinstance(e, Exception):
+                raise
             return
         seconds = time.perf_counter() - t0
         self.forwards += 1
@@ -346,7 +371,8 @@ class BatchEngine:
 
 
 class Completer:
-    """The engine for one caller at a time (the chat command, tests): text in, text out."""
+    """The engine for one caller at a time (the chat command, tests), run on the caller's
+    thread: text in, text out."""
 
     def __init__(self, session: Session, end_ids: frozenset[int]):
         self.engine = BatchEngine(session, end_ids, parallel=1)
@@ -363,13 +389,16 @@ class Completer:
     def complete(self, request: Request, outcome: Outcome, cancel: threading.Event | None = None) -> Iterator[str]:
         """Yield the answer's text (its first choice) as it is generated; ``outcome`` is filled
         in at the end. Raises what the generation raised."""
-        events: queue.Queue = queue.Queue()
+        events: deque[Event] = deque()
         cancel = cancel or threading.Event()
-        self.engine.submit(request, events.put, cancel)
+        self.engine.submit(request, events.append, cancel)
         ended = False
         try:
             while True:
-                event = events.get()
+                if not events:
+                    self.engine.pump()
+                    continue
+                event = events.popleft()
                 if isinstance(event, Piece) and event.choice == 0 and event.text:
                     yield event.text
                 elif isinstance(event, Ended):
@@ -380,7 +409,7 @@ class Completer:
                     ended = True
                     raise event.error
         finally:
-            if not ended:  # the caller stopped reading: stop the generation, wait for its slot
+            if not ended:  # the caller stopped reading: stop the generation, free its slot
                 cancel.set()
-                while not isinstance(events.get(), (Ended, Failed)):
+                while self.engine.pump():
                     pass
