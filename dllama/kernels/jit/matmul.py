@@ -29,7 +29,7 @@ def _linear_int8(w, xq, xd, xc, out, path):
     chunk = max(1, CHUNK_BYTES // (nb * record))
     for c in prange((groups + chunk - 1) // chunk):
         g_end = min(groups, (c + 1) * chunk)
-        # Tiles of tokens share each load of a group's weights (prefill); the rest one by one.
+        # Tiles of tokens share each load of a group's weights (prefill, batched decode).
         t = 0
         if path == simd.PATH_AVX512:
             while t + 8 <= n_tokens:
@@ -40,10 +40,16 @@ def _linear_int8(w, xq, xd, xc, out, path):
             for g in range(c * chunk, g_end):
                 simd.int8_tile4(flat, g * nb * record, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
             t += TOKEN_TILE
-        while t < n_tokens:
+        # The last 1 to 3 tokens (2 or 3 requests decoding together) in one pass too.
+        if n_tokens - t == 3:
+            for g in range(c * chunk, g_end):
+                simd.int8_tile3(flat, g * nb * record, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+        elif n_tokens - t == 2:
+            for g in range(c * chunk, g_end):
+                simd.int8_tile2(flat, g * nb * record, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
+        elif n_tokens - t == 1:
             for g in range(c * chunk, g_end):
                 simd.int8_tile1(flat, g * nb * record, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
-            t += 1
 
 
 @njit(cache=True, parallel=True)

@@ -254,6 +254,8 @@ TOKEN_TILE = 4
 #   [T, blocks * 8] with -8 * sum(block values) in lanes 0 and 4: the products sum
 #   (value + offset) * x and add the -offset * sum(x) that the unsigned operand's offset added.
 int8_tile1 = _make_int8(1)
+int8_tile2 = _make_int8(2)
+int8_tile3 = _make_int8(3)
 int8_tile4 = _make_int8(TOKEN_TILE)
 int8_tile8 = _make_int8(8)
 
