@@ -17,8 +17,9 @@ Aggregate decode tokens/s: the tokens that arrived while all the clients were de
 the last stream's first token to the first stream's end), over that time. Overall tokens/s:
 all completion tokens after each stream's first, from the first stream's first token to the
 last stream's end, so it includes the steps that also evaluated the other clients' prompts.
-Per-stream tokens/s: a stream's tokens after its first over its own time. Prints the table and the target, writes
-bench/results/batching.json. One run on a noisy machine: read the numbers as ratios.
+Per-stream tokens/s: a stream's tokens after its first over its own time. Prints the table
+and the target, writes bench/results/batching.json. One run on a noisy machine: read the
+numbers as ratios.
 """
 from __future__ import annotations
 
@@ -206,7 +207,7 @@ def main() -> int:
         row["vs_one_client"] = row["aggregate_tok_s"] / one["aggregate_tok_s"]
         print(f"{row['label']:<28} {row['nodes']:>5} {row['clients']:>7} {row['aggregate_tok_s']:>16.1f} "
               f"{row['vs_one_client']:>10.2f} {row['overall_tok_s']:>13.1f} {row['per_stream_tok_s']:>10.1f} {row['ttft_s'] * 1e3:>8.0f}")
-    for key, nodes in {(r["model"], r["nodes"]) for r in rows}:
+    for key, nodes in dict.fromkeys((r["model"], r["nodes"]) for r in rows):
         r = next(r for r in rows if (r["model"], r["nodes"]) == (key, nodes))
         print(f"{r['label']}, {nodes} node(s): time to first token alone {r['ttft_alone_s'] * 1e3:.0f} ms, "
               f"arriving beside 3 streams {r['ttft_beside_3_s'] * 1e3:.0f} ms")
