@@ -21,11 +21,14 @@ from dllama.engine.sampler import Sampler
 from dllama.engine.session import Outcome, Session, tokens_for_steps
 from dllama.engine.tokenizer import Tokenizer
 from dllama.formats.mfile import ModelFile
+from dllama.kernels import nucleus
 from dllama.kernels.quants import FloatType
+from dllama.model.batch import Batch, Draw
 from dllama.model.forward import Transformer
 from dllama.model.slicing import node_cuts, plan_slices
 from dllama.transport.links import HEARTBEAT_TIMEOUT
 from dllama.transport.protocol import PROTOCOL_VERSION, pack, unpack
+from dllama.transport.sync import DrawRow
 from tests.helpers import PipeWatcher, tiny_header, write_random_model
 from tests.processes import ROOT, Worker, free_port, workers_in
 from tests.threaded_cluster import ThreadedCluster
@@ -526,3 +529,32 @@ def test_heartbeat_settings_fit_zeromq(heartbeat, interval_ms, timeout_ms):
                 sock.close()
     finally:
         ctx.term()
+
+
+def test_draws_from_worker_summaries_equal_draws_from_whole_rows(smollm2, workers):
+    """Where a forward asks for draws, workers send summaries of their slices of the logits
+    (``kernels.nucleus``), not the slices: the root receives far fewer bytes, and every draw
+    equals the one from the whole row (fetched here in a second round to compare)."""
+    model, tokenizer = ModelFile(smollm2[0]), Tokenizer.load(smollm2[1])
+    cluster = cluster_transformer(model, workers[:2], seq_len=64)
+    try:
+        tr, sync = cluster.transformer, cluster.transformer._sync
+        tokens, vocab = tokenizer.encode(PROMPT), tokenizer.vocab_size
+        before = sync.stats().bytes_received
+        whole = tr.forward_batch(tokens, Batch.run(len(tokens), 0))[0]
+        full_bytes = sync.stats().bytes_received - before
+        for temperature, topp in [(0.0, 0.9), (0.7, 0.9), (1.0, 1.0), (1.4, 0.5)]:
+            before = sync.stats().bytes_received
+            row = tr.forward_batch(tokens, Batch.run(len(tokens), 0, draw=Draw(temperature, topp, vocab)))[0]
+            received = sync.stats().bytes_received - before
+            assert isinstance(row, DrawRow)
+            # Each worker's third of 49152 float32 logits does not travel; a summary does.
+            assert full_bytes - received > 0.9 * 2 * (model.header.vocab_size // 3) * 4
+            rounds = sync.second_rounds
+            for coin in np.linspace(0, 0.999, 40):
+                want = nucleus.draw_full(whole[:vocab], temperature, topp, float(coin))
+                assert row.sample(temperature, topp, float(coin)) == want
+            assert np.array_equal(row._whole(), whole)  # the second round brings the same row
+            assert sync.second_rounds == rounds + 1  # once a row, whatever the draws from it
+    finally:
+        cluster.close()

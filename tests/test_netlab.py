@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("netlab", ROOT / "bench" / "netlab.py")
 netlab = importlib.util.module_from_spec(_spec)
@@ -99,3 +101,40 @@ def test_the_command_line_measures_and_cleans_up(capsys):
     out = capsys.readouterr().out
     assert "node 1 -> node 0" in out and "Mbit/s TCP" in out and "no netem" in out
     assert _ours(os.getpid()) == []
+
+
+def _inference(smollm2, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "dllama", "inference", "--model", str(smollm2[0]), "--tokenizer", str(smollm2[1]),
+            "--prompt", "The capital of France is", "--steps", "40", "--temperature", "0", "--nthreads", "1",
+            "--buffer-float-type", "q80", "--verbose", *extra]
+
+
+@pytest.mark.timeout(240)
+def test_two_nodes_over_100_mbit_give_the_loopback_text_with_summarized_logits(smollm2):
+    """A root and a worker on a 100 Mbit/s LAN give the text they give on loopback (greedy, q80
+    sync), and per token the root receives the activations and a summary of the worker's
+    logits, not its half of the 49152 float32 logits (98 kB)."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "PYTHONPATH": str(ROOT)}
+    worker_cmd = [sys.executable, "-m", "dllama", "worker", "--nthreads", "1", "--port"]
+    port = free_port()
+    local = subprocess.Popen(worker_cmd + [str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        loopback = subprocess.run(_inference(smollm2, ["--workers", f"127.0.0.1:{port}"]), env=env,
+                                  capture_output=True, text=True, timeout=180)
+    finally:
+        local.terminate()
+        local.wait(timeout=30)
+    assert loopback.returncode == 0, loopback.stderr[-2000:]
+    with netlab.Lan(2, "100mbit") as lan:
+        lan.popen(1, worker_cmd + ["9998"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = lan.run(0, _inference(smollm2, ["--workers", f"{lan.addresses[1]}:9998"]), env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout.split("\nEvaluation")[0]
+    assert text == loopback.stdout.split("\nEvaluation")[0] and len(text) > 40
+    received = [float(line.split("recv")[1].split("kB")[0]) for line in done.stderr.splitlines()
+                if line.startswith("🔶")][1:]  # the decode steps (the first line is the prompt's)
+    # 30 layers x 2 blocks of 576 Q80 values (612 bytes, plus framing) from the worker, and a
+    # summary of its logits: far below the 98 kB its half of the logits alone took before.
+    assert received and max(received) < 60, received
+    print(f"received per token over 100 Mbit/s: {min(received):.1f} to {max(received):.1f} kB")

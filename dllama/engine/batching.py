@@ -33,7 +33,7 @@ from dllama.engine.completion import Choice, Ended, Event, Failed, Piece, Prompt
 from dllama.engine.logprobs import token_logprob
 from dllama.engine.session import ContextFull, Outcome, Session, common_prefix
 from dllama.errors import DllamaError
-from dllama.model.batch import MAX_BATCH, Batch
+from dllama.model.batch import MAX_BATCH, Batch, Draw
 
 DEFAULT_PARALLEL = 4
 # At most this many sequences at once, so that every step has rows left for a prompt's chunk.
@@ -269,6 +269,8 @@ class BatchEngine:
         positions: list[int] = []
         logit_rows: list[int] = []
         takers: list[Callable[[np.ndarray], None]] = []  # one per logit row
+        draws: list[Draw | None] = []  # what each logit row is for (None: the whole row)
+        vocab = self.session.tokenizer.vocab_size
         copies: list[tuple[int, int, int]] = []
         decoding: list[tuple[_Job, int]] = []
         session = self.session
@@ -286,6 +288,7 @@ class BatchEngine:
                     pos = len(session.slots[slot])
                 logit_rows.append(len(tokens))
                 takers.append(lambda logits, job=job, i=i: self._take(job, i, logits))
+                draws.append(None if job.request.logprobs is not None else job.choices[i].sampler.draw(vocab))
                 tokens.append(token)
                 slots.append(slot)
                 positions.append(pos)
@@ -304,13 +307,15 @@ class BatchEngine:
                 if last or (job.wants_echo and p + 1 < len(prompt)):
                     logit_rows.append(len(tokens))
                     takers.append(lambda logits, job=job, p=p, last=last: self._prompt_logits(job, p, last, logits))
+                    whole = job.wants_echo or job.request.logprobs is not None
+                    draws.append(None if whole else job.choices[0].sampler.draw(vocab))
                 tokens.append(token)
                 slots.append(job.slots[0])
                 positions.append(p)
             prompt_chunks.append((job, len(chunk)))
         if not tokens:
             return
-        batch = Batch.of(slots, positions, logit_rows, copies)
+        batch = Batch.of(slots, positions, logit_rows, copies, draws)
         t0 = time.perf_counter()
         try:
             logits = session.run(tokens, batch)

@@ -118,7 +118,8 @@ class Choice:
     def take(self, logits: np.ndarray, started: float) -> int | None:
         """Sample the next token from ``logits`` and report its text; the token to feed next, or
         None when the choice has ended (an end token, a stop string, the limit)."""
-        logits = logits[:self.vocab]  # padding rows past the tokenizer are never sampled
+        if isinstance(logits, np.ndarray):  # else a cluster's summaries, of the first vocab ids
+            logits = logits[:self.vocab]  # padding rows past the tokenizer are never sampled
         token = self.sampler.sample(logits)
         if token in self.end_ids:  # not reported: its text is no part of the answer
             self.finish("stop")

@@ -21,6 +21,7 @@ from dllama.engine.sampler import Sampler
 from dllama.engine.tokenizer import Tokenizer
 from dllama.errors import DllamaError
 from dllama.machine import release_memory
+from dllama.model.batch import Draw
 from dllama.model.forward import MAX_BATCH, Batch, Transformer
 
 
@@ -134,16 +135,18 @@ class Session:
         """The next position of slot 0."""
         return len(self.tokens)
 
-    def step(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+    def step(self, tokens: list[int], all_logits: bool = False, draw: Draw | None = None) -> np.ndarray:
         """Evaluate ``tokens`` at the next positions of slot 0, ``MAX_BATCH`` per forward; the
-        logits of the last token (or of every one)."""
+        logits of the last token (or of every one), only for ``draw`` if given (on a cluster,
+        then maybe summaries: ``transport.sync.DrawRow``)."""
         if self.pos + len(tokens) > self.seq_len:
             raise DllamaError(f"{self.pos + len(tokens)} tokens do not fit the context of {self.seq_len} "
                               f"(raise --max-seq-len, up to the model's length)")
         outputs = []
         for start in range(0, len(tokens), MAX_BATCH):
             batch = tokens[start:start + MAX_BATCH]
-            outputs.append(self.run(batch, Batch.run(len(batch), self.pos, 0, all_logits)))
+            last = start + MAX_BATCH >= len(tokens)
+            outputs.append(self.run(batch, Batch.run(len(batch), self.pos, 0, all_logits, draw if last else None)))
         return np.concatenate(outputs) if all_logits else outputs[-1][0]
 
     def run(self, tokens: list[int], batch: Batch) -> np.ndarray:
@@ -205,7 +208,9 @@ class Session:
 
     def sample(self, sampler: Sampler, logits: np.ndarray) -> int:
         """The next token, from the ids the tokenizer can spell."""
-        return sampler.sample(logits[:self.tokenizer.vocab_size])
+        if isinstance(logits, np.ndarray):  # else a cluster's summaries of those ids only
+            logits = logits[:self.tokenizer.vocab_size]
+        return sampler.sample(logits)
 
     def generate(self, prompt: list[int], sampler: Sampler, outcome: Outcome, max_tokens: int | None = None,
                  end_ids: frozenset[int] | None = None, cancel: threading.Event | None = None) -> Iterator[int]:
@@ -225,7 +230,8 @@ class Session:
         t0 = time.perf_counter()
         try:
             outcome.prompt_tokens = len(prompt)
-            evaluated = self._evaluate_prompt(prompt, cancel)
+            draw = sampler.draw(self.tokenizer.vocab_size)
+            evaluated = self._evaluate_prompt(prompt, cancel, draw)
             outcome.eval_seconds = time.perf_counter() - t0
             if evaluated is None:
                 outcome.cancelled = True
@@ -251,22 +257,23 @@ class Session:
                 if outcome.completion_tokens >= limit:
                     return
                 t = time.perf_counter()
-                logits = self.step([token])
+                logits = self.step([token], draw=draw)
                 outcome.pred_tokens += 1
                 outcome.pred_seconds += time.perf_counter() - t
         finally:
             outcome.seconds = time.perf_counter() - t0
 
-    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None) -> tuple[int, np.ndarray] | None:
-        """How many of the prompt's tokens the cache held, and the logits of its last token (None
-        when cancelled first)."""
+    def _evaluate_prompt(self, prompt: list[int], cancel: threading.Event | None,
+                         draw: Draw | None = None) -> tuple[int, np.ndarray] | None:
+        """How many of the prompt's tokens the cache held, and the logits of its last token, for
+        ``draw`` if given (None when cancelled first)."""
         common = common_prefix(self.tokens, prompt)
         self.rewind(common)
         logits = None
         for start in range(common, len(prompt), MAX_BATCH):
             if cancel is not None and cancel.is_set():
                 return None
-            logits = self.step(prompt[start:start + MAX_BATCH])
+            logits = self.step(prompt[start:start + MAX_BATCH], draw=draw)
         return common, logits
 
     def perplexity(self, tokens: list[int]) -> float:

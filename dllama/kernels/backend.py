@@ -101,7 +101,6 @@ class Ops:
 
     name: str
     argmax: Callable[[np.ndarray], int]
-    sample_topp: Callable[[np.ndarray, float, float, float], int]
     q80_wire_encode: Callable[[np.ndarray], bytes | memoryview]
     q80_wire_sum: Callable[[list, int, int], np.ndarray]
 
@@ -112,12 +111,12 @@ def ops(name: str | None = None) -> Ops:
     if name == NUMBA:
         from dllama.kernels.jit import sampling, wire
 
-        return Ops(NUMBA, sampling.argmax, sampling.sample_topp, wire.q80_wire_encode, wire.q80_wire_sum)
+        return Ops(NUMBA, sampling.argmax, wire.q80_wire_encode, wire.q80_wire_sum)
     if name != NUMPY:
         raise ValueError(f"no kernel backend {name!r} (numba or numpy)")
     from dllama.kernels import reference
 
-    return Ops(NUMPY, reference.argmax, reference.sample_topp, reference.q80_wire_encode, reference.q80_wire_sum)
+    return Ops(NUMPY, reference.argmax, reference.q80_wire_encode, reference.q80_wire_sum)
 
 
 def q40_quantizer(name: str | None = None) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:

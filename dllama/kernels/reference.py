@@ -131,30 +131,3 @@ def q80_wire_sum(parts: list, rows: int, dim: int) -> np.ndarray:
 def argmax(logits: np.ndarray) -> int:
     """Index of the largest value, the first one on ties."""
     return int(np.argmax(logits))
-
-
-def sample_topp(logits: np.ndarray, temperature: float, topp: float, coin: float) -> int:
-    """Temperature + nucleus sampling: a token for a uniform ``coin`` in [0, 1).
-
-    Weights are exp((logit - max) / temperature) in float64. The nucleus is the shortest prefix
-    of the tokens sorted by weight (ties keep id order) whose cumulative weight exceeds
-    ``topp`` of the total; ``coin`` picks within it. While some token weighs at least
-    (1 - topp) / (n - 1) of the total, the lighter ones weigh less than 1 - topp together and
-    cannot be in the nucleus, so only the heavier ones are sorted: a vocabulary of 150k costs a
-    few hundred comparisons, not a full sort.
-    """
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    weights = np.exp(z - z.max())
-    total = float(np.cumsum(weights)[-1])
-    n = len(weights)
-    if topp >= 1:
-        return int(min(np.searchsorted(np.cumsum(weights), coin * total, side="right"), n - 1))
-    cutoff = (1.0 - topp) / (n - 1) * total if n > 1 else 0.0
-    candidates = np.nonzero(weights >= cutoff)[0]
-    if len(candidates) == 0:  # the bound needs one heavier token; near-uniform weights have none
-        candidates = np.arange(n)
-    order = candidates[np.argsort(-weights[candidates], kind="stable")]
-    cumulative = np.cumsum(weights[order])
-    keep = min(int(np.searchsorted(cumulative, topp * total, side="right")) + 1, len(order))
-    chosen = int(np.searchsorted(cumulative[:keep], coin * cumulative[keep - 1], side="right"))
-    return int(order[min(chosen, keep - 1)])

@@ -11,6 +11,7 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.formats.cuts import TensorCut
 from dllama.formats.mfile import ModelFile, ModelHeader, encode_header, parse_header
+from dllama.kernels import nucleus
 from dllama.kernels.quants import BLOCK_SIZE, FloatType
 from dllama.machine import physical_memory
 from dllama.model.batch import Batch
@@ -77,6 +78,7 @@ class WorkerNode:
         self.wire_q80 = wire_q80
         self.weight_bytes = weight_bytes
         self.kv_bytes = transformer.kv_cache.nbytes
+        self.draws: tuple = ()  # of the last forward
 
     def forward(self, x: np.ndarray, rows: dict, sync: BlockSync) -> np.ndarray:
         tr = self.transformer
@@ -87,7 +89,13 @@ class WorkerNode:
         if batch.rows != x.shape[0]:
             raise DllamaError(f"a forward of {batch.rows} rows with an input of {x.shape[0]}")
         batch.check(tr.kv_cache.n_slots, tr.seq_len)
+        self.draws = batch.draws
         return tr.forward_embedded(x, batch, sync)
+
+    def reply(self, logits: np.ndarray) -> bytes:
+        """What the root gets of the last forward's logits: whole rows, or summaries of the rows
+        it only draws from (``kernels.nucleus``)."""
+        return nucleus.encode(nucleus.summarize_rows(logits, self.transformer.node.vocab[0], list(self.draws)))
 
 
 def warm_up(tr: Transformer, batches: bool = False) -> None:

@@ -21,8 +21,11 @@ that went on without it. A session goes:
                                          <-   built {weight_bytes, kv_bytes}
     go {}                                ->
     forward {fwd, slots, positions,      ->   (then the all-gathers on the data plane)
-             logits, copies}                  (``model.batch.Batch``: rows of several sequences)
-                                         <-   logits {fwd} + float32 bytes
+             logits, copies, draws}           (``model.batch.Batch``: rows of several sequences)
+                                         <-   logits {fwd} + each logit row: its float32 slice,
+                                              or a summary for a draw (``kernels.nucleus``)
+    rows {fwd, rows} (rarely)            ->   (whole rows of the last forward: a second round)
+                                         <-   logits {fwd, rows} + their float32 slices
     stop {}                              ->
                                          <-   bye {}
     ping {} (anyone, any time)           ->
@@ -40,9 +43,9 @@ import struct
 
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 KINDS = frozenset({"hello", "error", "config", "chunk", "ack", "build", "built", "mesh", "mesh_ready", "go",
-                   "forward", "logits", "stop", "bye", "ping", "pong"})
+                   "forward", "logits", "rows", "stop", "bye", "ping", "pong"})
 # A weight chunk; a control message may not exceed CHUNK_BYTES plus room for its meta.
 CHUNK_BYTES = 8 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)

@@ -304,6 +304,20 @@ class RootLink:
             out.append(blobs[0])
         return out
 
+    def rows(self, fwd: int, rows: list[int]) -> list[bytes]:
+        """Every worker's slice of rows ``rows`` of the last forward, ``fwd`` (a second round,
+        where summaries of them could not decide a draw)."""
+        for w in self.workers:
+            self.send(w, "rows", {"fwd": fwd, "rows": rows})
+        out = []
+        for w in self.workers:
+            meta, blobs = self.recv(w, "logits", timeout=None)
+            if meta.get("fwd") != fwd or meta.get("rows") != rows or len(blobs) != 1:
+                raise WorkerFailed(f"worker {w.address} sent other logits than rows {rows} of forward {fwd}",
+                                   [w.index])
+            out.append(blobs[0])
+        return out
+
     def abandon(self) -> None:
         """Give the session up: every worker leaves its forward now (the next hello, of a new
         epoch, starts the next session); the worker links stay."""

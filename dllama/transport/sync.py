@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from dllama.kernels import nucleus
 from dllama.transport.mesh import Mesh, PeerFailed
 from dllama.transport.protocol import INPUT_STEP, ProtocolError, data_step
 from dllama.transport.root import RootLink
@@ -81,6 +82,29 @@ class ForwardSync:
         return total
 
 
+class DrawRow:
+    """A row of logits that the nodes summarized for a draw (``kernels.nucleus``): the draw is
+    made from the summaries, or from the whole row, fetched from the workers where they cannot
+    decide it. Valid until the next forward."""
+
+    def __init__(self, draw, parts: list, whole: Callable[[], np.ndarray]):
+        self.draw, self.parts, self._fetch = draw, parts, whole
+        self._row: np.ndarray | None = None
+
+    def _whole(self) -> np.ndarray:
+        if self._row is None:
+            self._row = self._fetch()
+        return self._row
+
+    def sample(self, temperature: float, topp: float, coin: float) -> int:
+        """The token ``nucleus.draw_full`` gives on the whole row's first ``draw.tokens``."""
+        if (temperature, topp) == (self.draw.temperature, self.draw.topp):
+            token = nucleus.draw(self.parts, temperature, topp, coin)
+            if token is not None:
+                return token
+        return nucleus.draw_full(self._whole()[:self.draw.tokens], temperature, topp, coin)
+
+
 @dataclass
 class SyncStats:
     forwards: int = 0
@@ -96,25 +120,52 @@ class RootSync:
     def __init__(self, link: RootLink, codec: WireCodec, vocab_sizes: list[int], dim: int):
         self.link = link
         self.vocab_sizes = vocab_sizes
+        self.offsets = [sum(vocab_sizes[:i]) for i in range(len(vocab_sizes))]
         self.mesh_sync = MeshSync(link.mesh, codec, len(vocab_sizes), dim, blame=link.failed)
         self.fwd = 0
+        self.draws: tuple = ()  # of the forward under way
         self.logits_seconds = 0.0
+        self.second_rounds = 0  # rows fetched whole after their summaries
 
     def begin(self, x: np.ndarray, batch) -> ForwardSync:
         """``batch``: the forward's ``model.batch.Batch`` (sent as it describes itself)."""
         self.fwd += 1
+        self.draws = batch.draws
         self.link.forward(self.fwd, batch.to_json())
         return self.mesh_sync.publish_input(self.fwd, x)
 
-    def finish(self, logits: np.ndarray) -> np.ndarray:
+    def finish(self, logits: np.ndarray) -> np.ndarray | list:
+        """The whole rows [rows, vocabulary]; where the batch asked for draws, a list of rows:
+        whole ones, and ``DrawRow`` for those the workers summarized."""
         t0 = time.perf_counter()
-        parts = [logits]
-        for node, (rows, blob) in enumerate(zip(self.vocab_sizes[1:], self.link.logits(self.fwd)), start=1):
-            if len(blob) != logits.shape[0] * rows * 4:
-                raise self.link.failed(PeerFailed([node], "sent logits of the wrong size"))
-            parts.append(np.frombuffer(blob, dtype=np.float32).reshape(logits.shape[0], rows))
+        n_rows, draws = logits.shape[0], list(self.draws)
+        nodes = [nucleus.summarize_rows(logits, 0, draws)]
+        for node, blob in enumerate(self.link.logits(self.fwd), start=1):
+            try:
+                nodes.append(nucleus.decode(blob, draws, n_rows, self.vocab_sizes[node], self.offsets[node]))
+            except ValueError as e:
+                raise self.link.failed(PeerFailed([node], f"sent logits that do not parse: {e}")) from None
         self.logits_seconds += time.perf_counter() - t0
-        return np.concatenate(parts, axis=1)
+        if not draws:
+            return np.concatenate([np.asarray(rows, dtype=np.float32).reshape(n_rows, size)
+                                   for rows, size in zip(nodes, self.vocab_sizes)], axis=1)
+        out: list = []
+        for r, d in enumerate(draws):
+            if d is None:
+                out.append(np.concatenate([rows[r] for rows in nodes]))
+            else:
+                out.append(DrawRow(d, [rows[r] for rows in nodes], lambda r=r, own=logits[r]: self._whole(r, own)))
+        return out
+
+    def _whole(self, row: int, own: np.ndarray) -> np.ndarray:
+        """Row ``row`` of the last forward, whole, from every worker (a second round)."""
+        self.second_rounds += 1
+        parts = [own]
+        for node, blob in enumerate(self.link.rows(self.fwd, [row]), start=1):
+            if len(blob) != self.vocab_sizes[node] * 4:
+                raise self.link.failed(PeerFailed([node], "sent a row of logits of the wrong size"))
+            parts.append(np.frombuffer(blob, dtype=np.float32))
+        return np.concatenate(parts)
 
     def stats(self) -> SyncStats:
         mesh, link = self.link.mesh, self.link

@@ -52,6 +52,9 @@ class Node(Protocol):
         """This node's slice of the logits of forward ``x``, whose ``rows`` (the forward
         message: slots, positions, logit rows) the node checks, meeting the others at ``sync``."""
 
+    def reply(self, logits: np.ndarray) -> bytes:
+        """What the root gets of the last forward's ``logits``: whole rows or summaries."""
+
 
 class NodeFactory(Protocol):
     def tensor_cuts(self, config: dict) -> list[TensorCut]:
@@ -325,15 +328,24 @@ class WorkerServer:
         self._expect(owner, mesh, epoch, "go")
         sync = MeshSync(mesh, codec, n_nodes, node.dim)
         last_fwd = 0
+        logits = np.zeros((0, 0), dtype=np.float32)  # of the last forward, for a second round
         while True:
-            meta, _ = self._expect(owner, mesh, epoch, "forward")
+            _, _, kind, meta, _ = self._next(owner, mesh, epoch)
+            if kind == "rows":  # whole rows of the last forward, where its summaries did not do
+                wanted = field(meta, "rows", list)
+                if meta.get("fwd") != last_fwd or not wanted or not all(
+                        type(r) is int and 0 <= r < len(logits) for r in wanted):
+                    raise ProtocolError(f"rows {wanted} of forward {meta.get('fwd')} asked for after forward {last_fwd}")
+                self._reply(owner, "logits", {"fwd": last_fwd, "rows": wanted},
+                            np.ascontiguousarray(logits[wanted], dtype=np.float32).data, epoch=epoch)
+                continue
+            self._check_kind(owner, kind, "forward", epoch)
             fwd = field(meta, "fwd", int, last_fwd + 1)
             rows = field(meta, "slots", list)
             last_fwd = fwd
             x, steps = sync.receive_input(fwd, len(rows))
             logits = node.forward(x, meta, steps)
-            self._reply(owner, "logits", {"fwd": fwd}, np.ascontiguousarray(logits, dtype=np.float32).data,
-                        epoch=epoch)
+            self._reply(owner, "logits", {"fwd": fwd}, node.reply(logits), epoch=epoch)
 
     def _weights(self, config: dict, cuts: list[TensorCut]) -> tuple[dict[str, np.ndarray], str, list[TensorCut], bool]:
         """The node's tensors as far as this worker has them (flat bytes), where they came from
