@@ -29,8 +29,9 @@ from fractions import Fraction
 import numpy as np
 
 U = 2.0 ** -53  # float64 unit roundoff
-# Candidates a node lists for a sampled row: enough for the nucleus of a peaked distribution.
-CANDIDATES = 64
+# Candidates a node lists for a sampled row (8 bytes each): on SmolLM2 at temperature 0.8 and
+# top-p 0.9, 64 left 2-13 % of the draws to a second round, 512 none of 300.
+CANDIDATES = 512
 # A summary on the wire: size, z_max, z_min, total, rest, count; then count int32 ids and
 # count float32 logits.
 _SUMMARY = struct.Struct("<qdddfi")
