@@ -149,6 +149,28 @@ def test_split_gives_the_root_twice_the_rows(smollm2, workers):
     assert_cluster_equals_one_node(model, tokens, workers[:1], n_tokens=32, split=[2, 1], check_plan=check_plan)
 
 
+def test_split_auto_gives_the_node_with_half_the_threads_less_work(tmp_path, smollm2):
+    """--split auto: each worker measures its speed when it starts (2 threads stream Q40 weights
+    faster than 1 on this machine) and reports it in the hello; the root plans by the speeds."""
+    model = ModelFile(smollm2[0])
+    logs: list[str] = []
+    with workers_in(tmp_path) as start:
+        slow = start()  # one thread
+        fast = start("--nthreads", "2")
+        cluster = Cluster(model, [slow.address, fast.address], 64, "f32", 10.0,
+                          lambda share, sync: Transformer(share, seq_len=64, sync=sync), logs.append, split="auto")
+        try:
+            cluster.start()
+            _, on_slow, on_fast = cluster.plan
+            assert on_slow.vocab_size < on_fast.vocab_size and on_slow.hidden_dim < on_fast.hidden_dim, cluster.plan
+            line = next(line for line in logs if line.startswith("💡 Split auto"))
+            assert "expected at most" in line and "tokens/s" in line
+            token = int(np.argmax(cluster.transformer.forward([1, 2, 3], 0)))
+            assert 0 <= token < model.header.vocab_size
+        finally:
+            cluster.close()
+
+
 # q80 sync: each part is rounded to Q80 blocks before the sum (as distributed-llama does): at
 # most half a step, max|block| / 254, per value and sync (test_wire.py checks that bound). On
 # SmolLM2, whose activations have large outliers, 60 such roundings move the logits by about

@@ -55,8 +55,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
                    help="workers to compute with (each runs `dllama worker`); the root is node 0")
-    p.add_argument("--split", nargs="+", type=float, default=None, metavar="W",
-                   help="relative speed of each node, root first: faster nodes get larger slices (default: equal)")
+    p.add_argument("--split", nargs="+", default=None, metavar="W",
+                   help="relative speed of each node, root first: faster nodes get larger slices; or `auto`: "
+                        "by the speed each node measures of itself at start (default: equal)")
     p.add_argument("--net-timeout", type=float, default=10.0,
                    help="seconds a worker may take to answer the root's greeting and set-up messages")
     _heartbeat_flag(p)
@@ -192,7 +193,13 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if not (math.isfinite(timeout) and 0.1 <= timeout <= 86400):
             parser.error(f"--{flag.replace('_', '-')} must be between 0.1 and 86400 seconds, got {timeout}")
     split = getattr(args, "split", None)
-    if split is not None:
+    if split == ["auto"]:
+        args.split = "auto"
+    elif split is not None:
+        try:
+            split = args.split = [float(w) for w in split]
+        except ValueError:
+            parser.error(f"--split takes `auto` or one number per node, got {' '.join(split)}")
         if len(split) != 1 + len(args.workers):
             parser.error(f"--split needs one weight per node ({1 + len(args.workers)}: the root, then each worker), "
                          f"got {len(split)}")

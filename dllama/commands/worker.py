@@ -33,6 +33,7 @@ def local_models(name: str) -> dict[str, Path]:
 def main(args: argparse.Namespace) -> int:
     from dllama.kernels import backend
     from dllama.model.node import NodeFactory
+    from dllama.model.node_speed import measure
     from dllama.transport.slice_cache import SliceCache
     from dllama.transport.worker import WorkerServer
 
@@ -43,8 +44,11 @@ def main(args: argparse.Namespace) -> int:
         raise DllamaError(str(e)) from None
     cache = SliceCache(args.cache_dir) if args.cache_dir else None
     models = local_models(args.model) if args.model else {}
-    server = WorkerServer(NodeFactory(models), args.port, args.host, cache, log=info, heartbeat=args.heartbeat_timeout)
     info(f"💡 Kernels: {backend.describe()}")
+    speed = measure()  # before serving, on a quiet machine: for roots that split by speed
+    info(f"💡 Speed: {speed.describe()}")
+    server = WorkerServer(NodeFactory(models), args.port, args.host, cache, log=info, heartbeat=args.heartbeat_timeout,
+                          speed=speed.to_json())
     for path in models.values():
         info(f"💡 Local model: {path} (slices are cut from it)")
     info(f"💡 Listening on {args.host}:{args.port}" + (f", slice cache {args.cache_dir}" if cache else ""))

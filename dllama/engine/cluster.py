@@ -30,6 +30,7 @@ from dllama.formats.mfile import ModelFile
 from dllama.machine import physical_memory
 from dllama.model.forward import Transformer
 from dllama.model.node import node_config, warm_up
+from dllama.model.node_speed import AUTO, NodeSpeed, measure, plan_by_speed
 from dllama.model.slicing import (
     NodeModel,
     NodeSlice,
@@ -151,9 +152,10 @@ class Cluster:
 
     def __init__(self, model: ModelFile, addresses: list[str], seq_len: int, buffer_type: str, net_timeout: float,
                  build_root: Callable[[NodeModel, Sync], Transformer], log: Callable[[str], None],
-                 split: list[float] | None = None, heartbeat: float = HEARTBEAT_TIMEOUT,
+                 split: list[float] | str | None = None, heartbeat: float = HEARTBEAT_TIMEOUT,
                  on_worker_loss: str = "continue", n_slots: int = 1):
-        split = split or [1.0] * (1 + len(addresses))
+        self.root_speed = measure() if split == AUTO else None  # auto: workers say theirs in hello
+        split = [1.0] * (1 + len(addresses)) if split in (None, AUTO) else split
         plan_slices(model.header, split)  # a plan that cannot be is an error before anything connects
         self.model = model
         self.seq_len = seq_len
@@ -203,10 +205,8 @@ class Cluster:
         t0 = time.perf_counter()
         plan = plan_slices(h, [self.root_weight] + [m.weight for m in members])
         self.plan_seconds = time.perf_counter() - t0
-        if self.epoch == 1:  # the banner, before anything slow (a change says one line instead)
-            for line in describe_plan(self.model, plan, [m.address for m in members], self.seq_len,
-                                      self.n_slots):
-                self.log(line)
+        if self.epoch == 1 and (self.root_speed is None or not members):
+            self._banner(plan, members)  # before anything slow (a change says one line instead)
         if not members:  # the root alone: no sync at all
             self.plan, self.transfers = plan, []
             self.transformer = self.build_root(NodeModel.from_model(self.model, plan[0]), LOCAL)
@@ -220,6 +220,10 @@ class Cluster:
         self.link = link
         link.hello(len(plan))
         t0 = time.perf_counter()
+        if self.root_speed is not None:
+            plan = self._plan_by_speed(link.workers)
+            if self.epoch == 1:
+                self._banner(plan, members)
         self._check_memory(plan, link.workers)
         self.plan_seconds += time.perf_counter() - t0
         transfers, needs = [], []
@@ -258,11 +262,31 @@ class Cluster:
             self.link.abandon()
         self.link = self.sync = None
 
-    def _check_memory(self, plan: list[NodeSlice], workers: list[WorkerLink]) -> None:
+    def _banner(self, plan: list[NodeSlice], members: list[Member]) -> None:
+        for line in describe_plan(self.model, plan, [m.address for m in members], self.seq_len, self.n_slots):
+            self.log(line)
+
+    def _need(self, node: NodeSlice) -> int:
         h = self.model.header
+        return node_weight_bytes(h, node) + node_kv_bytes(h, node, self.seq_len, self.n_slots)
+
+    def _plan_by_speed(self, workers: list[WorkerLink]) -> list[NodeSlice]:
+        """--split auto: slices by the speeds the root and the workers measured of themselves."""
+        speeds = [self.root_speed.stream]
+        for w in workers:
+            try:
+                speeds.append(NodeSpeed.from_json(w.speed).stream)
+            except ValueError as e:
+                raise WorkerFailed(f"worker {w.address}: {e}", [w.index]) from None
+        plan, summary = plan_by_speed(self.model.header, speeds, [physical_memory()] + [w.memory for w in workers],
+                                      self._need)
+        self.log(summary)
+        return plan
+
+    def _check_memory(self, plan: list[NodeSlice], workers: list[WorkerLink]) -> None:
         for node, name, memory in zip(plan, ["the root"] + [f"worker {w.address}" for w in workers],
                                       [physical_memory()] + [w.memory for w in workers]):
-            need = node_weight_bytes(h, node) + node_kv_bytes(h, node, self.seq_len, self.n_slots)
+            need = self._need(node)
             if need > memory:
                 raise ClusterTooSmall(f"the {len(plan)} nodes left cannot hold the model: {name} would need "
                                       f"{need / 2**30:.2f} GiB of its {memory / 2**30:.2f} GiB")

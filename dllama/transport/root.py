@@ -70,6 +70,7 @@ class WorkerLink:
     index: int = 0  # node index in the current session (the root is 0)
     data_port: int = 0
     memory: int = 0  # bytes of RAM it reported
+    speed: object = None  # what it measured of its speed (a JSON value, checked by the cluster)
     weight_bytes_sent: int = 0
     errors: list = dataclass_field(default_factory=list)  # "error" replies that named failed nodes
 
@@ -199,7 +200,7 @@ class RootLink:
     # -- session ------------------------------------------------------------------------------
     def hello(self, n_nodes: int) -> None:
         """Start the session on every worker; each learns its index, the epoch and the root's
-        data-plane port, and says how much memory it has."""
+        data-plane port, and says how much memory it has and how fast it is."""
         for w in self.workers:
             self.send(w, "hello", {"version": PROTOCOL_VERSION, "index": w.index, "n_nodes": n_nodes,
                                    "net_timeout": self.net_timeout, "heartbeat": self.heartbeat,
@@ -210,6 +211,7 @@ class RootLink:
                 version = field(meta, "version", int)
                 w.data_port = field(meta, "data_port", int, 1)
                 w.memory = field(meta, "memory", int, 0)
+                w.speed = meta.get("speed")
             except ProtocolError as e:
                 raise WorkerFailed(f"worker {w.address}: {e}", [w.index]) from None
             if version != PROTOCOL_VERSION:

@@ -111,8 +111,9 @@ def _peer_endpoints(meta: dict, index: int, n_nodes: int) -> dict[int, str]:
 class WorkerServer:
     def __init__(self, factory: NodeFactory, port: int, host: str = "0.0.0.0", cache: SliceCache | None = None,
                  log: Callable[[str], None] = print, security: LinkSecurity = PLAINTEXT,
-                 heartbeat: float = HEARTBEAT_TIMEOUT):
+                 heartbeat: float = HEARTBEAT_TIMEOUT, speed: dict | None = None):
         self.factory = factory
+        self.speed = speed  # what it measured of itself at start (``model.node_speed``), for --split auto
         self.cache = cache
         self.log = log
         self.security = security
@@ -280,7 +281,7 @@ class WorkerServer:
         self._root_deadline = time.monotonic() + net_timeout
         mesh.connect({0: endpoint(peer or "127.0.0.1", root_port)})
         self._reply(owner, "hello", {"version": PROTOCOL_VERSION, "data_port": mesh.port,
-                                     "memory": physical_memory()}, epoch=epoch)
+                                     "memory": physical_memory(), "speed": self.speed}, epoch=epoch)
         self.log(f"💡 root {peer or '?'} connected: this is node {index} of {n_nodes} (epoch {epoch})")
 
         config, _ = self._expect(owner, mesh, epoch, "config")
