@@ -43,7 +43,7 @@ class Summary:
 
     ``ids`` (global) and ``logits`` list the slice's heaviest tokens in draw order, ``rest``
     is the largest logit of the others (-inf when all are listed). Greedy summaries
-    (temperature 0) list the slice's first largest logit only, and their other fields are 0.
+    (temperature 0) list the slice's first largest logit only; their other fields are unused.
     """
 
     size: int  # tokens in the slice
@@ -79,13 +79,17 @@ def summarize(logits: np.ndarray, offset: int, temperature: float, topp: float, 
     n = len(logits)
     if n == 0:
         raise ValueError("an empty slice of logits")
-    if temperature == 0:
+    if temperature == 0:  # the best alone: a greedy draw reads nothing else
         best = int(np.argmax(logits))
-        return Summary(n, 0.0, 0.0, 0.0, np.array([offset + best], np.int64), logits[best:best + 1].copy(),
-                       float(np.max(logits[np.arange(n) != best], initial=-np.inf)))
+        return Summary(n, 0.0, 0.0, 0.0, np.array([offset + best], np.int64), logits[best:best + 1].copy())
+    return _listed(logits, offset, *_weigh(logits, temperature), topp, n_total, k)
+
+
+def _weigh(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, float, float]:
+    """Every token's weight (``weights``' formula, z computed once), the largest z and the smallest."""
     z = logits.astype(np.float64) / temperature
-    z_max, z_min = float(z.max()), float(z.min())
-    return _listed(logits, offset, np.exp(z - z_max), z_max, z_min, topp, n_total, k)
+    z_max = float(z.max())
+    return np.exp(z - z_max), z_max, float(z.min())
 
 
 def _listed(logits: np.ndarray, offset: int, w: np.ndarray, z_max: float, z_min: float, topp: float, n_total: int,
@@ -215,9 +219,7 @@ def draw_full(logits: np.ndarray, temperature: float, topp: float, coin: float) 
     n = len(logits)
     if temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    z_max, z_min = float(z.max()), float(z.min())
-    w = np.exp(z - z_max)  # as ``weights`` computes them
+    w, z_max, z_min = _weigh(logits, temperature)
     for k in (CANDIDATES * 4, n):  # the heaviest first (peaked rows), else every token sorted
         part = _listed(logits, 0, w, z_max, z_min, topp if k < n else 1.0, n, k)  # the last lists all
         token = draw([part], temperature, topp, coin, w if part.complete else None)

@@ -146,9 +146,9 @@ class RootSync:
             except ValueError as e:
                 raise self.link.failed(PeerFailed([node], f"sent logits that do not parse: {e}")) from None
         self.logits_seconds += time.perf_counter() - t0
-        if not draws:
-            return np.concatenate([np.asarray(rows, dtype=np.float32).reshape(n_rows, size)
-                                   for rows, size in zip(nodes, self.vocab_sizes)], axis=1)
+        if not draws:  # whole rows only: every node's [rows, slice] side by side
+            return np.concatenate([logits] + [np.asarray(rows, dtype=np.float32).reshape(n_rows, size)
+                                              for rows, size in zip(nodes[1:], self.vocab_sizes[1:])], axis=1)
         out: list = []
         for r, d in enumerate(draws):
             if d is None:
