@@ -10,7 +10,11 @@ caches the first run filled: the warm-cache start (no weights sent).
 
 A micro-benchmark times one all-gather of a [1, dim] float32 vector between 2 processes on
 loopback, through dllama's MeshSync over Mesh (f32 and q80 on the wire), against a bare pyzmq
-PUB/SUB exchange of the same bytes: how much of the sync cost is ZeroMQ and how much is ours.
+PUB/SUB exchange of the same bytes, the two interleaved: how much of the sync cost is ZeroMQ and
+how much is ours. Then the send side alone, with warm caches and after streaming 32 MB, as a
+decode's blocks do between syncs. The memory bandwidth on 1 and 2 threads, measured in the same
+run, gives the ceiling for 2 nodes that share this machine's memory bus; the 1B shape's 2-node
+run is held against the issue's loopback targets.
 
     python bench/cluster.py            # SmolLM2 and the synthetic 1B, 1-4 nodes (slow; quiet machine)
     python bench/cluster.py --quick    # SmolLM2 only, 1 and 2 nodes, few steps: a smoke test
@@ -44,12 +48,14 @@ from common import (
     fill_defaults,
     fmt,
     machine_info,
+    measure_bandwidth,
     model_panels,
     node_env,
     print_table,
     print_table_head,
     print_tails,
     read_stats,
+    report_targets,
     root_command,
     root_failure,
     save_figure,
@@ -244,6 +250,9 @@ def measure_model(model: BenchModel, args, workdir: Path, failures: list[str]) -
 
 # -- the all-gather micro-benchmark ---------------------------------------------------------------
 
+FLUSH_MB = 32  # streamed between sends for the cold-cache figures: more than this machine's L2 caches
+
+
 def _handshake_bare(pub, sub, linger: float, timeout: float) -> None:
     """Publish hellos until the peer's arrive, and ``linger`` seconds more (so it sees ours)."""
     seen_at = None
@@ -294,14 +303,16 @@ def allgather_child(cfg: dict) -> dict:
     x = np.random.default_rng(index).standard_normal((1, dim)).astype(np.float32)
     codecs = {name: WireCodec(name == "q80", "numba") for name in cfg["codecs"]}
 
-    # The codec's share of an all-reduce: encode ours, then sum 2 parts into a fresh total.
+    # The codec's share of an all-reduce: encode ours in place, then sum 2 parts into a fresh total.
     codec_us = {}
     for name, codec in codecs.items():
+        frames = np.zeros((2, DATA_HEADER.size + codec.nbytes(1, dim)), dtype=np.uint8)
+        order = np.arange(2)
         times = []
         for _ in range(warmup + iters):
             t = time.perf_counter()
-            own = codec.encode(x)
-            codec.sum_parts([own, own], 1, dim)
+            codec.encode_into(x, frames[0, DATA_HEADER.size:])
+            codec.sum_rows(frames, order, DATA_HEADER.size, 1, dim)
             times.append(time.perf_counter() - t)
         codec_us[name] = statistics.median(times[warmup:]) * 1e6
 
@@ -335,20 +346,47 @@ def allgather_child(cfg: dict) -> dict:
     counter = 0
     for name, codec in codecs.items():
         sync = MeshSync(mesh, codec, 2, dim)
-        times = []
-        for _ in range(warmup + iters):
+        frame = DATA_HEADER.size + codec.nbytes(1, dim)
+        times, bare = [], []
+        for _ in range(warmup + iters):  # interleaved, so both see the same machine
             fwd += 1
             step = ForwardSync(sync, fwd, 1)  # a forward of 1 row: what publish_input/receive_input return
             t = time.perf_counter()
             step.all_reduce(x, 0, ATTENTION)
             times.append(time.perf_counter() - t)
-        frame = DATA_HEADER.size + codec.nbytes(1, dim)
-        bare = _bare_exchange(pub, sub, frame, warmup + iters, counter)
-        counter += warmup + iters
+            bare += _bare_exchange(pub, sub, frame, 1, counter)
+            counter += 1
         for key, values in (("dllama", times[warmup:]), ("bare", bare[warmup:])):
             out[f"{key}_us"][name] = statistics.median(values) * 1e6
             out[f"{key}_us_p90"][name] = sorted(values)[int(0.9 * (len(values) - 1))] * 1e6
         out["frame_bytes"][name] = frame
+        # The send side alone, with warm caches and after streaming more memory than the caches
+        # hold (as every block's weights do in a decode): encode + publish, against a bare send.
+        flush = np.ones(cfg["flush_mb"] << 18, dtype=np.float32)
+        for cold in (False, True):
+            publish, send = [], []
+            for _ in range(cfg["send_iters"]):
+                fwd += 1
+                if cold:
+                    flush.sum()
+                t = time.perf_counter()
+                size = codec.nbytes(1, dim)
+                codec.encode_into(x, mesh.own_part(size))
+                mesh.publish_part(fwd, 1, size)
+                publish.append(time.perf_counter() - t)
+                mesh.gather_parts(fwd, 1, size)
+                if cold:
+                    flush.sum()
+                buf = struct.pack("<I", counter) + bytes(frame - 4)
+                t = time.perf_counter()
+                pub.send(buf)
+                send.append(time.perf_counter() - t)
+                while len(got := sub.recv()) < 4 or struct.unpack_from("<I", got)[0] != counter:
+                    pass  # a late hello
+                counter += 1
+            key = "cold" if cold else "warm"
+            out.setdefault(f"publish_{key}_us", {})[name] = statistics.median(publish) * 1e6
+            out.setdefault(f"send_{key}_us", {})[name] = statistics.median(send) * 1e6
     time.sleep(cfg["linger"])  # our last frames are the peer's last parts: let them leave before closing
     mesh.close()
     pub.close(0)
@@ -360,7 +398,8 @@ def allgather_child(cfg: dict) -> dict:
 def run_allgather(args) -> dict:
     """Start the 2 processes (node 1 learns node 0's ports from its argv, node 0 node 1's on stdin)."""
     cfg = {"dim": args.dim, "iters": args.allgather_iters, "warmup": max(20, args.allgather_iters // 10),
-           "codecs": ["f32", "q80"], "net_timeout": 30.0, "heartbeat": 30.0, "linger": 0.5}
+           "codecs": ["f32", "q80"], "net_timeout": 30.0, "heartbeat": 30.0, "linger": 0.5,
+           "send_iters": max(50, args.allgather_iters // 10), "flush_mb": FLUSH_MB}
     env = node_env()
     procs: list[subprocess.Popen] = []
     outs: list[Lines] = []
@@ -407,7 +446,9 @@ def run_allgather(args) -> dict:
         summary["codecs"][name] = {"frame_bytes": results[0]["frame_bytes"][name], "dllama_us": dllama,
                                    "bare_pyzmq_us": bare, "codec_us": codec,
                                    "mesh_python_us": dllama - bare - codec,
-                                   "zmq_share": bare / dllama if dllama else None}
+                                   "zmq_share": bare / dllama if dllama else None,
+                                   **{k: both(k) for k in ("publish_warm_us", "publish_cold_us",
+                                                           "send_warm_us", "send_cold_us")}}
     return summary
 
 
@@ -460,6 +501,14 @@ def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) 
             for name, c in allgather["codecs"].items():
                 print(f"| {name} | {c['frame_bytes']} | {c['dllama_us']:.1f} | {c['bare_pyzmq_us']:.1f} | "
                       f"{c['codec_us']:.1f} | {c['mesh_python_us']:.1f} | {fmt(c['zmq_share'], '.0%')} |")
+            print()
+            print(f"the send side alone (median, µs), with warm caches and after streaming {FLUSH_MB} MB (what a "
+                  "decode's blocks do between syncs):")
+            print()
+            print_table_head("| wire | dllama encode + publish, warm | cold | bare pyzmq send, warm | cold |")
+            for name, c in allgather["codecs"].items():
+                print(f"| {name} | {c['publish_warm_us']:.1f} | {c['publish_cold_us']:.1f} | "
+                      f"{c['send_warm_us']:.1f} | {c['send_cold_us']:.1f} |")
     for r in rows:
         for run, label in ((r, ""), (r.get("warm") or {}, ", warm cache")):
             if run.get("failed"):
@@ -468,6 +517,23 @@ def print_report(rows: list[dict], allgather: dict | None, failures: list[str]) 
     for f in failures:
         print(f"FAILED {f}")
     print()
+
+
+def report_loopback_targets(rows: list[dict], bandwidth: dict[int, float]) -> list[dict]:
+    """The issue's loopback targets for the 1B shape: sync ms per token of 2 nodes, and their
+    speed-up over one node against what the 2-thread/1-thread bandwidth ratio allows."""
+    runs = {r["nodes"]: r for r in rows if r["key"] == "1b" and not r["failed"]}
+    two = runs.get(2)
+    ratio = bandwidth[2] / bandwidth[1] if 1 in bandwidth and 2 in bandwidth else None
+    share = two["speedup"] / ratio if two and two.get("speedup") and ratio else None
+    print(f"memory bandwidth: {', '.join(f'{t} thread(s) {bw:.1f} GB/s' for t, bw in sorted(bandwidth.items()))}"
+          + (f"; ratio {ratio:.2f}" if ratio else ""))
+    return report_targets([
+        ("1B shape, 2 nodes on loopback: at most 3 ms of sync per token",
+         two and two["sync_ms_per_token"], lambda v: v <= 3.0, "{:.2f} ms"),
+        ("1B shape, 2 nodes on loopback: speed-up over 1 node at least 90 % of the bandwidth ratio",
+         share, lambda v: v >= 0.9, "{:.0%}" + (f" ({two['speedup']:.2f}x of {ratio:.2f}x)" if share else "")),
+    ])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -513,6 +579,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=2048, help="all-gather micro-benchmark: vector length")
     p.add_argument("--allgather-iters", type=int, default=None, help="timed all-gathers (default 3000; --quick 400)")
     p.add_argument("--no-allgather", action="store_true", help="skip the all-gather micro-benchmark")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="memory bandwidth measured on these threads")
+    p.add_argument("--bandwidth-gib", type=float, default=1.0)
+    p.add_argument("--bandwidth-repeats", type=int, default=5)
+    p.add_argument("--worker-timeout", type=float, default=600.0, help="seconds for the bandwidth measurement")
     add_node_options(p, "cluster", "seconds one root run (or micro-benchmark) may take",
                      "where the synthetic model and slice caches go")
     p.add_argument("--child", choices=["allgather"], help=argparse.SUPPRESS)
@@ -542,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     failures: list[str] = []
     allgather = None
+    bandwidth = measure_bandwidth(args)  # the ceiling of 2 nodes sharing this machine's memory bus
     workdir = Path(tempfile.mkdtemp(prefix="dllama-cluster-bench-", dir=args.tmp_dir))
     try:
         for model in [cluster_model(key, workdir, args.prompt) for key in args.models]:
@@ -556,9 +627,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_report(rows, allgather, failures)
+    targets = report_loopback_targets(rows, bandwidth)
     settings = {k: v for k, v in vars(args).items() if k not in ("child", "config", "output", "tmp_dir")}
-    result = {"note": NOTE, "machine": machine_info(), "settings": settings, "rows": rows, "allgather": allgather,
-              "failures": failures, "seconds": time.perf_counter() - started}
+    result = {"note": NOTE, "machine": machine_info(bandwidth), "settings": settings, "rows": rows,
+              "allgather": allgather, "targets": targets, "failures": failures,
+              "seconds": time.perf_counter() - started}
     write_results(Path(args.output), result, (lambda png: plot(rows, png)) if rows else None)
 
 

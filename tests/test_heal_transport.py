@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 from dllama.transport.links import heartbeat_settings, new_socket
-from dllama.transport.mesh import Abandoned, Mesh, PeerFailed
-from dllama.transport.protocol import PROTOCOL_VERSION, data_frame, pack, unpack
+from dllama.transport.mesh import HEADER, Abandoned, Mesh, PeerFailed
+from dllama.transport.protocol import PROTOCOL_VERSION, ProtocolError, data_frame, pack, unpack
 from tests.processes import Worker
 
 
@@ -142,3 +142,29 @@ def test_a_worker_refuses_stale_epochs_and_follows_a_newer_hello(tmp_path):
             s.close(linger=0)
         ctx.term()
         w.stop()
+
+
+def test_parts_land_in_place_in_node_order_and_misfits_are_refused():
+    """``gather_parts``: each node's part in a row of ``frames`` (its own in row 0), parts of a
+    later step kept until asked for, and a part of the wrong size, or larger than any row,
+    refused by name instead of read short or past its end."""
+    ctx = zmq.Context()
+    a, b = _mesh_pair(ctx, heartbeat=2.0)
+    try:
+        b.publish(1, 2, b"L" * 64)  # a step ahead of the one a gathers first
+        b.publish(1, 1, b"N" * 64)
+        for step, fill in ((1, b"N"), (2, b"L")):
+            a.own_part(64)[:] = 7
+            a.publish_part(1, step, 64)
+            order = a.gather_parts(1, step, 64)
+            assert order[0] == 0 and bytes(a.frames[order[1], HEADER:HEADER + 64]) == fill * 64
+            assert bytes(b.gather(1, step, [0])[0]) == bytes([7]) * 64
+        b.publish(1, 3, b"s" * 32)
+        with pytest.raises(ProtocolError, match="node 1 sent a part of 32 bytes for 64"):
+            a.gather_parts(1, 3, 64)
+        b.publish(1, 4, b"x" * (a.frames.shape[1] + 10))
+        with pytest.raises(ProtocolError, match="node 1 sent a frame of .* bytes, more than"):
+            a.gather_parts(1, 4, 64)
+    finally:
+        a.close(), b.close()
+        ctx.term()

@@ -101,8 +101,8 @@ class Ops:
 
     name: str
     argmax: Callable[[np.ndarray], int]
-    q80_wire_encode: Callable[[np.ndarray], bytes | memoryview]
-    q80_wire_sum: Callable[[list, int, int], np.ndarray]
+    q80_wire_encode_into: Callable[[np.ndarray, np.ndarray], None]
+    q80_wire_sum: Callable[[np.ndarray, np.ndarray, int, int, int], np.ndarray]
 
 
 def ops(name: str | None = None) -> Ops:
@@ -111,12 +111,12 @@ def ops(name: str | None = None) -> Ops:
     if name == NUMBA:
         from dllama.kernels.jit import sampling, wire
 
-        return Ops(NUMBA, sampling.argmax, wire.q80_wire_encode, wire.q80_wire_sum)
+        return Ops(NUMBA, sampling.argmax, wire.q80_wire_encode_into, wire.q80_wire_sum)
     if name != NUMPY:
         raise ValueError(f"no kernel backend {name!r} (numba or numpy)")
     from dllama.kernels import reference
 
-    return Ops(NUMPY, reference.argmax, reference.q80_wire_encode, reference.q80_wire_sum)
+    return Ops(NUMPY, reference.argmax, reference.q80_wire_encode_into, reference.q80_wire_sum)
 
 
 def q40_quantizer(name: str | None = None) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dllama.kernels.quants import BLOCK_SIZE as Q80_BLOCK_VALUES
 from dllama.kernels.quants import Q80_BLOCK, dequantize_q80, quantize_q80
 
 
@@ -114,17 +115,21 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np
     return np.ascontiguousarray(out).reshape(n_rows, n_heads * head_dim)
 
 
-def q80_wire_encode(x: np.ndarray) -> bytes:
-    """float32 values (a multiple of 32 per row) as Q80 blocks' bytes: a part on the wire."""
-    return quantize_q80(x).tobytes()
+def q80_wire_encode_into(x: np.ndarray, out: np.ndarray) -> None:
+    """float32 values (a multiple of 32 per row) as Q80 blocks' bytes, written into the uint8
+    array ``out`` of exactly their size: a part on the wire."""
+    out[:] = quantize_q80(x).view(np.uint8).reshape(-1)
 
 
-def q80_wire_sum(parts: list, rows: int, dim: int) -> np.ndarray:
-    """The sum, in the given order and starting from zero, of Q80 parts of ``rows x dim``
-    values: every node that sums the same parts gets the same bits."""
+def q80_wire_sum(frames: np.ndarray, order: np.ndarray, offset: int, rows: int, dim: int) -> np.ndarray:
+    """The sum, in ``order`` and starting from zero, of the Q80 parts of ``rows x dim`` values
+    that rows ``order`` of the uint8 array ``frames`` hold from byte ``offset`` on: every node
+    that sums the same parts gets the same bits."""
+    size = rows * dim // Q80_BLOCK_VALUES * Q80_BLOCK.itemsize
     total = np.zeros((rows, dim), dtype=np.float32)
-    for part in parts:
-        total += dequantize_q80(np.frombuffer(part, dtype=Q80_BLOCK)).reshape(rows, dim)
+    for row in order:
+        part = np.frombuffer(frames[row, offset:offset + size], dtype=Q80_BLOCK)
+        total += dequantize_q80(part).reshape(rows, dim)
     return total
 
 

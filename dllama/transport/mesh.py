@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from dllama.errors import DllamaError
 from dllama.transport.links import PLAINTEXT, LinkSecurity, new_socket
-from dllama.transport.protocol import ABORT_STEP, HELLO_FWD, ProtocolError, data_frame, parse_data
+from dllama.transport.protocol import (ABORT_STEP, DATA_HEADER, DATA_MAGIC, HELLO_FWD, ProtocolError, data_frame,
+                                       parse_data)
 
 # Parts buffered ahead of the step being gathered; lockstep needs at most one step per peer.
 MAX_PENDING = 256
+HEADER = DATA_HEADER.size
 HELLO_INTERVAL = 0.02
 # A waiting gather looks at connection events this often (milliseconds).
 WATCH_MS = 100
@@ -56,7 +59,10 @@ class Mesh:
         self.connected: set[int] = set()
         self.peer_nodes: set[int] = set()
         self.sub.rcvtimeo = WATCH_MS
-        self.pending: dict[tuple[int, int, int], bytes] = {}
+        self.pending: dict[tuple[int, int, int], bytes] = {}  # whole frames of later steps
+        # Frames are received in place (``recv_into``), this node's own built in place: no
+        # allocation per part. As wide as the largest part asked for.
+        self._shape_frames(HEADER)
         self.bytes_sent = 0
         self.bytes_received = 0
         self.stale = 0  # frames of another epoch, dropped
@@ -68,6 +74,7 @@ class Mesh:
             self.peers[endpoint] = node
             self.peer_nodes.add(node)
             self.sub.connect(endpoint)
+        self._shape_frames(self.frames.shape[1])
 
     def handshake(self, is_done) -> None:
         """Publish hellos (one per ``HELLO_INTERVAL``) until ``is_done(seen)`` says every needed
@@ -88,7 +95,7 @@ class Mesh:
             if self.sub.poll(max(1, int((next_hello - now) * 1000))):
                 while self.sub.poll(0):
                     frame = self.sub.recv()
-                    epoch, fwd, step, node, payload = parse_data(frame)
+                    epoch, fwd, step, node, _ = parse_data(frame)
                     if node not in self.peer_nodes or epoch != self.epoch:
                         continue
                     if step == ABORT_STEP and node == 0:
@@ -97,7 +104,7 @@ class Mesh:
                         seen.add(node)
                     elif len(self.pending) < MAX_PENDING:
                         self.bytes_received += len(frame)
-                        self.pending[(fwd, step, node)] = payload
+                        self.pending[(fwd, step, node)] = frame
             self.check_peers()
 
     def publish(self, fwd: int, step: int, payload: bytes) -> None:
@@ -105,24 +112,80 @@ class Mesh:
         self.pub.send(frame)  # copying a small frame is cheaper than pyzmq's zero-copy tracking
         self.bytes_sent += len(frame)
 
-    def gather(self, fwd: int, step: int, sources: list[int]) -> dict[int, memoryview]:
-        """The parts of ``sources`` for (fwd, step)."""
+    def own_part(self, size: int) -> np.ndarray:
+        """The payload of this node's next part, ``size`` bytes to fill in place, then send with
+        ``publish_part``; it stays row 0 of ``frames`` until the next ``own_part``."""
+        self._reserve(size)
+        return self.frames[0, HEADER:HEADER + size]
+
+    def publish_part(self, fwd: int, step: int, size: int) -> None:
+        frame = self.frames[0, :HEADER + size]
+        DATA_HEADER.pack_into(frame, 0, DATA_MAGIC, self.epoch, fwd, step, self.index)
+        self.pub.send(frame)
+        self.bytes_sent += HEADER + size
+
+    def gather_parts(self, fwd: int, step: int, size: int) -> np.ndarray:
+        """Every node's part of (fwd, step), ``size`` bytes each, this node's own (published with
+        ``publish_part``) included: per node, the row of ``frames`` that holds its part, the
+        payload from byte ``HEADER`` on. Valid until the next ``own_part`` or gather."""
+        self._reserve(size)
+        self.order[self.index] = 0
+        self._collect(fwd, step, self.peer_nodes, HEADER + size)
+        for node in self.peer_nodes:
+            if self.lengths[self.order[node]] != HEADER + size:
+                raise ProtocolError(f"node {node} sent a part of {self.lengths[self.order[node]] - HEADER} bytes "
+                                    f"for {size}")
+        return self.order
+
+    def gather(self, fwd: int, step: int, sources: list[int], max_size: int = 1 << 16) -> dict[int, memoryview]:
+        """The parts of ``sources`` for (fwd, step), each at most ``max_size`` bytes (views valid
+        until the next gather)."""
+        self._reserve(max_size)
+        self._collect(fwd, step, sources, HEADER + max_size)
+        return {node: memoryview(self.frames[self.order[node], HEADER:self.lengths[self.order[node]]])
+                for node in sources}
+
+    def _reserve(self, size: int) -> None:
+        if self.frames.shape[1] < HEADER + size:
+            self._shape_frames(HEADER + size)
+
+    def _shape_frames(self, width: int) -> None:
+        """A row for every node's frame of up to ``width`` bytes (row 0: this node's own), and one
+        for a frame that turns out to be of a later step."""
+        width = -(-width // 64) * 64  # float32 views of the payloads stay aligned
+        self.frames = np.zeros((len(self.peer_nodes) + 2, width), dtype=np.uint8)
+        self.lengths = np.zeros(len(self.frames), dtype=np.int64)  # bytes of the frame in each row
+        self.order = np.zeros(max(self.peer_nodes | {self.index}) + 1, dtype=np.int64)  # per node, its row
+
+    def _collect(self, fwd: int, step: int, sources, limit: int) -> None:
+        """Receive the frames of ``sources`` for (fwd, step), each of at most ``limit`` bytes,
+        into rows of ``frames`` (from 1 on); ``order[node]`` says which."""
         if (fwd, step) <= self._last:
             raise ProtocolError(f"step {fwd}.{step} gathered twice")
         self._last = (fwd, step)
-        parts = {}
-        for node in sources:
+        row, missing = 1, set(sources)
+        for node in sources if self.pending else ():
             part = self.pending.pop((fwd, step, node), None)
             if part is not None:
-                parts[node] = part
-        while len(parts) < len(sources):
+                if len(part) > limit:
+                    raise ProtocolError(f"node {node} sent a frame of {len(part)} bytes, more than {limit}")
+                self.frames[row, :len(part)] = np.frombuffer(part, dtype=np.uint8)
+                self.lengths[row], self.order[node] = len(part), row
+                row += 1
+                missing.discard(node)
+        while missing:
+            buf = self.frames[row]
             try:  # a blocking receive (in C, without the GIL) is the fastest wake-up pyzmq has
-                frame = self.sub.recv()
+                n = self.sub.recv_into(buf)
             except zmq.Again:  # every WATCH_MS: did a peer's link drop?
                 self.check_peers()
                 continue
-            self.bytes_received += len(frame)
-            e, f, s, node, payload = parse_data(frame)
+            self.bytes_received += n
+            if n < HEADER:
+                raise ProtocolError("data frame too short")
+            magic, e, f, s, node = DATA_HEADER.unpack_from(buf)
+            if magic != DATA_MAGIC:
+                raise ProtocolError("data frame with a wrong magic")
             if e != self.epoch:
                 self.stale += 1
                 continue
@@ -132,17 +195,20 @@ class Mesh:
                 raise Abandoned(f"the root abandoned forward {fwd}")
             if node not in self.peer_nodes:
                 raise ProtocolError(f"a part from node {node}, which is not a peer")
+            if n > limit:  # recv_into kept the first ``limit`` bytes only
+                raise ProtocolError(f"node {node} sent a frame of {n} bytes, more than {limit}")
             if (f, s) == (fwd, step) and node in sources:
-                if node in parts:
+                if node not in missing:
                     raise ProtocolError(f"node {node} sent step {f}.{s} twice")
-                parts[node] = payload
+                self.lengths[row], self.order[node] = n, row
+                row += 1
+                missing.discard(node)
             elif (f, s) > (fwd, step):
                 if (f, s, node) in self.pending or len(self.pending) >= MAX_PENDING:
                     raise ProtocolError(f"node {node} sent step {f}.{s} out of order")
-                self.pending[(f, s, node)] = payload
+                self.pending[(f, s, node)] = buf[:n].tobytes()
             else:
                 raise ProtocolError(f"node {node} sent step {f}.{s} while {fwd}.{step} was due")
-        return parts
 
     def abort(self) -> None:
         """The root: every node leaves the forward it is in (they wait for nothing else)."""

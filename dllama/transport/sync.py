@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 
 from dllama.kernels import nucleus
-from dllama.transport.mesh import Mesh, PeerFailed
+from dllama.transport.mesh import HEADER, Mesh, PeerFailed
 from dllama.transport.protocol import INPUT_STEP, ProtocolError, data_step
-from dllama.transport.root import RootLink
+from dllama.transport.root import RootLink, WorkerFailed
 from dllama.transport.wire import WireCodec
 
 
@@ -36,26 +36,30 @@ class MeshSync:
 
     def publish_input(self, fwd: int, x: np.ndarray) -> ForwardSync:
         """The root: start forward ``fwd`` with the embedded input on every node."""
-        self.mesh.publish(fwd, INPUT_STEP, np.ascontiguousarray(x, dtype=np.float32).tobytes())
+        size = x.size * 4
+        self.mesh.own_part(size).view(np.float32)[:] = x.reshape(-1)
+        self.mesh.publish_part(fwd, INPUT_STEP, size)
         return ForwardSync(self, fwd, x.shape[0])
 
     def receive_input(self, fwd: int, rows: int) -> tuple[np.ndarray, ForwardSync]:
         """A worker: the root's embedded input of forward ``fwd``, and the forward's sync points."""
         t0 = time.perf_counter()
-        data = self.gather(fwd, INPUT_STEP, [0])[0]
+        data = self.gather(fwd, INPUT_STEP, [0], rows * self.dim * 4)[0]
         if len(data) != rows * self.dim * 4:
             raise ProtocolError(f"an input of {len(data)} bytes for {rows} x {self.dim} values")
         x = np.frombuffer(data, dtype=np.float32).reshape(rows, self.dim).copy()
         self.seconds += time.perf_counter() - t0
         return x, ForwardSync(self, fwd, rows)
 
-    def gather(self, fwd: int, step: int, sources: list[int]) -> dict:
+    def gather(self, fwd: int, step: int, sources: list[int], max_size: int) -> dict:
         try:
-            return self.mesh.gather(fwd, step, sources)
+            return self.mesh.gather(fwd, step, sources, max_size)
         except PeerFailed as e:
-            if self.blame is None:
-                raise
-            raise self.blame(e) from None
+            raise self.failure(e) from None
+
+    def failure(self, e: PeerFailed) -> Exception:
+        """The error this node reports for a peer's failure."""
+        return e if self.blame is None else self.blame(e)
 
 
 class ForwardSync:
@@ -67,17 +71,16 @@ class ForwardSync:
         self.rows = rows
 
     def all_reduce(self, partial: np.ndarray, layer: int, block: int) -> np.ndarray:
-        s = self.sync
+        s, mesh = self.sync, self.sync.mesh
         t0 = time.perf_counter()
-        step = data_step(layer, block)
-        own = s.codec.encode(partial)
-        s.mesh.publish(self.fwd, step, own)
-        parts = s.gather(self.fwd, step, s.others)
-        parts[s.mesh.index] = own
-        try:  # node order: the same float sums on every node
-            total = s.codec.sum_parts([parts[node] for node in range(s.n_nodes)], self.rows, s.dim)
-        except ValueError as e:
-            raise ProtocolError(f"a part: {e}") from None
+        step, size = data_step(layer, block), s.codec.nbytes(self.rows, s.dim)
+        s.codec.encode_into(partial, mesh.own_part(size))
+        mesh.publish_part(self.fwd, step, size)
+        try:
+            order = mesh.gather_parts(self.fwd, step, size)
+        except PeerFailed as e:
+            raise s.failure(e) from None
+        total = s.codec.sum_rows(mesh.frames, order, HEADER, self.rows, s.dim)  # node order: the same bits everywhere
         s.seconds += time.perf_counter() - t0
         return total
 
@@ -85,15 +88,23 @@ class ForwardSync:
 class DrawRow:
     """A row of logits that the nodes summarized for a draw (``kernels.nucleus``): the draw is
     made from the summaries, or from the whole row, fetched from the workers where they cannot
-    decide it. Valid until the next forward."""
+    decide it. Valid until the next forward. A worker lost while the row is fetched fails the
+    fetch with the cluster's errors, unless ``again`` was set: then ``again(error)`` gives the
+    whole row some other way (the engine recovers the cluster and evaluates the row again)."""
 
     def __init__(self, draw, parts: list, whole: Callable[[], np.ndarray]):
         self.draw, self.parts, self._fetch = draw, parts, whole
         self._row: np.ndarray | None = None
+        self.again: Callable[[Exception], np.ndarray] | None = None
 
     def _whole(self) -> np.ndarray:
         if self._row is None:
-            self._row = self._fetch()
+            try:
+                self._row = self._fetch()
+            except (WorkerFailed, PeerFailed, ProtocolError) as e:
+                if self.again is None:
+                    raise
+                self._row = self.again(e.with_traceback(None))
         return self._row
 
     def sample(self, temperature: float, topp: float, coin: float) -> int:
@@ -154,14 +165,19 @@ class RootSync:
             if d is None:
                 out.append(np.concatenate([rows[r] for rows in nodes]))
             else:
-                out.append(DrawRow(d, [rows[r] for rows in nodes], lambda r=r, own=logits[r]: self._whole(r, own)))
+                out.append(DrawRow(d, [rows[r] for rows in nodes],
+                                   lambda r=r, own=logits[r], fwd=self.fwd: self._whole(fwd, r, own)))
         return out
 
-    def _whole(self, row: int, own: np.ndarray) -> np.ndarray:
-        """Row ``row`` of the last forward, whole, from every worker (a second round)."""
+    def _whole(self, fwd: int, row: int, own: np.ndarray) -> np.ndarray:
+        """Row ``row`` of forward ``fwd``, whole, from every worker (a second round)."""
+        if self.link.closed:  # the cluster moved on to a new session
+            raise WorkerFailed(f"the session of forward {fwd} is over: its rows of logits are gone")
+        if fwd != self.fwd:
+            raise ValueError(f"a row of forward {fwd} fetched after forward {self.fwd}")
         self.second_rounds += 1
         parts = [own]
-        for node, blob in enumerate(self.link.rows(self.fwd, [row]), start=1):
+        for node, blob in enumerate(self.link.rows(fwd, [row]), start=1):
             if len(blob) != self.vocab_sizes[node] * 4:
                 raise self.link.failed(PeerFailed([node], "sent a row of logits of the wrong size"))
             parts.append(np.frombuffer(blob, dtype=np.float32))

@@ -22,25 +22,40 @@ class WireCodec:
             return rows * (dim // BLOCK_SIZE) * Q80_BLOCK.itemsize
         return rows * dim * 4
 
-    def encode(self, x: np.ndarray) -> bytes | memoryview:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def encode_into(self, x: np.ndarray, out: np.ndarray) -> None:
+        """``x`` (rows x dim float32) in its wire form, into the uint8 array ``out`` of
+        ``nbytes(rows, dim)`` bytes (a frame's payload, sent from where it is)."""
         if not self.q80:
-            return x.tobytes()
+            out.view(np.float32)[:] = x.reshape(-1)
+            return
         if x.shape[-1] % BLOCK_SIZE:
             raise ValueError(f"Q80 needs rows of a multiple of {BLOCK_SIZE} values, got {x.shape[-1]}")
-        return self._ops.q80_wire_encode(x)
+        self._ops.q80_wire_encode_into(x, out)
+
+    def sum_rows(self, frames: np.ndarray, order: np.ndarray, offset: int, rows: int, dim: int) -> np.ndarray:
+        """The sum, in ``order`` and starting from zero (so every node that sums the same parts
+        gets the same bits), of the parts that those rows of the uint8 array ``frames`` hold
+        from byte ``offset`` on; their sizes are the caller's to check."""
+        if self.q80:
+            return self._ops.q80_wire_sum(frames, order, offset, rows, dim)
+        size = rows * dim * 4
+        total = np.zeros((rows, dim), dtype=np.float32)
+        for row in order:
+            total += frames[row, offset:offset + size].view(np.float32).reshape(rows, dim)
+        return total
+
+    def encode(self, x: np.ndarray) -> bytes:
+        """``x`` (rows x dim) in its wire form, as bytes."""
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        out = np.empty(self.nbytes(*x.shape), dtype=np.uint8)
+        self.encode_into(x, out)
+        return out.tobytes()
 
     def sum_parts(self, parts: list, rows: int, dim: int) -> np.ndarray:
-        """The sum, in the given order, of encoded parts of ``rows x dim`` values (starting from
-        zero, so every node that sums the same parts gets the same bits); ValueError when a
-        part's size does not fit."""
+        """``sum_rows`` of encoded parts given one by one; ValueError when a part's size does not fit."""
         size = self.nbytes(rows, dim)
         for part in parts:
             if len(part) != size or (self.q80 and dim % BLOCK_SIZE):
                 raise ValueError(f"a part of {len(part)} bytes does not hold {rows} x {dim} values")
-        if self.q80:
-            return self._ops.q80_wire_sum(parts, rows, dim)
-        total = np.zeros((rows, dim), dtype=np.float32)
-        for part in parts:
-            total += np.frombuffer(part, dtype=np.float32).reshape(rows, dim)
-        return total
+        frames = np.frombuffer(b"".join(parts), dtype=np.uint8).reshape(len(parts), size)
+        return self.sum_rows(frames, np.arange(len(parts)), 0, rows, dim)

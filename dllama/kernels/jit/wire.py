@@ -8,7 +8,7 @@ from numba import njit
 
 from dllama.kernels.jit.float16 import f16_table
 from dllama.kernels.jit.quantize import _q80_block
-from dllama.kernels.quants import BLOCK_SIZE, Q80_BLOCK
+from dllama.kernels.quants import BLOCK_SIZE
 
 
 @njit(cache=True)
@@ -26,31 +26,29 @@ def _encode_into(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def _sum_into(data: np.ndarray, n_parts: int, table: np.ndarray, total: np.ndarray) -> None:
-    """``total`` (flat float32) = the sum, in order, of ``n_parts`` parts of Q80 block bytes
-    laid end to end in ``data``: one call for the whole all-gather."""
+def _sum_rows(frames: np.ndarray, order: np.ndarray, offset: int, table: np.ndarray, total: np.ndarray) -> None:
+    """``total`` (flat float32) = the sum, in ``order``, of the Q80 parts that those rows of
+    ``frames`` hold from byte ``offset`` on: one call for the whole all-gather."""
     n = total.shape[0]
-    part_bytes = n // BLOCK_SIZE * (BLOCK_SIZE + 2)
     total[:] = 0.0
-    for p in range(n_parts):
-        base = p * part_bytes
+    for p in range(order.shape[0]):
+        row = order[p]
         for b in range(n // BLOCK_SIZE):
-            o = base + b * (BLOCK_SIZE + 2)
-            d = table[np.uint16(data[o]) | (np.uint16(data[o + 1]) << 8)]
+            o = offset + b * (BLOCK_SIZE + 2)
+            d = table[np.uint16(frames[row, o]) | (np.uint16(frames[row, o + 1]) << 8)]
             for j in range(BLOCK_SIZE):
-                total[b * BLOCK_SIZE + j] += np.float32(np.int8(data[o + 2 + j])) * d
+                total[b * BLOCK_SIZE + j] += np.float32(np.int8(frames[row, o + 2 + j])) * d
 
 
-def q80_wire_encode(x: np.ndarray) -> memoryview:
-    """float32 values (a multiple of 32 per row) to their Q80 blocks' bytes."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty(x.size // BLOCK_SIZE * Q80_BLOCK.itemsize, dtype=np.uint8)
-    _encode_into(x.reshape(-1), out)
-    return out.data
+def q80_wire_encode_into(x: np.ndarray, out: np.ndarray) -> None:
+    """float32 values (a multiple of 32 per row) to their Q80 blocks' bytes, in the uint8 array
+    ``out`` of exactly their size."""
+    _encode_into(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), out)
 
 
-def q80_wire_sum(parts: list, rows: int, dim: int) -> np.ndarray:
-    """The sum, in the given order, of Q80 parts of ``rows x dim`` values (sizes already checked)."""
+def q80_wire_sum(frames: np.ndarray, order: np.ndarray, offset: int, rows: int, dim: int) -> np.ndarray:
+    """The sum, in ``order``, of the Q80 parts of ``rows x dim`` values in those rows of
+    ``frames`` from byte ``offset`` on (sizes already checked)."""
     total = np.empty((rows, dim), dtype=np.float32)
-    _sum_into(np.frombuffer(b"".join(parts), dtype=np.uint8), len(parts), f16_table(), total.reshape(-1))
+    _sum_rows(frames, order, offset, f16_table(), total.reshape(-1))
     return total
