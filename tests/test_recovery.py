@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dllama.formats.mfile import ModelFile
@@ -293,3 +294,52 @@ def test_perplexity_goes_on_through_a_lost_worker(smollm2, tmp_path, workers):
 
     clean = perplexity([workers(), workers()], fault=False)
     assert perplexity([workers(), workers()], fault=True) == pytest.approx(clean, rel=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_lost_in_a_second_round_costs_a_pause(smollm2, workers):
+    """A worker killed while the root fetches a row of logits whole (a draw its summaries could
+    not decide): the cluster goes on with the nodes left, evaluates the row again, and the draw
+    is the one the row gives without the fault."""
+    from dllama.engine.cluster import Cluster
+    from dllama.engine.session import Session
+    from dllama.engine.tokenizer import Tokenizer
+    from dllama.model.batch import Batch, Draw
+    from dllama.model.forward import Transformer
+    from dllama.transport.sync import DrawRow
+
+    model, tokenizer = ModelFile(smollm2[0]), Tokenizer.load(smollm2[1])
+    ws = [workers(), workers()]
+    cluster = Cluster(model, [w.address for w in ws], 64, "f32", 10.0,
+                      lambda share, sync: Transformer(share, seq_len=64, sync=sync), lambda message: None)
+    cluster.start()
+    session = Session(cluster.transformer, tokenizer, cluster=cluster)
+    try:
+        tokens, vocab = tokenizer.encode(SHORT), tokenizer.vocab_size
+        draw = Batch.run(len(tokens), 0, draw=Draw(0.8, 0.9, vocab))
+        # Without the fault: the row, fetched whole (other settings than the summaries' force it).
+        session.rewind(0)
+        whole = session.run(tokens, draw)[0]
+        assert isinstance(whole, DrawRow)
+        coins = [float(c) for c in np.linspace(0, 0.999, 25)]
+        expected = [whole.sample(1.0, 1.0, c) for c in coins]
+        # Again, with worker 2 killed as the second round starts.
+        session.rewind(0)
+        row = session.run(tokens, draw)[0]
+        link = cluster.transformer._sync.link
+        fetch = link.rows
+
+        def rows_after_a_kill(fwd, wanted):
+            ws[1].kill()
+            return fetch(fwd, wanted)
+
+        link.rows = rows_after_a_kill
+        assert [row.sample(1.0, 1.0, c) for c in coins] == expected
+        assert len(cluster.up) == 1 and cluster.transformer is session.transformer
+        assert np.allclose(row._whole(), whole._whole(), rtol=1e-4, atol=1e-3)
+        # The generation goes on: the next position on the 2 nodes left.
+        nxt = session.run([expected[0]], Batch.run(1, len(tokens)))
+        assert np.argmax(nxt[0][:vocab]) == np.argmax(Transformer(model, seq_len=64).forward(
+            tokens + [expected[0]], 0)[:vocab])
+    finally:
+        session.close()

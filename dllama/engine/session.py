@@ -23,6 +23,7 @@ from dllama.errors import DllamaError
 from dllama.machine import release_memory
 from dllama.model.batch import Draw
 from dllama.model.forward import MAX_BATCH, Batch, Transformer
+from dllama.transport.sync import DrawRow
 
 
 class ContextFull(DllamaError):
@@ -114,6 +115,7 @@ class Session:
         self.cluster = cluster  # engine.cluster.Cluster when workers compute too
         # What each KV cache slot holds, one token per position.
         self.slots: list[list[int]] = [[] for _ in range(transformer.kv_cache.n_slots)]
+        self.rebuilds = 0  # cluster sessions planned again (a worker lost or taken back)
 
     def close(self) -> None:
         """End the cluster session: the workers free their memory and wait for the next root."""
@@ -180,11 +182,32 @@ class Session:
             self.slots[dst][:] = self.slots[src][:length]
         for token, slot in zip(tokens, batch.slots.tolist()):
             self.slots[slot].append(int(token))
+        if cluster is not None and isinstance(logits, list):  # rows the workers summarized
+            # The session's number, not its transformer: a row kept must not keep an old share.
+            made_in = self.rebuilds
+            for row, t in zip(logits, batch.logit_rows.tolist()):
+                if isinstance(row, DrawRow):
+                    row.again = lambda err, t=t: self._row_again(err, made_in, int(tokens[t]), int(batch.slots[t]),
+                                                                 int(batch.positions[t]))
         return logits
+
+    def _row_again(self, err: Exception, made_in: int, token: int, slot: int, pos: int) -> np.ndarray:
+        """The whole logits of a row whose second round failed (``DrawRow.again``): the cluster
+        is planned again, unless that happened since the row was made (``made_in``: ``rebuilds``
+        then), and the row's token evaluated once more at its position (it writes the keys and
+        values already there)."""
+        if self.rebuilds == made_in:
+            self._rebuild(lambda: self.cluster.recover(err))
+        while True:
+            try:
+                return self.transformer.forward_batch([token], Batch.run(1, pos, slot))[0]
+            except CLUSTER_FAILURES as e:
+                self._rebuild(lambda e=e.with_traceback(None): self.cluster.recover(e))
 
     def _rebuild(self, plan_again) -> None:
         """A new cluster session from ``plan_again``, then every KV cache slot evaluated again
         from ``slots``, in prompt-sized batches; again on a failure meanwhile."""
+        self.rebuilds += 1
         while True:
             self.transformer = None  # the old share goes before the new one is built
             self.transformer = plan_again()
