@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             from dllama.commands import worker
 
             return worker.main(args)
+        if args.command == "keygen":
+            from dllama.commands import keygen
+
+            return keygen.main(args)
         if args.command == "tokenize":
             from dllama.commands import tokenize
 

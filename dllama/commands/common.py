@@ -70,8 +70,10 @@ def load_session(args: argparse.Namespace) -> "Session":
     from dllama.model.forward import Transformer
 
     workers = getattr(args, "workers", None) or []
-    for address in workers:  # before anything slow: a typo is a one-line error at once
+    for spec in workers:  # before anything slow: a typo is a one-line error at once
+        from dllama.transport.keys import worker_spec
         from dllama.transport.links import parse_address
+        address, _ = worker_spec(spec)
         try:
             parse_address(address)
         except ValueError as e:
@@ -153,6 +155,19 @@ def _warm_kernels(transformer, compiling: float | None) -> None:
         info(f"💡 kernels compiled in {time.perf_counter() - compiling:.0f} s (cached for the next runs)")
 
 
+def root_security(args: argparse.Namespace, workers: list[str]):
+    """CURVE with this root's pair when workers are given with keys (or --key is); else plaintext."""
+    from dllama.transport.keys import default_key_dir, load_pair
+    from dllama.transport.links import PLAINTEXT, CurveSecurity
+
+    key = getattr(args, "key", None)
+    if key is None and not any("@" in w for w in workers):
+        return PLAINTEXT
+    public, secret = load_pair(Path(key).expanduser() if key else default_key_dir())
+    info(f"🔒 encrypted links; this root's key {public.decode()}")
+    return CurveSecurity(public, secret)
+
+
 def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[str], n_slots: int = 1):
     """The root's node of a cluster with ``workers``: plan, hand out slices, connect."""
     from dllama.engine.cluster import Cluster
@@ -162,11 +177,12 @@ def _start_cluster(args: argparse.Namespace, model, seq_len: int, workers: list[
     if args.buffer_float_type == "q80" and model.header.dim % 32:
         raise DllamaError("--buffer-float-type q80 on a cluster needs a model dimension that is a multiple of 32")
     buffer_type = FloatType.parse(args.buffer_float_type)
+    security = root_security(args, workers)
     cluster = Cluster(model, workers, seq_len, args.buffer_float_type, args.net_timeout,
                       lambda share, sync: Transformer(share, seq_len=seq_len, buffer_type=buffer_type, sync=sync,
                                                       n_slots=n_slots),
                       info, split=args.split, heartbeat=args.heartbeat_timeout, on_worker_loss=args.on_worker_loss,
-                      n_slots=n_slots)
+                      n_slots=n_slots, security=security)
     transformer = cluster.start()
     for t in cluster.transfers:
         how = {"local": "cut from its own model file", "cache": "from its slice cache"}.get(

@@ -53,8 +53,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
-                   help="workers to compute with (each runs `dllama worker`); the root is node 0")
+    p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT[@KEY]",
+                   help="workers to compute with (each runs `dllama worker`); the root is node 0. With @KEY (the "
+                        "worker's public key, or its node.key file) every link is encrypted and the worker must "
+                        "prove it holds that key")
+    _key_flag(p, "this root's key pair, used when the workers are given with @KEY")
     p.add_argument("--split", nargs="+", default=None, metavar="W",
                    help="relative speed of each node, root first: faster nodes get larger slices; or `auto`: "
                         "by the speed each node measures of itself at start (default: equal)")
@@ -65,6 +68,12 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="when a worker is lost: go on with the nodes left (and take it back when it returns), "
                         "or stop as distributed-llama does")
     p.add_argument("--verbose", action="store_true", help="a line per token on stderr: compute and sync ms, kB sent/received")
+
+
+def _key_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--key", default=None, metavar="DIR",
+                   help=f"folder of {what} (node.key, node.key_secret; default $DLLAMA_HOME/keys, "
+                        f"made by `dllama keygen`)")
 
 
 def _heartbeat_flag(p: argparse.ArgumentParser) -> None:
@@ -134,7 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="FILE_OR_FOLDER",
                    help="a local copy of the root's .m file (or a folder of them): the worker cuts its slices "
                         "from it for any plan, and the root sends no weights (default: none)")
+    p.add_argument("--authorized-keys", default=None, metavar="FILE",
+                   help="serve only roots whose public key is in FILE (one per line, # comments), over encrypted "
+                        "links; the worker uses its own key pair (--key). (default: none: plaintext, any root)")
+    _key_flag(p, "this worker's key pair, used with --authorized-keys")
     _heartbeat_flag(p)
+
+    p = sub.add_parser("keygen", help="make this node's key pair for encrypted, authenticated links")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder to write node.key (public) and node.key_secret into (default $DLLAMA_HOME/keys)")
 
     p = sub.add_parser("tokenize", help="show the token ids of a text")
     p.add_argument("text", help="the text, or - to read standard input")

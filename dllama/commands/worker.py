@@ -30,6 +30,25 @@ def local_models(name: str) -> dict[str, Path]:
     return out
 
 
+def worker_security(args: argparse.Namespace):
+    """CURVE with this worker's pair when --authorized-keys names who may connect; else
+    plaintext (with a warning when other machines can reach it)."""
+    from dllama.transport.keys import authorized_keys, default_key_dir, load_pair
+    from dllama.transport.links import PLAINTEXT, CurveSecurity
+
+    if args.authorized_keys is None:
+        if args.key is not None:
+            raise DllamaError("--key needs --authorized-keys: the public keys of the roots this worker serves")
+        if args.host not in ("127.0.0.1", "::1", "localhost"):
+            info(f"⚠️  listening on {args.host} without keys: anyone who reaches port {args.port} can use this "
+                 f"worker and read what it computes (see `dllama keygen` and --authorized-keys)")
+        return PLAINTEXT, frozenset()
+    authorized = authorized_keys(Path(args.authorized_keys).expanduser())
+    public, secret = load_pair(Path(args.key).expanduser() if args.key else default_key_dir())
+    info(f"🔒 encrypted links; this worker's key {public.decode()}, {len(authorized)} authorized root key(s)")
+    return CurveSecurity(public, secret), authorized
+
+
 def main(args: argparse.Namespace) -> int:
     from dllama.kernels import backend
     from dllama.model.node import NodeFactory
@@ -47,8 +66,9 @@ def main(args: argparse.Namespace) -> int:
     info(f"💡 Kernels: {backend.describe()}")
     speed = measure()  # before serving, on a quiet machine: for roots that split by speed
     info(f"💡 Speed: {speed.describe()}")
+    security, authorized = worker_security(args)
     server = WorkerServer(NodeFactory(models), args.port, args.host, cache, log=info, heartbeat=args.heartbeat_timeout,
-                          speed=speed.to_json())
+                          speed=speed.to_json(), security=security, authorized=authorized)
     for path in models.values():
         info(f"💡 Local model: {path} (slices are cut from it)")
     info(f"💡 Listening on {args.host}:{args.port}" + (f", slice cache {args.cache_dir}" if cache else ""))

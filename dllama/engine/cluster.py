@@ -34,6 +34,7 @@ from dllama.model.node_speed import AUTO, NodeSpeed, measure, plan_by_speed
 from dllama.model.slicing import (
     NodeModel,
     NodeSlice,
+    describe_plan,
     node_cuts,
     node_kv_bytes,
     node_weight_bytes,
@@ -43,12 +44,14 @@ from dllama.model.slicing import (
 )
 from dllama.model.sync import LOCAL, Sync
 from dllama.engine.prober import PROBE_FIRST, PROBE_MAX, Prober
-from dllama.transport.links import HEARTBEAT_TIMEOUT
+from dllama.transport.keys import worker_specs
+from dllama.transport.links import HEARTBEAT_TIMEOUT, PLAINTEXT, LinkSecurity
 from dllama.transport.mesh import PeerFailed
 from dllama.transport.protocol import PROTOCOL_VERSION, ProtocolError
 from dllama.transport.root import RootLink, WorkerFailed, WorkerLink, open_worker
 from dllama.transport.sync import RootSync
 from dllama.transport.wire import WireCodec
+from dllama.transport.zap import DATA, Gatekeeper
 
 # What a generation raises when the cluster broke (a worker died, froze or misbehaved).
 CLUSTER_FAILURES = (WorkerFailed, PeerFailed, ProtocolError)
@@ -144,6 +147,7 @@ class Member:
     next_probe: float = 0.0
     admitted: float = 0.0  # when it was last taken back (monotonic)
     strikes: int = 0  # losses soon after being taken back, in a row
+    key: bytes | None = None  # its public key (CURVE links)
 
 
 class Cluster:
@@ -153,7 +157,10 @@ class Cluster:
     def __init__(self, model: ModelFile, addresses: list[str], seq_len: int, buffer_type: str, net_timeout: float,
                  build_root: Callable[[NodeModel, Sync], Transformer], log: Callable[[str], None],
                  split: list[float] | str | None = None, heartbeat: float = HEARTBEAT_TIMEOUT,
-                 on_worker_loss: str = "continue", n_slots: int = 1):
+                 on_worker_loss: str = "continue", n_slots: int = 1, security: LinkSecurity = PLAINTEXT):
+        """``addresses``: ``HOST:PORT``, with CURVE ``HOST:PORT@KEY`` (``security``: this root's pair)."""
+        specs = worker_specs(addresses, security.public_key is not None)
+        addresses = [address for address, _ in specs]
         self.root_speed = measure() if split == AUTO else None  # auto: workers say theirs in hello
         split = [1.0] * (1 + len(addresses)) if split in (None, AUTO) else split
         plan_slices(model.header, split)  # a plan that cannot be is an error before anything connects
@@ -167,8 +174,11 @@ class Cluster:
         self.log = log
         self.on_worker_loss = on_worker_loss
         self.root_weight = split[0]
-        self.members = [Member(a, w) for a, w in zip(addresses, split[1:])]
+        self.members = [Member(a, w, key=key) for (a, key), w in zip(specs, split[1:])]
+        self.security = security
         self.ctx = zmq.Context()
+        self.gatekeeper = None if security.public_key is None else \
+            Gatekeeper(self.ctx, log, {DATA: "not a worker of this root's session"})
         self.lock = threading.Lock()  # member states: the prober thread moves lost ones to rejoining
         self.epoch = 0
         self.link: RootLink | None = None
@@ -214,9 +224,10 @@ class Cluster:
             return self.transformer
         for m in members:
             if m.link is None:
-                m.link = open_worker(self.ctx, m.address, self.heartbeat)
+                m.link = open_worker(self.ctx, m.address, self.heartbeat, self.security, m.key)
                 m.link.sock.sndtimeo = int(self.net_timeout * 1000)
-        link = RootLink(self.ctx, [m.link for m in members], self.epoch, self.net_timeout, self.heartbeat)
+        link = RootLink(self.ctx, [m.link for m in members], self.epoch, self.net_timeout, self.heartbeat,
+                        self.security, self.gatekeeper)
         self.link = link
         link.hello(len(plan))
         t0 = time.perf_counter()
@@ -263,7 +274,7 @@ class Cluster:
         self.link = self.sync = None
 
     def _banner(self, plan: list[NodeSlice], members: list[Member]) -> None:
-        for line in describe_plan(self.model, plan, [m.address for m in members], self.seq_len, self.n_slots):
+        for line in describe_plan(self.model.header, plan, [m.address for m in members], self.seq_len, self.n_slots):
             self.log(line)
 
     def _need(self, node: NodeSlice) -> int:
@@ -402,7 +413,7 @@ class Cluster:
                 m.link.close()
                 m.link = None
         if self._prober is None:
-            self._prober = Prober(self.members, self.lock, self.heartbeat)
+            self._prober = Prober(self.members, self.lock, self.heartbeat, self.security)
             self._prober.start()
 
     # -- what it looks like ---------------------------------------------------------------------
@@ -462,6 +473,8 @@ class Cluster:
             if m.link is not None:
                 m.link.close()
                 m.link = None
+        if self.gatekeeper is not None:
+            self.gatekeeper.close()
         self.ctx.term()
 
 
@@ -481,17 +494,3 @@ def _needed(reply: dict, cuts: list[TensorCut], w: WorkerLink) -> list[TensorCut
         out.append(cut._replace(lo=item[1], hi=item[2]))
     return out
 
-
-def describe_plan(model: ModelFile, plan: list[NodeSlice], addresses: list[str], seq_len: int,
-                  n_slots: int = 1) -> list[str]:
-    """One line per node: what it holds and the memory it needs (its KV cache at most)."""
-    h = model.header
-    lines = []
-    for node, name in zip(plan, ["root"] + addresses):
-        weights = node_weight_bytes(h, node)
-        kv = node_kv_bytes(h, node, seq_len, n_slots)
-        lines.append(f"💡 Node {node.index} ({name}): heads {node.q_heads[0]}..{node.q_heads[1] - 1}, "
-                     f"KV heads {node.kv_heads[0]}..{node.kv_heads[1] - 1}, FFN rows {node.hidden[0]}..{node.hidden[1] - 1}, "
-                     f"vocab rows {node.vocab[0]}..{node.vocab[1] - 1}: {weights / 1e6:.1f} MB weights + "
-                     f"{kv / 1e6:.1f} MB KV cache")
-    return lines

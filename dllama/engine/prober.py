@@ -10,7 +10,7 @@ import time
 
 import zmq
 
-from dllama.transport.links import endpoint, new_socket, parse_address
+from dllama.transport.links import PLAINTEXT, LinkSecurity, endpoint, new_socket, parse_address
 from dllama.transport.protocol import ProtocolError, pack, unpack
 
 PROBE_FIRST = 0.5
@@ -21,11 +21,12 @@ class Prober(threading.Thread):
     """Retries lost workers with backoff (a ping on a fresh link of its own); one that answers
     idle becomes rejoining. Never touches the cluster's sockets, so serving never waits on it."""
 
-    def __init__(self, members: list, lock: threading.Lock, heartbeat: float):
+    def __init__(self, members: list, lock: threading.Lock, heartbeat: float, security: LinkSecurity = PLAINTEXT):
         super().__init__(name="dllama-prober", daemon=True)
         self.members = members  # engine.cluster.Member: state, address, probes, next_probe
         self.lock = lock
         self.heartbeat = heartbeat
+        self.security = security
         self.ctx = zmq.Context()
         self.stopping = threading.Event()
 
@@ -40,7 +41,7 @@ class Prober(threading.Thread):
             with self.lock:
                 due = [m for m in self.members if m.state == "lost" and m.next_probe <= now]
             for m in due:
-                idle = self._probe(m.address)
+                idle = self._probe(m.address, m.key)
                 with self.lock:
                     if m.state != "lost":
                         continue
@@ -50,11 +51,12 @@ class Prober(threading.Thread):
                         m.probes += 1
                         m.next_probe = time.monotonic() + min(PROBE_MAX, PROBE_FIRST * 2 ** m.probes)
 
-    def _probe(self, address: str) -> bool:
-        """Whether the worker at ``address`` answers a ping, idle (out of any session)."""
+    def _probe(self, address: str, key: bytes | None) -> bool:
+        """Whether the worker at ``address`` (holding ``key``) answers a ping, idle (out of any session)."""
         host, port = parse_address(address)
         sock = new_socket(self.ctx, zmq.DEALER, self.heartbeat, server=False)
         try:
+            self.security.client(sock, key)
             sock.connect(endpoint(host, port))
             sock.send_multipart(pack("ping"))
             if not sock.poll(1000):

@@ -252,3 +252,18 @@ class NodeModel:
         h = model.header
         node = node or whole_model(h)
         return cls(h, node, node_tensors(model.tensors, h, node))
+
+
+def describe_plan(h: ModelHeader, plan: list[NodeSlice], addresses: list[str], seq_len: int,
+                  n_slots: int = 1) -> list[str]:
+    """One line per node (``addresses``: the workers'): what it holds and the memory it needs
+    (its KV cache at most)."""
+    lines = []
+    for node, name in zip(plan, ["root"] + addresses):
+        weights = node_weight_bytes(h, node)
+        kv = node_kv_bytes(h, node, seq_len, n_slots)
+        lines.append(f"💡 Node {node.index} ({name}): heads {node.q_heads[0]}..{node.q_heads[1] - 1}, "
+                     f"KV heads {node.kv_heads[0]}..{node.kv_heads[1] - 1}, FFN rows {node.hidden[0]}..{node.hidden[1] - 1}, "
+                     f"vocab rows {node.vocab[0]}..{node.vocab[1] - 1}: {weights / 1e6:.1f} MB weights + "
+                     f"{kv / 1e6:.1f} MB KV cache")
+    return lines

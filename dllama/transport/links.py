@@ -5,9 +5,10 @@ Python computes) close a connection whose peer stops answering, so a killed or f
 shows up as a disconnect event within the heartbeat timeout, also when no message is due, and
 a node that is only slow (a long forward on a small machine) keeps its links.
 
-Security: every socket goes through a ``LinkSecurity``; plaintext today. CurveZMQ (encrypted,
-authenticated links) slots in as another ``LinkSecurity`` that sets the curve keys on the
-server and client ends.
+Security: every socket goes through a ``LinkSecurity``. ``PLAINTEXT`` (no keys given: for a
+quick try on a trusted network) or ``CurveSecurity``: CurveZMQ, every link encrypted and both
+ends proven by their keys; a client names the server key it expects, a server asks its
+context's ``zap.Gatekeeper`` which client keys its domain allows.
 """
 from __future__ import annotations
 
@@ -20,12 +21,37 @@ class LinkSecurity:
     """Plaintext links: anyone who can reach a port can talk to it (use a trusted network)."""
 
     name = "plaintext"
+    public_key: bytes | None = None
 
-    def server(self, sock: zmq.Socket) -> None:
+    def server(self, sock: zmq.Socket, domain: str) -> None:
         pass
 
-    def client(self, sock: zmq.Socket) -> None:
+    def client(self, sock: zmq.Socket, server_key: bytes | None) -> None:
         pass
+
+
+class CurveSecurity(LinkSecurity):
+    """CurveZMQ with this node's key pair (Z85): encrypted links; a server admits the clients
+    its domain allows (``zap``), a client connects only to a server holding ``server_key``."""
+
+    name = "curve"
+
+    def __init__(self, public_key: bytes, secret_key: bytes):
+        self.public_key, self.secret_key = public_key, secret_key
+
+    def server(self, sock: zmq.Socket, domain: str) -> None:
+        sock.curve_secretkey = self.secret_key
+        sock.curve_publickey = self.public_key
+        sock.curve_server = True
+        sock.zap_domain = domain.encode()
+
+    def client(self, sock: zmq.Socket, server_key: bytes | None) -> None:
+        """Before each ``connect``: the key that peer must prove it holds."""
+        if server_key is None:
+            raise ValueError("a CURVE client needs the server's public key")
+        sock.curve_secretkey = self.secret_key
+        sock.curve_publickey = self.public_key
+        sock.curve_serverkey = server_key
 
 
 PLAINTEXT = LinkSecurity()
@@ -62,7 +88,9 @@ def heartbeat_settings(heartbeat: float) -> tuple[int, int]:
 
 
 def new_socket(ctx: zmq.Context, kind: int, heartbeat: float, server: bool,
-               security: LinkSecurity = PLAINTEXT) -> zmq.Socket:
+               security: LinkSecurity = PLAINTEXT, domain: str = "") -> zmq.Socket:
+    """A socket with the cluster's settings; a ``server`` (it binds) is secured for ``domain``
+    now, a client's connections one by one (``security.client`` before each connect)."""
     sock = ctx.socket(kind)
     sock.linger = 0
     sock.setsockopt(zmq.IPV6, 1)  # IPv4 and IPv6 both
@@ -81,5 +109,6 @@ def new_socket(ctx: zmq.Context, kind: int, heartbeat: float, server: bool,
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.rcvhwm = 8
-    (security.server if server else security.client)(sock)
+    if server:
+        security.server(sock, domain)
     return sock

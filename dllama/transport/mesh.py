@@ -21,6 +21,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dllama.errors import DllamaError
 from dllama.transport.links import PLAINTEXT, LinkSecurity, new_socket
+from dllama.transport.zap import DATA
 from dllama.transport.protocol import (ABORT_STEP, DATA_HEADER, DATA_MAGIC, HELLO_FWD, ProtocolError, data_frame,
                                        parse_data)
 
@@ -50,7 +51,8 @@ class Mesh:
         self.index = index
         self.epoch = epoch
         self.net_timeout = net_timeout  # for the handshake: links that never come up
-        self.pub = new_socket(ctx, zmq.PUB, heartbeat, server=True, security=security)
+        self.security = security
+        self.pub = new_socket(ctx, zmq.PUB, heartbeat, server=True, security=security, domain=DATA)
         self.port = self.pub.bind_to_random_port(f"tcp://{bind_host}")
         self.sub = new_socket(ctx, zmq.SUB, heartbeat, server=False, security=security)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -68,11 +70,13 @@ class Mesh:
         self.stale = 0  # frames of another epoch, dropped
         self._last: tuple[int, int] = (0, -1)  # the latest step gathered
 
-    def connect(self, peers: dict[int, str]) -> None:
-        """Subscribe to every peer's PUB endpoint (``tcp://host:port``)."""
+    def connect(self, peers: dict[int, str], keys: dict[int, bytes] | None = None) -> None:
+        """Subscribe to every peer's PUB endpoint (``tcp://host:port``); with CURVE, ``keys``
+        holds the public key each must prove it holds."""
         for node, endpoint in peers.items():
             self.peers[endpoint] = node
             self.peer_nodes.add(node)
+            self.security.client(self.sub, (keys or {}).get(node))
             self.sub.connect(endpoint)
         self._shape_frames(self.frames.shape[1])
 

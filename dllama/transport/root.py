@@ -29,6 +29,7 @@ from dllama.transport.links import (
     parse_address,
 )
 from dllama.transport.mesh import Mesh, PeerFailed
+from dllama.transport.zap import DATA, Gatekeeper
 from dllama.transport.protocol import (
     CHUNK_BYTES,
     PROTOCOL_VERSION,
@@ -45,6 +46,8 @@ WINDOW = 4
 BUILD_TIMEOUT = 1800.0
 STOP_LINGER_MS = 200
 NET_TIMEOUT = -1.0  # recv's default: the link's net timeout
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class WorkerFailed(DllamaError):
@@ -73,12 +76,21 @@ class WorkerLink:
     speed: object = None  # what it measured of its speed (a JSON value, checked by the cluster)
     weight_bytes_sent: int = 0
     errors: list = dataclass_field(default_factory=list)  # "error" replies that named failed nodes
+    key: bytes | None = None  # its public key (CURVE links)
+    refused: str = ""  # why its handshake failed, if it did
 
     def watch(self) -> None:
-        """Note whether the connection dropped (without waiting)."""
+        """Note whether the connection dropped or its handshake failed (without waiting)."""
         while self.up and self.monitor.poll(0):
-            if recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED:
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
                 self.up = False
+            elif event & HANDSHAKE_FAILED:
+                self.up = False
+                self.refused = ("refused this root: its key is not in the worker's --authorized-keys"
+                                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
+                                "and this root could not agree on a secure link: the key given for the worker is "
+                                "not its key, or only one side has keys (--key, --authorized-keys, HOST:PORT@KEY)")
 
     def close(self) -> None:
         try:
@@ -89,14 +101,21 @@ class WorkerLink:
         self.sock.close(linger=STOP_LINGER_MS)
 
 
-def open_worker(ctx: zmq.Context, address: str, heartbeat: float, security: LinkSecurity = PLAINTEXT) -> WorkerLink:
-    """A DEALER connected (in the background, as ZeroMQ does) to the worker at ``address``."""
+def open_worker(ctx: zmq.Context, address: str, heartbeat: float, security: LinkSecurity = PLAINTEXT,
+                key: bytes | None = None) -> WorkerLink:
+    """A DEALER connected (in the background, as ZeroMQ does) to the worker at ``address``;
+    with CURVE, to the one that proves it holds ``key``."""
     try:
         host, port = parse_address(address)
     except ValueError as e:
         raise DllamaError(str(e)) from None
     sock = new_socket(ctx, zmq.DEALER, heartbeat, server=False, security=security)
-    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    if security.public_key is not None and key is None:
+        sock.close(linger=0)
+        raise DllamaError(f"worker {address}: this root has a key, so every worker needs its public key "
+                          f"(--workers HOST:PORT@KEY)")
+    security.client(sock, key)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
@@ -106,14 +125,14 @@ def open_worker(ctx: zmq.Context, address: str, heartbeat: float, security: Link
         monitor.close(linger=0)
         sock.close(linger=0)
         raise WorkerFailed(f"worker {address}: cannot connect: {e.strerror}") from None
-    return WorkerLink(address, host, port, sock, monitor, poller)
+    return WorkerLink(address, host, port, sock, monitor, poller, key=key)
 
 
 class RootLink:
     """One session (``epoch``) with ``workers`` (node i is ``workers[i - 1]``)."""
 
     def __init__(self, ctx: zmq.Context, workers: list[WorkerLink], epoch: int, net_timeout: float,
-                 heartbeat: float, security: LinkSecurity = PLAINTEXT):
+                 heartbeat: float, security: LinkSecurity = PLAINTEXT, gatekeeper: Gatekeeper | None = None):
         self.ctx = ctx
         self.workers = workers
         self.epoch = epoch
@@ -126,6 +145,9 @@ class RootLink:
             w.index = i
             w.weight_bytes_sent = 0
             w.errors = []
+        self.security = security
+        if gatekeeper is not None:  # the root's data plane admits this session's workers only
+            gatekeeper.allow(DATA, [w.key for w in workers])
         self.mesh = Mesh(ctx, 0, net_timeout, heartbeat, epoch, security=security)
         self.closed = False
 
@@ -160,7 +182,7 @@ class RootLink:
             if w.monitor in ready:
                 w.watch()
                 if not w.up:
-                    raise WorkerFailed(f"worker {w.address} disconnected", [w.index])
+                    raise WorkerFailed(f"worker {w.address} {w.refused or 'disconnected'}", [w.index])
             if w.sock in ready:
                 frames = w.sock.recv_multipart()
                 self.bytes_received += sum(len(f) for f in frames)
@@ -201,10 +223,12 @@ class RootLink:
     def hello(self, n_nodes: int) -> None:
         """Start the session on every worker; each learns its index, the epoch and the root's
         data-plane port, and says how much memory it has and how fast it is."""
+        hello = {"version": PROTOCOL_VERSION, "n_nodes": n_nodes, "net_timeout": self.net_timeout,
+                 "heartbeat": self.heartbeat, "root_port": self.mesh.port}
+        if self.security.public_key is not None:  # who may join each node's data plane
+            hello["keys"] = {"0": self.security.public_key.decode(), **{str(w.index): w.key.decode() for w in self.workers}}
         for w in self.workers:
-            self.send(w, "hello", {"version": PROTOCOL_VERSION, "index": w.index, "n_nodes": n_nodes,
-                                   "net_timeout": self.net_timeout, "heartbeat": self.heartbeat,
-                                   "root_port": self.mesh.port})
+            self.send(w, "hello", {**hello, "index": w.index})
         for w in self.workers:
             meta, _ = self.recv(w, "hello")
             try:
@@ -258,7 +282,7 @@ class RootLink:
         mesh = self.mesh
         endpoints = {0: None}
         endpoints.update({w.index: endpoint(w.host, w.data_port) for w in self.workers})
-        mesh.connect({i: e for i, e in endpoints.items() if i != 0})
+        mesh.connect({i: e for i, e in endpoints.items() if i != 0}, {w.index: w.key for w in self.workers})
         for w in self.workers:
             self.send(w, "mesh", {"peers": {str(i): e for i, e in endpoints.items() if i != w.index}})
         ready: set[int] = set()

@@ -26,6 +26,7 @@ import zmq
 from dllama.errors import DllamaError
 from dllama.formats.cuts import TensorCut
 from dllama.machine import physical_memory, release_memory
+from dllama.transport.keys import is_key
 from dllama.transport.links import HEARTBEAT_TIMEOUT, PLAINTEXT, LinkSecurity, endpoint, new_socket
 from dllama.transport.mesh import Abandoned, Mesh, PeerFailed
 from dllama.transport.protocol import (
@@ -40,6 +41,7 @@ from dllama.transport.protocol import (
 from dllama.transport.slice_cache import SliceCache
 from dllama.transport.sync import ForwardSync, MeshSync
 from dllama.transport.wire import WireCodec
+from dllama.transport.zap import CONTROL, DATA, Gatekeeper
 
 
 class Node(Protocol):
@@ -67,6 +69,10 @@ class NodeFactory(Protocol):
 
 
 MAX_NODES = 4096
+# The root's data-plane link must come up this soon after its hello (a real root's does within
+# milliseconds); until then the worker is held by a root that may never show up.
+HANDSHAKE_SECONDS = 10.0
+MAX_ASKED_SECONDS = 600.0  # the most net timeout or heartbeat timeout a root may ask for
 _ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 
 
@@ -111,7 +117,8 @@ def _peer_endpoints(meta: dict, index: int, n_nodes: int) -> dict[int, str]:
 class WorkerServer:
     def __init__(self, factory: NodeFactory, port: int, host: str = "0.0.0.0", cache: SliceCache | None = None,
                  log: Callable[[str], None] = print, security: LinkSecurity = PLAINTEXT,
-                 heartbeat: float = HEARTBEAT_TIMEOUT, speed: dict | None = None):
+                 heartbeat: float = HEARTBEAT_TIMEOUT, speed: dict | None = None,
+                 authorized: frozenset[bytes] = frozenset()):
         self.factory = factory
         self.speed = speed  # what it measured of itself at start (``model.node_speed``), for --split auto
         self.cache = cache
@@ -119,7 +126,13 @@ class WorkerServer:
         self.security = security
         self.bind_host = "*" if host in ("0.0.0.0", "*") else host
         self.ctx = zmq.Context()
-        self.router = new_socket(self.ctx, zmq.ROUTER, heartbeat, server=True, security=security)
+        self.gatekeeper: Gatekeeper | None = None
+        if security.public_key is not None:  # before the sockets: no handshake goes unchecked
+            self.gatekeeper = Gatekeeper(self.ctx, log, {CONTROL: "its key is not in --authorized-keys",
+                                                         DATA: "not a node of this worker's session"})
+            self.gatekeeper.allow(CONTROL, authorized)
+        self.root_keys: dict[bytes, bytes] = {}  # identity -> the key a root proved, from its hello
+        self.router = new_socket(self.ctx, zmq.ROUTER, heartbeat, server=True, security=security, domain=CONTROL)
         try:
             self.router.bind(f"tcp://{self.bind_host}:{port}")
         except zmq.ZMQError as e:
@@ -154,6 +167,13 @@ class WorkerServer:
             peer = frames[1].get("Peer-Address") if len(frames) > 1 else ""
         except zmq.ZMQError:
             peer = ""
+        if self.gatekeeper is not None and len(frames) > 1:
+            try:  # the key its handshake proved (the gatekeeper's answer)
+                self.root_keys[identity] = frames[1].get("User-Id").encode()
+            except zmq.ZMQError:
+                pass
+            while len(self.root_keys) > 64:  # roots come and go: keep the latest
+                del self.root_keys[next(iter(self.root_keys))]
         try:
             kind, meta, blobs = unpack([f.bytes for f in frames[1:]])
         except ProtocolError as e:
@@ -257,12 +277,14 @@ class WorkerServer:
             index = field(hello, "index", int, 1)
             n_nodes = field(hello, "n_nodes", int, 2)
             root_port = field(hello, "root_port", int, 1)
-            net_timeout = _seconds(hello, "net_timeout")
-            heartbeat = _seconds(hello, "heartbeat")
+            # Clamped: a root (or a stranger, on plaintext links) cannot hold this worker for long.
+            net_timeout = min(_seconds(hello, "net_timeout"), MAX_ASKED_SECONDS)
+            heartbeat = min(_seconds(hello, "heartbeat"), MAX_ASKED_SECONDS)
             if index >= n_nodes or n_nodes > MAX_NODES or root_port > 65535 or epoch > MAX_EPOCH:
                 raise ProtocolError("epoch, node index, node count or port out of range")
+            keys = self._session_keys(owner, hello, index, n_nodes)
             mesh = Mesh(self.ctx, index, net_timeout, heartbeat, epoch, self.bind_host, self.security)
-            self._run(owner, peer, epoch, index, n_nodes, root_port, net_timeout, mesh)
+            self._run(owner, peer, epoch, index, n_nodes, root_port, net_timeout, mesh, keys)
         except (SessionEnded, NextSession):
             raise
         except Abandoned as e:
@@ -277,9 +299,29 @@ class WorkerServer:
             if mesh is not None:
                 mesh.close()
 
-    def _run(self, owner, peer, epoch, index, n_nodes, root_port, net_timeout, mesh: Mesh) -> None:
-        self._root_deadline = time.monotonic() + net_timeout
-        mesh.connect({0: endpoint(peer or "127.0.0.1", root_port)})
+    def _session_keys(self, owner: bytes, hello: dict, index: int, n_nodes: int) -> dict[int, bytes]:
+        """With CURVE: every node's public key as the root's hello names them (the root, whose
+        own key its handshake proved, says who is in its session); the data plane admits them."""
+        if self.gatekeeper is None:
+            return {}
+        named = hello.get("keys")
+        if not isinstance(named, dict) or len(named) != n_nodes:
+            raise ProtocolError("hello: the nodes' keys are missing")
+        keys = {}
+        for node, key in named.items():
+            if not (isinstance(node, str) and node.isascii() and node.isdecimal() and int(node) < n_nodes
+                    and isinstance(key, str) and is_key(key)):
+                raise ProtocolError("hello: malformed node keys")
+            keys[int(node)] = key.encode()
+        if len(keys) != n_nodes or keys[0] != self.root_keys.get(owner) or keys[index] != self.security.public_key:
+            raise ProtocolError("hello: the keys it names are not the root's and this worker's")
+        self.gatekeeper.allow(DATA, [k for node, k in keys.items() if node != index])
+        return keys
+
+    def _run(self, owner, peer, epoch, index, n_nodes, root_port, net_timeout, mesh: Mesh,
+             keys: dict[int, bytes]) -> None:
+        self._root_deadline = time.monotonic() + min(net_timeout, HANDSHAKE_SECONDS)
+        mesh.connect({0: endpoint(peer or "127.0.0.1", root_port)}, keys)
         self._reply(owner, "hello", {"version": PROTOCOL_VERSION, "data_port": mesh.port,
                                      "memory": physical_memory(), "speed": self.speed}, epoch=epoch)
         self.log(f"💡 root {peer or '?'} connected: this is node {index} of {n_nodes} (epoch {epoch})")
@@ -295,7 +337,7 @@ class WorkerServer:
                  + (f", {received / 1e6:.1f} MB received)" if received else ")"))
 
         meta, _ = self._expect(owner, mesh, epoch, "mesh")
-        mesh.connect(_peer_endpoints(meta, index, n_nodes))
+        mesh.connect(_peer_endpoints(meta, index, n_nodes), keys)
         reported = []
 
         def build_due(seen: set[int]) -> bool:
@@ -394,6 +436,8 @@ class WorkerServer:
 
     def close(self) -> None:
         self.router.close(linger=0)
+        if self.gatekeeper is not None:
+            self.gatekeeper.close()
         self.ctx.term()
 
 
