@@ -117,7 +117,7 @@ def from_cache(transfer: dict) -> bool:
 def run_root(model: BenchModel, steps: int, buffer: str, addresses: list[str], args) -> dict:
     """One `dllama inference --stats-json FILE` run; its numbers, or a failure with its stderr tail."""
     stats_path = stats_file(args.tmp_dir)
-    cmd = root_command(model, steps, buffer, stats_path, addresses, args)
+    cmd = root_command(model, steps, buffer, stats_path, addresses, args, *getattr(args, "root_extra", ()))
     try:
         spawned_unix = time.time()  # first token s: the root's first_token_unix minus this
         t0 = time.perf_counter()
@@ -293,6 +293,7 @@ def allgather_child(cfg: dict) -> dict:
     import zmq
 
     from dllama.model.sync import ATTENTION
+    from dllama.transport.links import PLAINTEXT
     from dllama.transport.mesh import Mesh
     from dllama.transport.protocol import DATA_HEADER
     from dllama.transport.sync import ForwardSync, MeshSync
@@ -317,7 +318,17 @@ def allgather_child(cfg: dict) -> dict:
         codec_us[name] = statistics.median(times[warmup:]) * 1e6
 
     ctx = zmq.Context()
-    mesh = Mesh(ctx, index, cfg["net_timeout"], cfg["heartbeat"], bind_host="127.0.0.1")
+    security, gate, keys = PLAINTEXT, None, None
+    if cfg.get("keys"):  # CURVE: this node's pair, the peer's public key (cfg["keys"]: both pairs, Z85)
+        from dllama.transport.links import CurveSecurity
+        from dllama.transport.zap import DATA, Gatekeeper
+
+        pairs = [(p.encode(), s.encode()) for p, s in cfg["keys"]]
+        security = CurveSecurity(*pairs[index])
+        gate = Gatekeeper(ctx, lambda line: print(line, file=sys.stderr))
+        gate.allow(DATA, [pairs[peer][0]])
+        keys = {peer: pairs[peer][0]}
+    mesh = Mesh(ctx, index, cfg["net_timeout"], cfg["heartbeat"], bind_host="127.0.0.1", security=security)
     pub = ctx.socket(zmq.PUB)
     pub.linger = 0
     bare_port = pub.bind_to_random_port("tcp://127.0.0.1")
@@ -326,7 +337,7 @@ def allgather_child(cfg: dict) -> dict:
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     print("PORTS " + json.dumps({"mesh": mesh.port, "bare": bare_port}), flush=True)
     ports = cfg.get("peer") or json.loads(sys.stdin.readline())
-    mesh.connect({peer: f"tcp://127.0.0.1:{ports['mesh']}"})
+    mesh.connect({peer: f"tcp://127.0.0.1:{ports['mesh']}"}, keys)
     sub.connect(f"tcp://127.0.0.1:{ports['bare']}")
 
     seen_at: list[float] = []
@@ -391,6 +402,8 @@ def allgather_child(cfg: dict) -> dict:
     mesh.close()
     pub.close(0)
     sub.close(0)
+    if gate is not None:
+        gate.close()
     ctx.term()
     return out
 
@@ -400,6 +413,9 @@ def run_allgather(args) -> dict:
     cfg = {"dim": args.dim, "iters": args.allgather_iters, "warmup": max(20, args.allgather_iters // 10),
            "codecs": ["f32", "q80"], "net_timeout": 30.0, "heartbeat": 30.0, "linger": 0.5,
            "send_iters": max(50, args.allgather_iters // 10), "flush_mb": FLUSH_MB}
+    if getattr(args, "curve", False):  # the dllama side over CurveZMQ (the bare exchange stays plaintext)
+        import zmq
+        cfg["keys"] = [[k.decode() for k in zmq.curve_keypair()] for _ in range(2)]
     env = node_env()
     procs: list[subprocess.Popen] = []
     outs: list[Lines] = []

@@ -99,7 +99,8 @@ class Server:
 
     def __init__(self, tmp: Path, *extra: str):
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--ssl-certfile" in extra else "http"
+        self.base = f"{scheme}://127.0.0.1:{self.port}"
         self.log = tmp / f"api-{self.port}-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "dllama", "api", "--host", "127.0.0.1", "--port", str(self.port),
                "--nthreads", "1", "--max-seq-len", str(API_SEQ_LEN), *extra]
@@ -107,7 +108,7 @@ class Server:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=err)
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        while API_READY not in self.output():
+        while API_READY.replace("http://", f"{scheme}://") not in self.output():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"the API server did not start:\n{self.output()}")

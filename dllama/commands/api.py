@@ -5,6 +5,7 @@ import argparse
 import signal
 import socket
 import threading
+from pathlib import Path
 
 from dllama.commands.common import info, load_session
 from dllama.errors import DllamaError
@@ -25,6 +26,37 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every key of --api-key and --api-key-file (none: the API is open)."""
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DllamaError(f"--api-key-file {args.api_key_file}: {getattr(e, 'strerror', None) or e}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if len(keys) == len(args.api_key or []):
+            raise DllamaError(f"--api-key-file {args.api_key_file}: no key in it")
+    for key in keys:
+        if not key or any(c.isspace() for c in key) or not key.isprintable():
+            raise DllamaError("an API key must be printable text without spaces")
+    return tuple(dict.fromkeys(keys))
+
+
+def check_tls(args: argparse.Namespace) -> None:
+    """Certificate and key both or neither, readable and matching: one line now, not a traceback later."""
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise DllamaError("--ssl-certfile and --ssl-keyfile go together")
+    if args.ssl_certfile is None:
+        return
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise DllamaError(f"--ssl-certfile/--ssl-keyfile: {getattr(e, 'strerror', None) or e}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -36,6 +68,8 @@ def main(args: argparse.Namespace) -> int:
     )
     from dllama.engine.batching import BatchEngine
 
+    keys = api_keys(args)
+    check_tls(args)
     sock = _listen(args.host, args.port)
     session = load_session(args)
     try:
@@ -48,12 +82,15 @@ def main(args: argparse.Namespace) -> int:
             info(f"⚠️  {e}")
         engine = BatchEngine(session, end_of_turn_ids(session.tokenizer), args.parallel, log=info)
         cors = tuple(args.cors_origin or ())
-        api = Api(engine, template, args.model_id or _model_id(args, session), args.api_key,
+        api = Api(engine, template, args.model_id or _model_id(args, session), keys,
                   cluster=session.cluster, cors_origins=cors)
-        info(f"🌐 OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {api.model_id!r})")
-        info(f"💬 chat page on http://{args.host}:{args.port}/"
+        scheme = "https" if args.ssl_certfile else "http"
+        info(f"🌐 OpenAI-compatible API on {scheme}://{args.host}:{args.port}/v1 (model {api.model_id!r})"
+             + (f"; {len(keys)} API key(s)" if keys else ""))
+        info(f"💬 chat page on {scheme}://{args.host}:{args.port}/"
              + (f"; browsers may call the API from {', '.join(cors)}" if cors else ""))
-        config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=30, lifespan="off")
+        config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=30, lifespan="off",
+                                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
         server = uvicorn.Server(config)
 
         def stop(sig, frame) -> None:  # Ctrl-C, SIGTERM: generations end after their current step

@@ -141,14 +141,14 @@ def _sampling(body: dict, chat: bool, parallel: int) -> dict:
 
 # -- the app --------------------------------------------------------------------------------------
 class Api:
-    def __init__(self, engine: BatchEngine, template: ChatTemplate | None, model_id: str, api_key: str | None,
+    def __init__(self, engine: BatchEngine, template: ChatTemplate | None, model_id: str, api_keys: tuple[str, ...],
                  cluster=None, cors_origins: tuple[str, ...] = ()):
         self.engine = engine
         self.tokenizer = engine.session.tokenizer
         self.seq_len = engine.session.seq_len
         self.template = template
         self.model_id = model_id
-        self.api_key = api_key
+        self.api_keys = tuple(k.encode() for k in api_keys)  # none: no key needed
         self.cluster = cluster  # engine.cluster.Cluster, or None on one node
         self.down: str | None = None  # why the model can no longer run (a worker failed, shutting down)
         self.generations: set[threading.Event] = set()  # the cancel events of running generations
@@ -178,12 +178,18 @@ class Api:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     def _check_key(self, request: HttpRequest) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if not self._key_ok(request):
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    def _key_ok(self, request: HttpRequest) -> bool:
+        if not self.api_keys:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        ok = False
+        for key in self.api_keys:  # every key compared, in constant time: no timing says which or how close
+            ok |= hmac.compare_digest(given, key)
+        return ok and scheme.lower() == "bearer"
 
     def shutdown(self) -> None:
         """The server is stopping: running generations end after their current token, so that
@@ -218,11 +224,15 @@ class Api:
 
     # -- routes --------------------------------------------------------------------------------
     async def health(self, request: HttpRequest) -> Response:
+        """Anyone gets the status (for load balancers and the chat page); the details (nodes,
+        addresses, load) only with a valid key, where keys are required."""
         try:
             self._check_up()
             ok = True
         except ApiError:
             ok = False
+        if not self._key_ok(request):
+            return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
         cluster = self.cluster.health() if self.cluster is not None else None
         nodes = 1 if cluster is None else len(cluster["nodes"])
         up = 1 if cluster is None else cluster["nodes_up"]

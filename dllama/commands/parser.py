@@ -120,8 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=9990, help="port to listen on")
-    p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on /v1 requests (default: no key)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1 requests; repeat for several keys "
+                        "(default: no key, anyone who reaches the port may use the API)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="more API keys, one per line (# comments); with --api-key, both count (default: none)")
+    p.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                   help="serve HTTPS with this certificate (PEM; with --ssl-keyfile) (default: none, plain HTTP)")
+    p.add_argument("--ssl-keyfile", default=None, metavar="FILE",
+                   help="the certificate's private key (PEM) (default: none)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
     p.add_argument("--model-id", default=None, help="the model's id in the API (default: the model file's name)")
     p.add_argument("--parallel", type=int, default=4, metavar="N",
