@@ -3,6 +3,7 @@
 given, a data plane that admits the nodes of the session only, and what crosses the wire."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dllama.engine.tokenizer import Tokenizer
 from dllama.errors import DllamaError
@@ -23,7 +26,7 @@ from dllama.model.forward import Transformer
 from dllama.transport.keys import authorized_keys, load_pair, public_key, worker_spec
 from dllama.transport.links import CurveSecurity
 from dllama.transport.mesh import Mesh
-from dllama.transport.protocol import PROTOCOL_VERSION, pack, unpack
+from dllama.transport.protocol import KINDS, PROTOCOL_VERSION, pack, unpack
 from dllama.transport.worker import HANDSHAKE_SECONDS
 from dllama.transport.zap import DATA, Gatekeeper
 from tests.processes import ENV, ROOT, free_port, workers_in
@@ -115,8 +118,9 @@ def test_only_authorized_roots_are_served_and_the_text_is_the_plaintext_one(smol
 
         again = root(smollm2, [f"{secure.address}@{worker_key}"], "--key", str(tmp_path / "r"))
         assert again.returncode == 0 and text_of(again.stdout) == text_of(expected.stdout)  # still serving
-        refusals = [line for line in secure.output().splitlines() if "🔒 refused" in line]
-        assert len(refusals) == 1 and "127.0.0.1: its key is not in --authorized-keys" in refusals[0]
+        refusals = sorted(line for line in secure.output().splitlines() if "🔒 refused" in line)
+        assert refusals == ["🔒 refused 127.0.0.1: it does not speak CURVE (no keys, or not dllama)",
+                            "🔒 refused 127.0.0.1: its key is not in --authorized-keys"], refusals
     assert stranger_key != root_key
 
 
@@ -231,3 +235,70 @@ def test_a_stranger_asking_for_a_day_holds_a_worker_for_seconds(smollm2, tmp_pat
         assert time.monotonic() - t0 < HANDSHAKE_SECONDS + 5
         ok = root(smollm2, [w.address])
         assert ok.returncode == 0, ok.stderr
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+JSON = SCALAR | st.lists(SCALAR, max_size=4) | st.dictionaries(st.text(max_size=8), SCALAR, max_size=4)
+FIELDS = st.sampled_from(["version", "epoch", "index", "n_nodes", "net_timeout", "heartbeat", "root_port", "keys",
+                          "fwd", "rows", "piece", "offset", "seq", "peers", "slots", "positions"])
+META = st.dictionaries(FIELDS, JSON, max_size=6).map(lambda m: json.dumps(m).encode()) | st.binary(max_size=64)
+FRAMES = st.tuples(st.sampled_from(sorted(KINDS)).map(str.encode) | st.binary(max_size=12), META,
+                   st.lists(st.binary(max_size=256), max_size=2)).map(lambda t: [t[0], t[1], *t[2]])
+
+
+@pytest.mark.timeout(600)
+def test_fuzzed_messages_from_strangers_and_from_the_root_leave_the_worker_serving(smollm2, tmp_path):
+    """Messages of every kind with made-up contents, from a client whose key is not authorized
+    (its handshake fails: nothing arrives) and from the authorized root's key (each answered
+    with an error, or nothing for a late stop): the worker keeps serving, its memory bounded."""
+    worker_key, root_key = make_key(tmp_path / "w"), make_key(tmp_path / "r")
+    (tmp_path / "authorized").write_text(root_key + "\n")
+    root_pair = load_pair(tmp_path / "r")
+    with workers_in(tmp_path) as start:
+        w = start("--key", str(tmp_path / "w"), "--authorized-keys", str(tmp_path / "authorized"))
+        ctx = zmq.Context()
+        peers = {}
+        for name, pair in (("stranger", zmq.curve_keypair()), ("root", root_pair)):
+            d = ctx.socket(zmq.DEALER)
+            d.linger = 0
+            CurveSecurity(*pair).client(d, worker_key.encode())
+            d.connect(f"tcp://{w.address}")
+            peers[name] = d
+        try:
+            assert peers["root"].send_multipart(pack("ping")) is None and peers["root"].poll(10000)
+            assert unpack(peers["root"].recv_multipart())[0] == "pong"
+            before = _rss(w.proc.pid)
+
+            @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+            @given(FRAMES, st.booleans())
+            def send(frames, as_root):
+                d = peers["root" if as_root else "stranger"]
+                try:  # the stranger's DEALER never gets a peer (its handshake is refused): it cannot send
+                    d.send_multipart(frames, flags=0 if as_root else zmq.NOBLOCK)
+                except zmq.Again:
+                    assert not as_root
+                    return
+                if as_root and d.poll(3000):
+                    kind, meta, _ = unpack(d.recv_multipart())
+                    assert kind in ("error", "pong", "hello"), (frames, kind, meta)
+                    if kind == "hello":  # made-up fields that make a session: it ends within seconds
+                        d.send_multipart(pack("stop", {"epoch": meta.get("epoch")}))
+            send()
+            assert not peers["stranger"].poll(500)  # never answered: its handshake was refused
+            peers["root"].send_multipart(pack("ping"))
+            assert peers["root"].poll(15000) and unpack(peers["root"].recv_multipart())[0] == "pong"
+            assert _rss(w.proc.pid) - before < 32 << 20
+        finally:
+            for d in peers.values():
+                d.close()
+            ctx.term()
+        ok = root(smollm2, [f"{w.address}@{worker_key}"], "--key", str(tmp_path / "r"))
+        assert ok.returncode == 0, ok.stderr + w.output()[-2000:]
+        assert w.proc.poll() is None

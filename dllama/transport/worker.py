@@ -16,12 +16,15 @@ of every tensor kept), and for whatever is still missing from the root.
 from __future__ import annotations
 
 import gc
+import os
 import re
+import socket
 import time
 from typing import Callable, Protocol
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from dllama.errors import DllamaError
 from dllama.formats.cuts import TensorCut
@@ -41,7 +44,7 @@ from dllama.transport.protocol import (
 from dllama.transport.slice_cache import SliceCache
 from dllama.transport.sync import ForwardSync, MeshSync
 from dllama.transport.wire import WireCodec
-from dllama.transport.zap import CONTROL, DATA, Gatekeeper
+from dllama.transport.zap import CONTROL, CONTROL_PLAIN, DATA, Gatekeeper
 
 
 class Node(Protocol):
@@ -129,10 +132,16 @@ class WorkerServer:
         self.gatekeeper: Gatekeeper | None = None
         if security.public_key is not None:  # before the sockets: no handshake goes unchecked
             self.gatekeeper = Gatekeeper(self.ctx, log, {CONTROL: "its key is not in --authorized-keys",
-                                                         DATA: "not a node of this worker's session"})
+                                                         DATA: "not a node of this worker's session",
+                                                         CONTROL_PLAIN: "it does not speak CURVE (no keys, or "
+                                                                        "not dllama)"})
             self.gatekeeper.allow(CONTROL, authorized)
         self.root_keys: dict[bytes, bytes] = {}  # identity -> the key a root proved, from its hello
         self.router = new_socket(self.ctx, zmq.ROUTER, heartbeat, server=True, security=security, domain=CONTROL)
+        # With CURVE: peers whose handshake fails before ZAP (plaintext, garbage) are logged too.
+        self.handshakes = None if self.gatekeeper is None else self.router.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._accepted: list[str] = []  # peers accepted, whose handshake has not ended yet (oldest first)
         try:
             self.router.bind(f"tcp://{self.bind_host}:{port}")
         except zmq.ZMQError as e:
@@ -201,6 +210,8 @@ class WorkerServer:
         from the owner raises ``NextSession``; the owner's messages of other epochs are dropped."""
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        if self.handshakes is not None:
+            poller.register(self.handshakes, zmq.POLLIN)
         if mesh is not None:
             poller.register(mesh.monitor, zmq.POLLIN)
         while True:
@@ -213,6 +224,8 @@ class WorkerServer:
             ready = dict(poller.poll(timeout_ms))
             if mesh is not None and mesh.monitor in ready:
                 mesh.check_peers()
+            if self.handshakes is not None and self.handshakes in ready:
+                self._note_handshakes()
             if self.router in ready:
                 message = self._read(owner)
                 if message is None:
@@ -226,6 +239,21 @@ class WorkerServer:
                 if kind == "hello" and isinstance(got, int) and not isinstance(got, bool) and got > epoch:
                     raise NextSession(identity, peer, meta)
                 self.stale += 1  # a session given up: refused
+
+    def _note_handshakes(self) -> None:
+        """Log the peers refused before the gatekeeper is asked (no CURVE, or not ZeroMQ at all):
+        libzmq's failure event names no peer, so the accepted connections are matched in order."""
+        while self.handshakes.poll(0):
+            event = recv_monitor_message(self.handshakes)
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                try:
+                    with socket.socket(fileno=os.dup(int(event["value"]))) as s:
+                        host = s.getpeername()[0]
+                except OSError:  # already gone
+                    host = "?"
+                self._accepted = (self._accepted + [host])[-256:]
+            else:  # a failed handshake: the oldest connection still in one
+                self.gatekeeper.note(CONTROL_PLAIN, self._accepted.pop(0) if self._accepted else "?")
 
     def _expect(self, owner: bytes, mesh: Mesh, epoch: int, kind: str) -> tuple[dict, list]:
         _, _, got, meta, blobs = self._next(owner, mesh, epoch)
@@ -435,6 +463,9 @@ class WorkerServer:
                 dest[...] = buf.reshape(piece.shape)
 
     def close(self) -> None:
+        if self.handshakes is not None:
+            self.router.disable_monitor()
+            self.handshakes.close(linger=0)
         self.router.close(linger=0)
         if self.gatekeeper is not None:
             self.gatekeeper.close()

@@ -18,6 +18,7 @@ import zmq.utils.z85
 ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq sends the ZAP requests of a context
 CONTROL = "control"  # a worker's ROUTER: the roots of --authorized-keys
 DATA = "data"  # every node's PUB: the nodes of its session
+CONTROL_PLAIN = "control, no CURVE"  # a worker's ROUTER, peers refused before ZAP (logged by the worker)
 LOG_EVERY = 60.0
 
 
@@ -77,10 +78,12 @@ class Gatekeeper:
         if len(key) == 32 and key in self._allowed.get(name, ()):
             return [b"1.0", request_id, b"200", b"OK", zmq.utils.z85.encode(key), b""]
         self.refused += 1
-        self._note(name, address.decode("utf-8", "replace").removeprefix("::ffff:") or "?")  # IPv4 as IPv4
+        self.note(name, address.decode("utf-8", "replace"))
         return [b"1.0", request_id, b"400", b"not authorized", b"", b""]
 
-    def _note(self, domain: str, address: str) -> None:
+    def note(self, domain: str, address: str) -> None:
+        """Log a refusal in ``domain`` of the peer at ``address`` (rate-limited)."""
+        address = address.removeprefix("::ffff:") or "?"  # IPv4 as IPv4
         now = time.monotonic()
         if now - self._logged.get((domain, address), -LOG_EVERY) >= LOG_EVERY:
             self._logged[(domain, address)] = now
