@@ -9,13 +9,16 @@ Two figures, each with and without CURVE, and a third run with strangers at the 
   --authorized-keys FILE` and `dllama inference --key DIR --workers HOST:PORT@KEY` against the
   same commands without keys. Plaintext and CURVE runs alternate, `--repeats` times each;
 - the CURVE run again while strangers hammer the worker's port (`--flood` attempts a second,
-  half CURVE clients with unknown keys, half raw TCP connections sending garbage).
+  half CURVE clients with unknown keys, half raw TCP connections sending garbage);
+- `dllama api --api-key` on SmolLM2: one greedy answer's tokens/s and the server's RSS, alone
+  and while strangers send it `--flood` requests a second (wrong keys, bodies over the 4 MiB
+  limit, garbage bytes).
 
     python bench/security.py            # 2 repeats of 128 steps each
     python bench/security.py --quick    # SmolLM2 instead of the 1B shape, 1 repeat
 
-The issue's targets: CURVE decodes at most 10 % slower; strangers delay a session by a few
-percent at most (here: 5 %). Prints a table and the target, writes
+The issue's targets: CURVE decodes at most 10 % slower; strangers delay a session or an answer
+by a few percent at most (here: 5 %). Prints a table and the target, writes
 bench/results/security.json.
 """
 from __future__ import annotations
@@ -122,6 +125,74 @@ def worker_rss(pid: int) -> float | None:
     return None
 
 
+def api_run(workdir: Path, flood: float, args) -> dict:
+    """`dllama api --api-key` on SmolLM2 (one thread): one streamed greedy answer's tokens/s, and
+    the server's RSS before and after, while strangers (``flood`` a second: wrong keys, garbage
+    bytes, oversized bodies) hammer it, or none."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+
+    from common import ROOT, free_port, node_env, smollm2
+
+    model, port = smollm2(), free_port()
+    log = workdir / f"api-{time.monotonic_ns()}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dllama", "api", "--model", str(model.path), "--tokenizer",
+                                 str(model.tokenizer), "--port", str(port), "--nthreads", "1", "--api-key", "secret",
+                                 "--max-seq-len", "512", "--parallel", "1"], cwd=ROOT, env=node_env(), stderr=err,
+                                stdout=subprocess.DEVNULL)
+    stop, attempts = threading.Event(), [0]
+
+    def strangers() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            while not stop.wait(1 / flood):
+                attempts[0] += 1
+                try:
+                    kind = attempts[0] % 3
+                    if kind == 0:
+                        c.post("/v1/chat/completions", headers={"Authorization": "Bearer wrong"}, json={})
+                    elif kind == 1:
+                        c.post("/v1/completions", content=b"x" * (5 << 20))  # over the 4 MiB limit
+                    else:
+                        with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                            raw.sendall(b"\x16\x03\x01garbage" * 64)
+                except (httpx.HTTPError, OSError):
+                    pass
+    try:
+        deadline = time.monotonic() + args.worker_start_timeout
+        while "OpenAI-compatible API on" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return {"failed": True, "error": "the API server did not start", "stderr_tail": tail(log.read_text())}
+            time.sleep(0.1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer secret"},
+                          timeout=300) as c:
+            body = {"prompt": args.prompt, "max_tokens": args.api_tokens, "temperature": 0, "stream": False}
+            c.post("/v1/completions", json={**body, "max_tokens": 4})  # compile, warm up
+            before = worker_rss(proc.pid)
+            thread = threading.Thread(target=strangers, daemon=True)
+            if flood:
+                thread.start()
+            t0 = time.perf_counter()
+            reply = c.post("/v1/completions", json=body).json()
+            seconds = time.perf_counter() - t0
+            stop.set()
+            if flood:
+                thread.join(15)
+            tokens = reply["usage"]["completion_tokens"]
+            return {"failed": False, "flood": flood, "tokens": tokens, "tok_s": tokens / seconds,
+                    "attempts": attempts[0], "rss_before_mb": before, "rss_after_mb": worker_rss(proc.pid)}
+    except (httpx.HTTPError, KeyError, ValueError) as e:
+        return {"failed": True, "error": f"{type(e).__name__}: {e}", "stderr_tail": tail(log.read_text())}
+    finally:
+        stop.set()
+        proc.kill()
+        proc.wait(10)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="SmolLM2, 1 repeat, fewer all-gathers")
@@ -129,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="decode runs per mode (default 2; --quick 1)")
     p.add_argument("--allgather-iters", type=int, default=None, help="timed all-gathers (default 3000; --quick 400)")
     p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--api-tokens", type=int, default=200, help="tokens of the API's timed answer (default 200)")
     p.add_argument("--flood", type=float, default=50.0,
                    help="connection attempts a second by strangers in the flood runs (default 50)")
     p.add_argument("--prompt", default=PROMPT)
@@ -140,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dllama-security-bench-", dir=args.tmp_dir))
     started = time.perf_counter()
     rows: list[dict] = []
+    api_rows: list[dict] = []
     allgather: dict[str, Any] = {}
     try:
         k = keys(workdir)
@@ -154,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
                 say(f"· {model.label}, 2 nodes, q80, {label} (run {repeat + 1})")
                 rows.append({"curve": curve, "flood": flood, "repeat": repeat,
                              **decode_run(model, args.steps, curve, k, args, workdir, flood)})
+        for repeat in range(args.repeats):
+            for flood in (0.0, args.flood):
+                say(f"· the API (SmolLM2, --api-key), {f'{flood:g} strangers/s' if flood else 'alone'} (run {repeat + 1})")
+                api_rows.append({"repeat": repeat, **api_run(workdir, flood, args)})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
@@ -178,6 +255,20 @@ def main(argv: list[str] | None = None) -> None:
         if r["failed"]:
             print(f"FAILED {'CURVE' if r['curve'] else 'plaintext'} run {r['repeat'] + 1}: {r['error']}\n"
                   f"{r.get('stderr_tail', '')}")
+    print()
+    print_table_head("| the API | answer tokens/s (each run) | requests by strangers | RSS before → after, MB |")
+    for flood in (0.0, args.flood):
+        runs = [r for r in api_rows if r.get("flood") == flood and not r["failed"]]
+        medians["api" + ("+flood" if flood else "")] = statistics.median(r["tok_s"] for r in runs) if runs else None
+        speeds = ", ".join(format(r["tok_s"], ".1f") for r in runs) or "FAILED"
+        attempts = ", ".join(str(r["attempts"]) for r in runs)
+        rss = ", ".join(f"{fmt(r['rss_before_mb'], '.0f')} → {fmt(r['rss_after_mb'], '.0f')}" for r in runs)
+        label = f"{flood:g} strangers/s" if flood else "alone"
+        print(f"| {label} | {speeds} | {attempts} | {rss} |")
+    for r in api_rows:
+        if r["failed"]:
+            print(f"FAILED the API run {r['repeat'] + 1}: {r['error']}\n{r.get('stderr_tail', '')}")
+
     def slower(a: str, b: str) -> float | None:
         return (1 - medians[a] / medians[b]) if medians[a] and medians[b] else None
     print()
@@ -185,10 +276,12 @@ def main(argv: list[str] | None = None) -> None:
         ("2 nodes decode with CURVE at most 10 % slower than plaintext", slower("curve", "plaintext"),
          lambda v: v <= 0.10, "{:.1%} slower (medians)"),
         (f"strangers at the worker ({args.flood:g}/s, refused) slow a CURVE session by at most 5 %",
-         slower("curve+flood", "curve"), lambda v: v <= 0.05, "{:.1%} slower (medians)")])
+         slower("curve+flood", "curve"), lambda v: v <= 0.05, "{:.1%} slower (medians)"),
+        (f"strangers at the API ({args.flood:g}/s: wrong keys, oversized bodies, garbage) slow an answer by at "
+         f"most 5 %", slower("api+flood", "api"), lambda v: v <= 0.05, "{:.1%} slower (medians)")])
     write_results(Path(args.output), {"machine": machine_info(), "settings": {k: v for k, v in vars(args).items()
                                                                               if k not in ("output", "tmp_dir")},
-                                      "allgather": allgather, "rows": rows, "targets": targets,
+                                      "allgather": allgather, "rows": rows, "api": api_rows, "targets": targets,
                                       "seconds": time.perf_counter() - started}, None)
 
 
