@@ -141,13 +141,18 @@ def api_run(workdir: Path, flood: float, args) -> dict:
     model, port = smollm2(), free_port()
     log = workdir / f"api-{time.monotonic_ns()}.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "dllama", "api", "--model", str(model.path), "--tokenizer",
+        # --isolate: the server on CPU 0, the strangers' thread on CPU 1 (as if they were another machine)
+        pin = ["taskset", "-c", "0"] if args.isolate else []
+        proc = subprocess.Popen([*pin, sys.executable, "-m", "dllama", "api", "--model", str(model.path), "--tokenizer",
                                  str(model.tokenizer), "--port", str(port), "--nthreads", "1", "--api-key", "secret",
                                  "--max-seq-len", "512", "--parallel", "1"], cwd=ROOT, env=node_env(), stderr=err,
                                 stdout=subprocess.DEVNULL)
     stop, attempts = threading.Event(), [0]
 
     def strangers() -> None:
+        if args.isolate:
+            import os
+            os.sched_setaffinity(0, {1})  # this thread only
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
             while not stop.wait(1 / flood):
                 attempts[0] += 1
@@ -201,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allgather-iters", type=int, default=None, help="timed all-gathers (default 3000; --quick 400)")
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--api-tokens", type=int, default=200, help="tokens of the API's timed answer (default 200)")
+    p.add_argument("--api-only", action="store_true", help="only the API runs (no keys, no cluster)")
+    p.add_argument("--isolate", action="store_true",
+                   help="API runs: the server on CPU 0, the strangers on CPU 1 (a 2-core stand-in for another machine)")
     p.add_argument("--flood", type=float, default=50.0,
                    help="connection attempts a second by strangers in the flood runs (default 50)")
     p.add_argument("--prompt", default=PROMPT)
@@ -216,12 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     allgather: dict[str, Any] = {}
     try:
         k = keys(workdir)
-        model = cluster_model("smollm2" if args.quick else "1b", workdir, args.prompt)
-        for curve in (False, True):
+        model = cluster_model("smollm2" if args.quick or args.api_only else "1b", workdir, args.prompt)
+        for curve in () if args.api_only else (False, True):
             say(f"· all-gather micro-benchmark, {'CURVE' if curve else 'plaintext'}")
             args.curve = curve
             allgather["curve" if curve else "plaintext"] = run_allgather(args)
-        for repeat in range(args.repeats):
+        for repeat in range(0 if args.api_only else args.repeats):
             for curve, flood in ((False, 0.0), (True, 0.0), (True, args.flood)):
                 label = ("CURVE" if curve else "plaintext") + (f", {flood:g} strangers/s" if flood else "")
                 say(f"· {model.label}, 2 nodes, q80, {label} (run {repeat + 1})")

@@ -67,8 +67,11 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JSONResponse:
-    """OpenAI's error object."""
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+    """OpenAI's error object. A request refused before its body is read (no key, too large) also
+    closes the connection: the server does not take in the rest of a stranger's upload."""
+    headers = {"Connection": "close"} if status in (401, 413) else None
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
 # -- parameters ------------------------------------------------------------------------------------
