@@ -118,9 +118,12 @@ def test_only_authorized_roots_are_served_and_the_text_is_the_plaintext_one(smol
 
         again = root(smollm2, [f"{secure.address}@{worker_key}"], "--key", str(tmp_path / "r"))
         assert again.returncode == 0 and text_of(again.stdout) == text_of(expected.stdout)  # still serving
-        refusals = sorted(line for line in secure.output().splitlines() if "🔒 refused" in line)
-        assert refusals == ["🔒 refused 127.0.0.1: it does not speak CURVE (no keys, or not dllama)",
-                            "🔒 refused 127.0.0.1: its key is not in --authorized-keys"], refusals
+        refusals = {line for line in secure.output().splitlines() if "🔒 refused" in line}
+        expected = {"🔒 refused 127.0.0.1: it does not speak CURVE (no keys, or not dllama)",
+                    "🔒 refused 127.0.0.1: its key is not in --authorized-keys"}
+        # A connection gone before the worker looked it up is named "?" (its events come late).
+        assert expected <= refusals <= expected | {"🔒 refused ?: it does not speak CURVE (no keys, or not dllama)"}, \
+            refusals
     assert stranger_key != root_key
 
 

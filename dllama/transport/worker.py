@@ -140,7 +140,8 @@ class WorkerServer:
         self.router = new_socket(self.ctx, zmq.ROUTER, heartbeat, server=True, security=security, domain=CONTROL)
         # With CURVE: peers whose handshake fails before ZAP (plaintext, garbage) are logged too.
         self.handshakes = None if self.gatekeeper is None else self.router.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self._accepted: list[str] = []  # peers accepted, whose handshake has not ended yet (oldest first)
         try:
             self.router.bind(f"tcp://{self.bind_host}:{port}")
@@ -242,18 +243,23 @@ class WorkerServer:
 
     def _note_handshakes(self) -> None:
         """Log the peers refused before the gatekeeper is asked (no CURVE, or not ZeroMQ at all):
-        libzmq's failure event names no peer, so the accepted connections are matched in order."""
+        libzmq's handshake events name no peer, so accepted connections are matched, in order, with
+        the handshakes that end (succeeded, refused by the gatekeeper, which logs those itself, or
+        failed). Under many strangers at once the pairing is approximate."""
         while self.handshakes.poll(0):
-            event = recv_monitor_message(self.handshakes)
-            if event["event"] == zmq.EVENT_ACCEPTED:
+            message = recv_monitor_message(self.handshakes)
+            event = message["event"]
+            if event == zmq.EVENT_ACCEPTED:
                 try:
-                    with socket.socket(fileno=os.dup(int(event["value"]))) as s:
+                    with socket.socket(fileno=os.dup(int(message["value"]))) as s:
                         host = s.getpeername()[0]
                 except OSError:  # already gone
                     host = "?"
                 self._accepted = (self._accepted + [host])[-256:]
-            else:  # a failed handshake: the oldest connection still in one
-                self.gatekeeper.note(CONTROL_PLAIN, self._accepted.pop(0) if self._accepted else "?")
+                continue
+            host = self._accepted.pop(0) if self._accepted else "?"
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self.gatekeeper.note(CONTROL_PLAIN, host)
 
     def _expect(self, owner: bytes, mesh: Mesh, epoch: int, kind: str) -> tuple[dict, list]:
         _, _, got, meta, blobs = self._next(owner, mesh, epoch)
