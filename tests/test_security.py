@@ -305,3 +305,30 @@ def test_fuzzed_messages_from_strangers_and_from_the_root_leave_the_worker_servi
         ok = root(smollm2, [f"{w.address}@{worker_key}"], "--key", str(tmp_path / "r"))
         assert ok.returncode == 0, ok.stderr + w.output()[-2000:]
         assert w.proc.poll() is None
+
+
+def test_a_refusal_that_stops_the_first_send_is_named(tmp_path):
+    """The worker refused the handshake before the hello could even be queued (seen on a loaded
+    machine): the send times out, and the root says why, not only that the worker takes nothing."""
+    import struct
+
+    from dllama.transport.root import RootLink, WorkerFailed, WorkerLink
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)  # connected to nothing: a send waits, then times out
+    sock.sndtimeo, sock.linger = 100, 0
+    inject, monitor = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    inject.bind("inproc://fake-monitor")
+    monitor.connect("inproc://fake-monitor")
+    inject.send_multipart([struct.pack("=hi", zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400), b"tcp://127.0.0.1:1"])
+    poller = zmq.Poller()
+    link = WorkerLink("127.0.0.1:1", "127.0.0.1", 1, sock, monitor, poller)
+    session = RootLink(ctx, [link], 1, 1.0, 5.0)
+    try:
+        with pytest.raises(WorkerFailed, match="refused this root: its key is not in the worker's --authorized-keys"):
+            session.send(link, "hello", {})
+    finally:
+        session.mesh.close()
+        for s in (sock, inject, monitor):
+            s.close(linger=0)
+        ctx.term()

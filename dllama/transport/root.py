@@ -166,7 +166,8 @@ class RootLink:
         try:
             w.sock.send_multipart(frames, copy=False)
         except zmq.Again:  # its queue stayed full for the send timeout: the link is down
-            raise WorkerFailed(f"worker {w.address} takes no messages", [w.index]) from None
+            w.watch()  # a refused handshake drops the queue before the first send: say that
+            raise WorkerFailed(f"worker {w.address} {w.refused or 'takes no messages'}", [w.index]) from None
 
     def recv(self, w: WorkerLink, kind: str, timeout: float | None = NET_TIMEOUT) -> tuple[dict, list]:
         """The next message of this session from worker ``w``, which must be ``kind``. Waits at
