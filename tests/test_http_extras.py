@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ try:
 except ImportError:  # some environments ship httpx's successor under this name
     import httpx2 as httpx
 
-from dllama.commands.http_extras import AccessLog
+from dllama.commands.http_extras import AccessLog, OncePerMinute
 from dllama.kernels.quants import FloatType
 from tests.helpers import tiny_header, write_random_model, write_tiny_chat_tokenizer
 from tests.processes import ENV, ROOT, Server
@@ -115,6 +117,23 @@ def test_a_path_cannot_forge_a_log_line(logged):
     (line,) = lines
     assert "\n" not in line and LINE.match(line), line
     assert LINE.match(line)["path"].startswith("/plain\\x0a2026")
+
+
+def test_a_repeated_warning_passes_once_a_minute_and_counts_the_rest():
+    now = [0.0]
+    gate = OncePerMinute(clock=lambda: now[0])
+
+    def passes(message: str) -> str | None:
+        record = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, message, None, None)
+        return record.getMessage() if gate.filter(record) else None
+
+    assert passes("Invalid HTTP request received.") == "Invalid HTTP request received."
+    assert [passes("Invalid HTTP request received.") for _ in range(5)] == [None] * 5
+    assert passes("another warning") == "another warning"  # each message on its own clock
+    now[0] = 61.0
+    assert passes("Invalid HTTP request received.") == \
+        "Invalid HTTP request received. (5 more like it in the last minute)"
+    assert passes("Invalid HTTP request received.") is None
 
 
 # -- a real server on a tiny model --------------------------------------------------------------
@@ -230,6 +249,15 @@ def test_the_log_has_a_line_per_request(plain_server):
         ("POST", "/v1/chat/completions", "200")], plain_server.output()
     models = next(m for m in lines if m["path"] == "/v1/models")
     assert models["tokens_in"] == "-" and models["wait"] == "-"
+
+
+def test_garbage_from_a_stranger_is_logged_once_and_the_server_keeps_serving(plain_server):
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", plain_server.port), timeout=10) as raw:
+            raw.sendall(b"\x16\x03\x01garbage" * 64)
+            assert raw.recv(100).startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"{plain_server.base}/health", timeout=30).status_code == 200
+    assert plain_server.output().count("Invalid HTTP request received.") == 1, plain_server.output()
 
 
 def test_the_log_line_has_the_usage_figures(plain_server):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import socket
 import threading
@@ -60,6 +61,7 @@ def check_tls(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from dllama.commands.http_extras import OncePerMinute
     from dllama.commands.openai_app import Api
     from dllama.engine.chat_template import (
         ChatTemplateError,
@@ -91,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
              + (f"; browsers may call the API from {', '.join(cors)}" if cors else ""))
         config = uvicorn.Config(api.app, log_level="warning", timeout_graceful_shutdown=30, lifespan="off",
                                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+        logging.getLogger("uvicorn.error").addFilter(OncePerMinute())  # set up by uvicorn.Config
         server = uvicorn.Server(config)
 
         def stop(sig, frame) -> None:  # Ctrl-C, SIGTERM: generations end after their current step

@@ -2,6 +2,7 @@
 clients on other origins (``--cors-origin``), and one access log line per request."""
 from __future__ import annotations
 
+import logging
 import time
 from functools import lru_cache
 from importlib.resources import files
@@ -108,3 +109,27 @@ class AccessLog:
         if seen["status"] is not None and not seen["finished"]:  # a stream cut short
             line += " (client left)" if seen["left"] else " (unfinished)"
         return line
+
+
+class OncePerMinute(logging.Filter):
+    """Lets each distinct message through once a minute, and says how many it held back: uvicorn
+    warns once per malformed request ("Invalid HTTP request received."), so a stranger sending
+    garbage would otherwise write the log as fast as it sends."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.clock = clock
+        self.last: dict[str, tuple[float, int]] = {}  # message -> (when let through, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message, now = record.getMessage(), self.clock()
+        when, held = self.last.get(message, (None, 0))
+        if when is not None and now - when < 60:
+            self.last[message] = (when, held + 1)
+            return False
+        if len(self.last) > 1000:  # distinct messages from strangers: keep the table bounded
+            self.last.clear()
+        self.last[message] = (now, 0)
+        if held:
+            record.msg, record.args = f"{message} ({held} more like it in the last minute)", None
+        return True

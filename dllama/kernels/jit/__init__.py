@@ -10,7 +10,10 @@ from ``vector_ir``; ``packing`` the weight layouts they read.
 
 Importing this package configures numba (cache folder, threading layer) before any kernel of
 its modules is defined: numba picks a cached function's folder when it is decorated. Threads
-come from ``prange`` (numba's thread count, set by ``--nthreads``).
+come from ``prange`` (numba's thread count, set by ``--nthreads``). Every kernel releases the GIL
+(``nogil``): the API's HTTP thread and a node's link threads run beside the forward instead of
+waiting for each kernel to return (measured: strangers at the API slowed an answer by 5.8-7.1 %
+with the GIL held, see bench/security.py).
 """
 from __future__ import annotations
 

@@ -273,7 +273,7 @@ def _transpose_squares(typingctx, rows, cols):
     return sig, codegen
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _tiles(slots, positions, tile_rows, starts):
     """Cut the rows into tiles of at most ``tile_rows`` consecutive rows of one slot at
     consecutive positions; ``starts`` gets each tile's first row and, after the last, the row
@@ -293,7 +293,7 @@ def _tiles(slots, positions, tile_rows, starts):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _attend_tile(q, k_cache, v_cache, slot, r0, r1, positions, kv, first, last, scale, heads_out,
                  qs, acc, state, qpos, kt, vpad):
     """Rows r0 .. r1 - 1 (one tile) of query heads first .. last - 1, which read KV head kv."""
@@ -345,7 +345,7 @@ def _attend_tile(q, k_cache, v_cache, slot, r0, r1, positions, kv, first, last, 
             heads_out[t, h, d] = acc[i, d] * inv
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _share(starts, n_tiles, positions, n_kv, workers, owner):
     """Give the items (tile, KV head) = tile * n_kv + kv to the workers, the costliest first, each
     to the least loaded worker (``owner``); returns the most loaded worker's share of the work
@@ -366,7 +366,7 @@ def _share(starts, n_tiles, positions, n_kv, workers, owner):
     return load.max() * workers / max(cost.sum(), 1.0)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def attention_into(q, k_cache, v_cache, slots, positions, out, group, head_offset):
     """Causal GQA of rows from several cache slots; q [T, heads, D], caches [slots, S, kv_heads, D]
     (C-contiguous), slots and positions [T], out [T, heads * D]. Row t attends positions

@@ -94,7 +94,7 @@ class EndArgs(NamedTuple):
     f16_table: np.ndarray
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def attention_block(x, slots, positions, norm, eps, qkv, qkv_rows, q_norm, k_norm, cos, sin, falcon, k_cache, v_cache,
                     n_heads, n_kv_heads, head_dim, group, head_offset, o, o_rows, q80, path, f16_table):
     n_tokens, dim = x.shape
@@ -124,7 +124,7 @@ def attention_block(x, slots, positions, norm, eps, qkv, qkv_rows, q_norm, k_nor
     return product(o, o_rows, z, q80, path, f16_table)[:, :dim]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def expert_ffn(y, w13, w13_rows, hidden, w2, w2_rows, gelu, q80, path, f16_table):
     """act(y @ w1.T) * (y @ w3.T) @ w2.T for a normalized input y."""
     gate_up = product(w13, w13_rows, y, q80, path, f16_table)
@@ -133,21 +133,21 @@ def expert_ffn(y, w13, w13_rows, hidden, w2, w2_rows, gelu, q80, path, f16_table
     return product(w2, w2_rows, d, q80, path, f16_table)[:, :y.shape[1]]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def ffn_block(x, norm, eps, w13, w13_rows, hidden, w2, w2_rows, gelu, q80, path, f16_table):
     y = np.empty_like(x)
     rms_norm_into(x, norm, eps, y)
     return expert_ffn(y, w13, w13_rows, hidden, w2, w2_rows, gelu, q80, path, f16_table)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def start_block(embedding, tokens):
     out = np.empty((tokens.shape[0], embedding.shape[1]), dtype=np.float32)
     embedding_into(embedding, tokens, out)
     return out
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def end_block(x, norm, eps, w, rows, vocab, q80, path, f16_table):
     y = np.empty_like(x)
     rms_norm_into(x, norm, eps, y)

@@ -12,7 +12,7 @@ from dllama.kernels.jit import FAST, simd
 NORM_LANES = 16
 
 
-@njit(cache=True)  # not inlined: numba would compile it with the caller's fastmath
+@njit(cache=True, nogil=True)  # not inlined: numba would compile it with the caller's fastmath
 def _sum_squares(x):
     """The sum of x's squares in one fixed order: 16 lanes side by side (which vectorize without
     reassociation), then the lanes and the tail in turn. Without fastmath, so that a row gets
@@ -34,7 +34,7 @@ def _sum_squares(x):
 
 # Not inlined, and no fastmath that changes results (arcp would turn x * (1 / r) into x / r in
 # one caller and not in another): a row is normalized to the same bits alone or in a batch.
-@njit(cache=True, fastmath={"nsz"})
+@njit(cache=True, nogil=True, fastmath={"nsz"})
 def _rms_norm_row(x, weight, eps, out):
     n = x.shape[0]
     ss = _sum_squares(x)
@@ -43,13 +43,13 @@ def _rms_norm_row(x, weight, eps, out):
         out[j] = (x[j] * scale) * weight[j]
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, nogil=True, parallel=True, fastmath=FAST)
 def _rms_norm_rows(x, weight, eps, out):
     for t in prange(x.shape[0]):
         _rms_norm_row(x[t], weight, eps, out[t])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def rms_norm_into(x, weight, eps, out):
     if x.shape[0] == 1:
         _rms_norm_row(x[0], weight, eps, out[0])
@@ -65,13 +65,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _pow2(n):
     """2^n as float32 for -126 <= n <= 127."""
     return simd.f32_from_bits(np.int32((n + 127) << 23))
 
 
-@njit(cache=True, inline="always", fastmath={"nsz", "contract"})
+@njit(cache=True, nogil=True, inline="always", fastmath={"nsz", "contract"})
 def expf(x):
     """e^x in float32 within 2 ulp, without a library call, so that loops calling it vectorize.
 
@@ -98,18 +98,18 @@ def expf(x):
     return y * _pow2(half) * _pow2(k - half)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _silu(v):
     return v / (np.float32(1.0) + expf(-v))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _gelu(v):
     return np.float32(0.5) * v * (np.float32(1.0) + np.tanh(
         np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _map_activation(x, use_gelu, out):
     for i in range(x.size):
         out[i] = _gelu(x[i]) if use_gelu else _silu(x[i])
@@ -130,7 +130,7 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return _activate(x, True)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _gated_row(gate_up, hidden, use_gelu, out):
     for j in range(hidden):
         g = gate_up[j]
@@ -138,13 +138,13 @@ def _gated_row(gate_up, hidden, use_gelu, out):
         out[j] = a * gate_up[hidden + j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _gated_rows(gate_up, hidden, use_gelu, out):
     for t in prange(gate_up.shape[0]):
         _gated_row(gate_up[t], hidden, use_gelu, out[t])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def gated_into(gate_up, hidden, use_gelu, out):
     """The feed-forward's gated product act(gate) * up; gate_up holds [gate | up] per token."""
     if gate_up.shape[0] == 1:
@@ -162,7 +162,7 @@ def swiglu(gate: np.ndarray, up: np.ndarray, use_gelu: bool = False) -> np.ndarr
     return out.reshape(gate.shape)
 
 
-@njit(cache=True, fastmath={"nsz", "arcp", "contract"})
+@njit(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract"})
 def softmax_into(x, out):
     for t in range(x.shape[0]):
         m = np.float32(-np.inf)  # float32 like x: a float64 x - m would round differently
@@ -186,7 +186,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.moveaxis(out.reshape(x.shape), -1, axis)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rope_into(x, cos, sin, falcon):
     """Rotate x [T, heads, head_dim] in place by the angles of each token's row of cos/sin."""
     half = x.shape[2] // 2
@@ -216,7 +216,7 @@ def rope_llama(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def rope_falcon(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return _rope(x, cos, sin, True)
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def embedding_into(table, tokens, out):
     for t in range(tokens.shape[0]):
         out[t, :] = table[tokens[t], :]

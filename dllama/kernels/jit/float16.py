@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def f16_to_f32(bits: int) -> np.float32:
     exponent = (bits >> 10) & 0x1F
     mantissa = bits & 0x3FF
@@ -21,7 +21,7 @@ def f16_to_f32(bits: int) -> np.float32:
     return np.float32(-value if bits & 0x8000 else value)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def f64_to_f16(value: float) -> np.uint16:
     """Round a float64 to the nearest float16 (ties to even), as NumPy's astype does."""
     sign = 0x8000 if (value < 0 or (value == 0 and math.copysign(1.0, value) < 0)) else 0
@@ -38,7 +38,7 @@ def f64_to_f16(value: float) -> np.uint16:
     return np.uint16(sign | (((e - 1 + 15) << 10) + mantissa))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _f16_table() -> np.ndarray:
     table = np.empty(65536, dtype=np.float32)
     for bits in range(65536):
@@ -56,13 +56,13 @@ def f16_table() -> np.ndarray:
     return F16_TABLE
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _f16_decode(bits: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
     for i in prange(bits.size):
         out[i] = table[bits[i]]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _f16_encode(x: np.ndarray, out: np.ndarray) -> None:
     for i in prange(x.size):
         out[i] = f64_to_f16(np.float64(x[i]))

@@ -20,7 +20,7 @@ from dllama.kernels.quants import BLOCK_SIZE, FloatType
 CHUNK_BYTES = 16384
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _linear_int8(w, xq, xd, xc, out, path):
     """Packed Q40 or Q80 weights [groups, blocks, record] against Q80 activations."""
     groups, nb, record = w.shape
@@ -52,7 +52,7 @@ def _linear_int8(w, xq, xd, xc, out, path):
                 simd.int8_tile1(flat, g * nb * record, xq, xd, xc, t, nb, out, g * GROUP_ROWS, path)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _linear_grouped_f32(w, x, out, path):
     """Packed Q40 or Q80 weights against float32 activations."""
     groups, nb, record = w.shape
@@ -83,7 +83,7 @@ def _weight_value_impl(w, r, j, table):
     return lambda w, r, j, table: w[r, j]
 
 
-@njit(cache=True, fastmath=FAST, inline="always")
+@njit(cache=True, nogil=True, fastmath=FAST, inline="always")
 def _float_tail(w, r, x, t, start, table):
     """The last values of a row past its whole blocks (weights whose width is no multiple of 32)."""
     s = np.float32(0.0)
@@ -92,7 +92,7 @@ def _float_tail(w, r, x, t, start, table):
     return s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _linear_float(w, x, out, path, table):
     """F16 (uint16 bits) or F32 weights in their stored rows."""
     rows, n = w.shape
@@ -145,7 +145,7 @@ def _linear_into(w, x, xq, xd, xc, table, q80, out, path):
     return impl
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def activation(x, q80, table):
     """x's Q80 form for the int8 products (empty arrays when the products take float32)."""
     n_tokens, n = x.shape
@@ -158,7 +158,7 @@ def activation(x, q80, table):
     return xq, xd, xc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def product(w, width, x, q80, path, table):
     """x @ W.T into a new [T, width] array (width: the weight's padded rows)."""
     xq, xd, xc = activation(x, q80, table)

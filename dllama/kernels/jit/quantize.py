@@ -12,7 +12,7 @@ from dllama.kernels.jit.simd import Q80_ACT_BYTES, Q80_CORR_LANES
 from dllama.kernels.quants import BLOCK_SIZE, Q40_BLOCK, Q40_SEARCH_LEVELS, Q80_BLOCK, q40_block_importance
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _q40_max_abs_block(x: np.ndarray, qs: np.ndarray) -> np.uint16:
     """ggml's rounding of 32 values into qs [16], float64 inside; returns the scale's float16 bits."""
     gmax = -np.inf
@@ -30,7 +30,7 @@ def _q40_max_abs_block(x: np.ndarray, qs: np.ndarray) -> np.uint16:
     return f64_to_f16(d)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _q40_block_error(x: np.ndarray, w: np.ndarray, bits: int, qs: np.ndarray, table: np.ndarray) -> float:
     """quants.q40_block_errors for one block."""
     d = np.float64(table[bits])
@@ -42,7 +42,7 @@ def _q40_block_error(x: np.ndarray, w: np.ndarray, bits: int, qs: np.ndarray, ta
     return err
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _q40_search_block(x: np.ndarray, bits: int, qs: np.ndarray, importance: np.ndarray, w: np.ndarray,
                       candidate: np.ndarray, table: np.ndarray, levels: np.ndarray) -> int:
     """quants._search_q40 for one max-abs block (bits, qs) and its columns' importance [32]:
@@ -100,7 +100,7 @@ def _q40_search_block(x: np.ndarray, bits: int, qs: np.ndarray, importance: np.n
 _Q40_CHUNK = 256  # blocks per parallel task: their scratch is allocated once
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _quantize_q40(x: np.ndarray, d_bits: np.ndarray, qs: np.ndarray, table: np.ndarray,
                   levels: np.ndarray, importance: np.ndarray) -> None:
     """x [blocks, 32] -> d_bits [blocks], qs [blocks, 16]: quants.quantize_q40, byte for byte.
@@ -116,7 +116,7 @@ def _quantize_q40(x: np.ndarray, d_bits: np.ndarray, qs: np.ndarray, table: np.n
             d_bits[b] = _q40_search_block(x[b], bits, qs[b], importance[b % per_row], w, candidate, table, levels)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _q80_block(x: np.ndarray, q: np.ndarray) -> tuple[np.uint16, int]:
     """Quantize 32 values into q; returns the scale's float16 bits and the sum of q."""
     amax = 0.0
@@ -134,14 +134,14 @@ def _q80_block(x: np.ndarray, q: np.ndarray) -> tuple[np.uint16, int]:
     return f64_to_f16(d), total
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _quantize_q80(x: np.ndarray, d_bits: np.ndarray, qs: np.ndarray) -> None:
     for b in prange(x.shape[0]):
         d_bits[b], _ = _q80_block(x[b], qs[b])
 
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_q40(d_bits: np.ndarray, qs: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
     for b in prange(qs.shape[0]):
         d = table[d_bits[b]]
@@ -150,7 +150,7 @@ def _dequantize_q40(d_bits: np.ndarray, qs: np.ndarray, table: np.ndarray, out: 
             out[b, j + 16] = np.float32(np.int32(qs[b, j] >> 4) - 8) * d
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_q80(d_bits: np.ndarray, qs: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
     for b in prange(qs.shape[0]):
         d = table[d_bits[b]]
@@ -209,7 +209,7 @@ def round_trip_q80(x: np.ndarray) -> np.ndarray:
     return dequantize_q80(quantize_q80(x))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _quantize_activation_row(x, xq, xd, xc, table):
     q = np.empty(BLOCK_SIZE, dtype=np.int8)
     for b in range(x.shape[0] // BLOCK_SIZE):
@@ -225,13 +225,13 @@ def _quantize_activation_row(x, xq, xd, xc, table):
             xc[b * Q80_CORR_LANES + lane] = -8 * total if lane % 4 == 0 else 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _quantize_activation_rows(x, xq, xd, xc, table):
     for t in prange(x.shape[0]):
         _quantize_activation_row(x[t], xq[t], xd[t], xc[t], table)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def quantize_activation(x: np.ndarray, xq: np.ndarray, xd: np.ndarray, xc: np.ndarray,
                         table: np.ndarray) -> None:
     """x [T, n] to Q80 for the int8 products: values xq [T, n/32 * Q80_ACT_BYTES] (each half of

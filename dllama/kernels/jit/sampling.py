@@ -5,7 +5,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def argmax(logits: np.ndarray) -> int:
     """Index of the largest value, the first one on ties (as np.argmax)."""
     best = 0

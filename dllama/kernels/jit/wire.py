@@ -11,7 +11,7 @@ from dllama.kernels.jit.quantize import _q80_block
 from dllama.kernels.quants import BLOCK_SIZE
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _encode_into(x: np.ndarray, out: np.ndarray) -> None:
     """Flat float32 ``x`` (a multiple of 32 values) to Q80 blocks as bytes (``Q80_BLOCK``'s
     layout: little-endian float16 scale, 32 int8) in ``out``."""
@@ -25,7 +25,7 @@ def _encode_into(x: np.ndarray, out: np.ndarray) -> None:
             out[o + 2 + j] = np.uint8(q[j] & 0xFF)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sum_rows(frames: np.ndarray, order: np.ndarray, offset: int, table: np.ndarray, total: np.ndarray) -> None:
     """``total`` (flat float32) = the sum, in ``order``, of the Q80 parts that those rows of
     ``frames`` hold from byte ``offset`` on: one call for the whole all-gather."""
