@@ -62,7 +62,9 @@ def simd_paths() -> list[tuple[str, pytest.MarkDecorator]]:
     from dllama.kernels.jit import simd
 
     paths = [("avx512", simd.HOST_HAS_AVX512, "AVX512-VNNI"), ("vnni", simd.HOST_HAS_VNNI, "AVX-VNNI"),
-             ("avx2", simd.HOST_HAS_AVX2, "AVX2, FMA and F16C"), ("portable", True, "")]
+             ("avx2", simd.HOST_HAS_AVX2, "AVX2, FMA and F16C"),
+             ("dotprod", simd.HOST_HAS_DOTPROD, "AArch64's DotProd (tests/arm64/emulate.py runs it)"),
+             ("neon", simd.HOST_HAS_NEON, "AArch64's NEON (tests/arm64/emulate.py runs it)"), ("portable", True, "")]
     return [(name, pytest.mark.skipif(not ok, reason=f"this CPU lacks {needs} (the {name} path)"))
             for name, ok, needs in paths]
 

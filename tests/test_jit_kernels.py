@@ -41,7 +41,7 @@ SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck
 # Only Q40 weight products take the SIMD path (see tests/helpers.py: simd_paths): they run on
 # every path, the other weight types once, on this CPU's own (the path argument is unused there).
 PATH_IDS = {"portable": simd.PATH_PORTABLE, "avx2": simd.PATH_AVX2, "vnni": simd.PATH_VNNI,
-            "avx512": simd.PATH_AVX512}
+            "avx512": simd.PATH_AVX512, "neon": simd.PATH_NEON, "dotprod": simd.PATH_DOTPROD}
 LINEAR_CASES = [
     *(pytest.param(ft, q80, PATH_IDS[name], marks=skip, id=f"{ft.name}-{'q80' if q80 else 'f32'}-{name}")
       for ft in (FloatType.Q40, FloatType.Q80) for name, skip in simd_paths() for q80 in (False, True)),
@@ -291,9 +291,7 @@ def test_linear_zero_weight_and_activation_give_exact_zeros():
     for ft in FloatType:
         stored = from_float32(np.zeros((5, 64), np.float32), ft)
         for q80_input in (False, True):
-            for path in (simd.PATH_PORTABLE, simd.PATH_AVX2 if simd.HOST_HAS_AVX2 else simd.PATH_PORTABLE,
-                         simd.PATH_VNNI if simd.HOST_HAS_VNNI else simd.PATH_PORTABLE,
-                         simd.PATH_AVX512 if simd.HOST_HAS_AVX512 else simd.PATH_PORTABLE):
+            for path in (PATH_IDS[name] for name, skip in simd_paths() if not skip.args[0]):  # this CPU's
                 out = matmul.linear(np.ones((3, 64), np.float32), pack(stored, ft), 5, ft, q80_input, path)
                 assert out.shape == (3, 5) and np.all(out == 0)
 

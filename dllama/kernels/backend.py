@@ -1,8 +1,8 @@
 """Which kernels run: numba's JIT ones when numba imports, else the NumPy reference. The one
 place that picks the backend (``backend``) and hands out its operations (``ops``).
 
-``DLLAMA_BACKEND=numba|numpy`` forces a backend; ``DLLAMA_CPU_PATH=avx512|vnni|avx2|portable`` forces
-the SIMD path of the JIT kernels (default: the best this CPU has, see ``jit.simd``).
+``DLLAMA_BACKEND=numba|numpy`` forces a backend; ``DLLAMA_CPU_PATH=avx512|vnni|avx2|dotprod|neon|portable``
+forces the SIMD path of the JIT kernels (default: the best this CPU has, see ``jit.vector_ir``).
 
 numba's settings before it starts (cache folder, threading layer, thread pool size) are
 ``numba_config``'s; ``set_threads`` changes the threads a running numba uses.
@@ -55,14 +55,14 @@ def set_threads(n: int | None) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
-PATH_NAMES = ("portable", "avx2", "vnni", "avx512")  # indexed by simd.PATH_*
+PATH_NAMES = ("portable", "avx2", "vnni", "avx512", "neon", "dotprod")  # indexed by simd.PATH_*
 
 
 def cpu_path() -> int:
     """The SIMD path for this CPU (a simd.PATH_* value), or the one DLLAMA_CPU_PATH forces."""
     from dllama.kernels.jit import simd
     available = {"portable": True, "avx2": simd.HOST_HAS_AVX2, "vnni": simd.HOST_HAS_VNNI,
-                 "avx512": simd.HOST_HAS_AVX512}
+                 "avx512": simd.HOST_HAS_AVX512, "neon": simd.HOST_HAS_NEON, "dotprod": simd.HOST_HAS_DOTPROD}
     wanted = os.environ.get("DLLAMA_CPU_PATH", "").strip().lower()
     if wanted:
         if wanted not in available:

@@ -6,10 +6,16 @@ environment before numba itself is imported (``configure_numba_environment``).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
+import platform
+import sys
 from pathlib import Path
+
+AT_HWCAP = 16
+HWCAP_ASIMDDP = 1 << 20  # Linux arm64: the CPU runs sdot/udot
 
 
 def kernel_sources() -> dict[str, Path]:
@@ -53,6 +59,36 @@ def configure_imported_numba() -> None:
     # omp: a parallel loop launch costs ~3 us there, 76 to 166 us with numba's workqueue.
     priority = os.environ.get("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
     numba.config.THREADING_LAYER_PRIORITY = priority.split()
+    _target_dotprod(numba)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_dotprod() -> bool:
+    """Whether this CPU runs AArch64's int8 dot products (sdot): every Apple M chip; on Linux,
+    as the kernel says (AT_HWCAP), which stays true under qemu where /proc/cpuinfo does not."""
+    if platform.machine().lower() not in ("aarch64", "arm64"):
+        return False
+    if sys.platform == "darwin":
+        return True
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return False
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return bool(getauxval(AT_HWCAP) & HWCAP_ASIMDDP)
+
+
+def _target_dotprod(numba) -> None:
+    """numba compiles for the features LLVM finds on the host, and LLVM may not find dotprod
+    where the CPU has it (macOS; qemu, whose /proc/cpuinfo is the x86 host's): add it then, so
+    that the dotprod path is compiled. Features the user set (NUMBA_CPU_FEATURES) stay as set."""
+    if not cpu_has_dotprod() or numba.config.CPU_FEATURES is not None:
+        return
+    from numba.core.codegen import get_host_cpu_features
+
+    features = [f for f in get_host_cpu_features().split(",") if f and f != "-dotprod"]
+    if "+dotprod" not in features:
+        numba.config.CPU_FEATURES = ",".join([*features, "+dotprod"])
 
 
 @functools.lru_cache(maxsize=None)

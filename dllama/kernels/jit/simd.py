@@ -16,7 +16,8 @@ rows against the activation's halves stored twice (``Q80_ACT_BYTES``), 64 bytes 
 against those halves broadcast. The products need one unsigned operand: Q40 multiplies its
 nibbles (value + 8), VNNI's Q80 its bits with the top one flipped (value + 128), and the
 activation's correction lanes take the offset away again; AVX2's ``pmaddubsw`` would saturate
-on Q80's offset, so there it multiplies |w| by x carrying w's sign.
+on Q80's offset, so there it multiplies |w| by x carrying w's sign. AArch64's products are
+signed, one row at a time (``_int8_arm``), into the same lanes.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dllama.kernels.jit.vector_ir import (  # noqa: F401 (the paths and host features are re-exported)
-    F32, HOST_HAS_AVX2, HOST_HAS_AVX512, HOST_HAS_VNNI, I8, I16, I32, PATH_AVX2, PATH_AVX512,
-    PATH_PORTABLE, PATH_VNNI, by_f16c, by_path, byte_ptr, half_to_float, intrinsic_fn, load, prefetch,
-    reduce_add_f32, splat, store_f32, token_rows, vec)
+    F32, HOST_HAS_AVX2, HOST_HAS_AVX512, HOST_HAS_DOTPROD, HOST_HAS_NEON, HOST_HAS_VNNI, I8, I16, I32,
+    PATH_AVX2, PATH_AVX512, PATH_DOTPROD, PATH_NEON, PATH_PORTABLE, PATH_VNNI, by_f16c, by_path, byte_ptr,
+    half_to_float, intrinsic_fn, load, prefetch, reduce_add_f32, splat, store_f32, token_rows, vec)
 
 GROUP_ROWS = 4
 # Bytes ahead of the current record to prefetch. Measured on the project's 2-core machine
@@ -74,6 +75,15 @@ def _correction(builder, fmt: str, corr: ir.Value, n: int) -> ir.Value:
     return corr if fmt == "q40" else builder.shl(corr, ir.Constant(vec(I32, n), [4] * n))
 
 
+def _record(builder, fmt: str, w, w_off, b, hardware_f16: bool) -> tuple[ir.Value, ir.Value]:
+    """Block ``b``'s record of the group at ``w_off``: its byte offset (the records ahead are
+    prefetched) and its ``GROUP_ROWS`` scales as a <GROUP_ROWS x float>."""
+    rec = builder.add(w_off, builder.mul(b, _c(RECORD[fmt])))
+    for ahead in range(0, RECORD[fmt], 64):
+        prefetch(builder, w, builder.add(rec, _c(PREFETCH + ahead)))
+    return rec, half_to_float(builder, load(builder, w, rec, vec(I16, GROUP_ROWS)), GROUP_ROWS, hardware_f16)
+
+
 def _int8_body(builder, fmt: str, w, w_off, tokens, nb, out_off, kind: str) -> None:
     """Dot products of the GROUP_ROWS rows of one packed group with each token's Q80 activation.
 
@@ -85,6 +95,9 @@ def _int8_body(builder, fmt: str, w, w_off, tokens, nb, out_off, kind: str) -> N
     if kind == "portable":
         for tok in tokens:
             _int8_portable(builder, fmt, w, w_off, tok, nb, out_off)
+        return
+    if kind in ("dotprod", "neon"):
+        _int8_arm(builder, fmt, w, w_off, tokens, nb, out_off, kind == "dotprod")
         return
     if kind == "avx512":
         _int8_avx512(builder, fmt, w, w_off, tokens, nb, out_off)
@@ -107,10 +120,7 @@ def _int8_body(builder, fmt: str, w, w_off, tokens, nb, out_off, kind: str) -> N
     signed = kind == "avx2" and fmt == "q80"
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
-        rec = builder.add(w_off, builder.mul(b, _c(RECORD[fmt])))
-        for ahead in range(0, RECORD[fmt], 64):
-            prefetch(builder, w, builder.add(rec, _c(PREFETCH + ahead)))
-        dw = half_to_float(builder, load(builder, w, rec, vec(I16, g)), g, True)
+        rec, dw = _record(builder, fmt, w, w_off, b, True)
         # Each pair's two scales spread over its accumulator's lanes, once for all tokens.
         dw_pairs = [builder.shuffle_vector(dw, dw, ir.Constant(vec(I32, 8), [2 * p] * 4 + [2 * p + 1] * 4))
                     for p in range(g // 2)]
@@ -162,10 +172,7 @@ def _int8_avx512(builder, fmt: str, w, w_off, tokens, nb, out_off) -> None:
     twice = ir.Constant(vec(I32, 64), list(range(32)) * 2)
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
-        rec = builder.add(w_off, builder.mul(b, _c(RECORD[fmt])))
-        for ahead in range(0, RECORD[fmt], 64):
-            prefetch(builder, w, builder.add(rec, _c(PREFETCH + ahead)))
-        dw = half_to_float(builder, load(builder, w, rec, vec(I16, g)), g, True)
+        rec, dw = _record(builder, fmt, w, w_off, b, True)
         dw16 = builder.shuffle_vector(dw, dw, ir.Constant(vec(I32, 16), [r for r in range(g) for _ in range(4)]))
         lo, hi = (builder.bitcast(h, v16i32) for h in _values(builder, fmt, w, rec, 0, g, False))
         xb = builder.mul(b, _c(Q80_ACT_BYTES))
@@ -187,6 +194,58 @@ def _int8_avx512(builder, fmt: str, w, w_off, tokens, nb, out_off) -> None:
         for r in range(g):
             quarter = builder.shuffle_vector(v, v, ir.Constant(vec(I32, 4), list(range(4 * r, 4 * r + 4))))
             store_f32(builder, tok[3], builder.add(out_off, _c(4 * r)), reduce_add_f32(builder, quarter, 4))
+
+
+def _int8_arm(builder, fmt: str, w, w_off, tokens, nb, out_off, dotprod: bool) -> None:
+    """AArch64: each row's block product in 4 int32 lanes, lane j summing the products of values
+    4j..4j+3 and 16+4j..16+4j+3. These are ``sdot``'s lanes, and the x86 paths' (``vpdpbusd``,
+    ``pmaddwd``): the float arithmetic that follows is theirs, operation for operation, so every
+    path gives the same bits. Without DotProd the lanes come from ``smull`` products of values k
+    and 16 + k summed in int16 (at most 2 * 128 * 127: the activation is within +-127), widened
+    pairwise (``saddlp``) and added pairwise again (``addp``). Q40 multiplies its nibbles and
+    starts from the activation's -8 * sum lanes, as the x86 paths do; Q80 its signed values."""
+    g = GROUP_ROWS
+    v4i32, v16i8, v8i8, v8i16 = vec(I32, 4), vec(I8, 16), vec(I8, 8), vec(I16, 8)
+    acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec(F32, 4), [0.0] * 4)) for _ in range(g)]
+           for _ in tokens]
+    if dotprod:
+        sdot = intrinsic_fn(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, v16i8, v16i8])
+    else:
+        smull = intrinsic_fn(builder, "llvm.aarch64.neon.smull.v8i16", v8i16, [v8i8, v8i8])
+        saddlp = intrinsic_fn(builder, "llvm.aarch64.neon.saddlp.v4i32.v8i16", v4i32, [v8i16])
+        addp = intrinsic_fn(builder, "llvm.aarch64.neon.addp.v4i32", v4i32, [v4i32, v4i32])
+        eighths = [ir.Constant(vec(I32, 8), list(range(8 * h, 8 * h + 8))) for h in range(2)]
+
+    def lanes(start, lo, hi, x_lo, x_hi):
+        if dotprod:
+            return builder.call(sdot, [builder.call(sdot, [start, lo, x_lo]), hi, x_hi])
+        pairs = []
+        for half in eighths:
+            def part(a, b):
+                return builder.shuffle_vector(a, a, half), builder.shuffle_vector(b, b, half)
+            p16 = builder.add(builder.call(smull, part(lo, x_lo)), builder.call(smull, part(hi, x_hi)))
+            pairs.append(builder.call(saddlp, [p16]))
+        return builder.add(builder.call(addp, pairs), start)
+
+    zero = ir.Constant(v4i32, [0] * 4)
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        rec, dw = _record(builder, fmt, w, w_off, b, True)
+        rows = [_values(builder, fmt, w, rec, r, 1, fmt == "q80") for r in range(g)]
+        xb = builder.mul(b, _c(Q80_ACT_BYTES))
+        for k, (xq, xd, xcorr, _) in enumerate(tokens):
+            x_lo = load(builder, xq, xb, v16i8)
+            x_hi = load(builder, xq, builder.add(xb, _c(32)), v16i8)
+            start = load(builder, xcorr, builder.mul(b, _c(4 * Q80_CORR_LANES)), v4i32) if fmt == "q40" else zero
+            dx = splat(builder, load(builder, xd, builder.mul(b, _c(4)), F32), 4)
+            for r, (lo, hi) in enumerate(rows):
+                f = builder.sitofp(lanes(start, lo, hi, x_lo, x_hi), vec(F32, 4))
+                s = builder.fmul(splat(builder, builder.extract_element(dw, ir.Constant(I32, r)), 4), dx)
+                cur = builder.load(acc[k][r])
+                builder.store(builder.fadd(cur, builder.fmul(f, s, flags=["contract"]), flags=["contract"]), acc[k][r])
+    for k, tok in enumerate(tokens):
+        for r in range(g):
+            store_f32(builder, tok[3], builder.add(out_off, _c(4 * r)), reduce_add_f32(builder, builder.load(acc[k][r]), 4))
 
 
 def _int8_portable(builder, fmt: str, w, w_off, tok, nb, out_off) -> None:
@@ -270,10 +329,7 @@ def _float_body(builder, fmt: str, w, w_off, tokens, nb, out_off, f16c: bool) ->
            for _ in tokens]
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
-        rec = builder.add(w_off, builder.mul(b, _c(RECORD[fmt])))
-        for ahead in range(0, RECORD[fmt], 64):
-            prefetch(builder, w, builder.add(rec, _c(PREFETCH + ahead)))
-        dw = half_to_float(builder, load(builder, w, rec, vec(I16, g)), g, f16c)
+        rec, dw = _record(builder, fmt, w, w_off, b, f16c)
         lo, hi = _values(builder, fmt, w, rec, 0, g, True)
         xs = []
         for xf, _ in tokens:

@@ -1,0 +1,1 @@
+"""ARM64 emulation harness (see emulate.py)."""
