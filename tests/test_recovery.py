@@ -233,8 +233,8 @@ def test_a_flapping_worker_changes_nothing_and_leaks_nothing(smollm2, tmp_path, 
             rss.append(_rss(root.proc.pid))
         root.generated(len(root.out.text) - len(root.prompt) + 40)  # and on 3 nodes again
     text, err = _stopped_after(smollm2, tmp_path, ws, 1600, flap)
-    changes = [line for line in err.splitlines() if "lost worker" in line or "rejoined: 3 nodes" in line]
-    assert ["lost" if "lost worker" in line else "rejoined" for line in changes] == ["lost", "rejoined"] * 3, err
+    events = [line for line in err.splitlines() if "lost worker" in line or "rejoined: 3 nodes" in line]
+    assert ["lost" if "lost worker" in line else "rejoined" for line in events] == ["lost", "rejoined"] * 3, err
     for w in ws:
         w.stop()
     clean = [workers(), workers()]
