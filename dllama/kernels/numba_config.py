@@ -16,6 +16,7 @@ from pathlib import Path
 
 AT_HWCAP = 16
 HWCAP_ASIMDDP = 1 << 20  # Linux arm64: the CPU runs sdot/udot
+HOST_IS_ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 
 
 def kernel_sources() -> dict[str, Path]:
@@ -66,7 +67,7 @@ def configure_imported_numba() -> None:
 def cpu_has_dotprod() -> bool:
     """Whether this CPU runs AArch64's int8 dot products (sdot): every Apple M chip; on Linux,
     as the kernel says (AT_HWCAP), which stays true under qemu where /proc/cpuinfo does not."""
-    if platform.machine().lower() not in ("aarch64", "arm64"):
+    if not HOST_IS_ARM64:
         return False
     if sys.platform == "darwin":
         return True

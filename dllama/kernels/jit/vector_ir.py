@@ -23,7 +23,6 @@ each one).
 """
 from __future__ import annotations
 
-import platform
 from typing import Callable
 
 from llvmlite import binding as llvm_binding
@@ -31,7 +30,7 @@ from llvmlite import ir
 from numba.core import cgutils, config
 from numba.core.codegen import get_host_cpu_features
 
-from dllama.kernels.numba_config import cpu_has_dotprod
+from dllama.kernels.numba_config import HOST_IS_ARM64, cpu_has_dotprod
 
 PATH_PORTABLE = 0
 PATH_AVX2 = 1
@@ -52,7 +51,6 @@ HOST_HAS_VNNI = HOST_HAS_AVX2 and (_features.get("avxvnni", False) or
 HOST_HAS_AVX512 = HOST_HAS_VNNI and all(_features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
 # AdvSIMD (NEON) is part of every AArch64 CPU. sdot needs the CPU to run it and numba's target
 # to have it (numba_config adds it to the target when the CPU has it and LLVM did not see it).
-HOST_IS_ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 HOST_HAS_NEON = HOST_IS_ARM64
 HOST_HAS_DOTPROD = (HOST_IS_ARM64 and cpu_has_dotprod()
                     and "+dotprod" in (config.CPU_FEATURES or get_host_cpu_features()).split(","))
